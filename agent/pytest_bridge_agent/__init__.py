@@ -1,0 +1,1 @@
+"""In-cluster agent of pytest-bridge (stdlib only)."""

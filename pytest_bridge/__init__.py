@@ -1,0 +1,1 @@
+"""pytest-bridge: bridge a Kubernetes service into a pytest session."""

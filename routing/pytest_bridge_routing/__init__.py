@@ -1,0 +1,1 @@
+"""Routing manager of pytest-bridge."""
