@@ -83,6 +83,11 @@ def start(layout: Layout, component: Component) -> int:
     )
     log.close()
     _pidfile(layout, component.name).write_text(f"{proc.pid} {component.argv[0]}")
+    # /proc/<pid>/cmdline can still show the parent's for a moment after Popen returns;
+    # wait until the pid is recognisable, so a liveness check right after start is true.
+    deadline = time.monotonic() + 2.0
+    while pid_of(layout, component.name) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
     return proc.pid
 
 

@@ -1,0 +1,260 @@
+"""Fixtures for the end-to-end suite: a real cluster from $KUBECONFIG and the sample app in it.
+
+Without a reachable cluster every e2e test is skipped with the reason, unless
+PYTEST_BRIDGE_REQUIRE_CLUSTER=1 turns that into a failure (CI, where a silent skip would
+hide a broken cluster). The sample app is normally deployed by `python -m e2e.cluster up`;
+if it is missing, it is server-side applied from fixtures/manifests so the suite also runs
+against any cluster that has the sample image. Nothing here deletes the sample app: other
+suites share it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import urllib3
+import yaml
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.dynamic import DynamicClient
+
+NAMESPACE = "bridge-demo"
+SERVICES = ("frontend", "orders", "inventory")
+NAME_LABEL = "app.kubernetes.io/name"
+PART_OF_SELECTOR = "app.kubernetes.io/part-of=bridge-demo"
+MANIFESTS = Path(__file__).resolve().parent.parent / "fixtures" / "manifests"
+READY_TIMEOUT = 120.0
+FIELD_MANAGER = "pytest-bridge-e2e"
+REQUIRE_CLUSTER_ENV = "PYTEST_BRIDGE_REQUIRE_CLUSTER"
+LOG_TAIL_LINES = 50
+
+_API_CLIENT = pytest.StashKey[client.ApiClient]()
+
+
+def _cluster_unavailable(reason: str) -> None:
+    if os.environ.get(REQUIRE_CLUSTER_ENV) == "1":
+        pytest.fail(f"{reason} ({REQUIRE_CLUSTER_ENV}=1, so this is an error, not a skip)", pytrace=False)
+    pytest.skip(f"no Kubernetes cluster: {reason}; start one with `python -m e2e.cluster up`")
+
+
+@pytest.fixture(scope="session")
+def kube_api_client(request: pytest.FixtureRequest) -> Iterator[client.ApiClient]:
+    kubeconfig = os.environ.get("KUBECONFIG", "")
+    if not kubeconfig:
+        _cluster_unavailable("KUBECONFIG is not set")
+    if not Path(kubeconfig.split(os.pathsep)[0]).is_file():
+        _cluster_unavailable(f"KUBECONFIG={kubeconfig} does not name a file")
+    configuration = client.Configuration()
+    try:
+        config.load_kube_config(  # type: ignore[no-untyped-call]  # the loader has no annotations
+            config_file=kubeconfig, client_configuration=configuration, persist_config=False
+        )
+    except (config.ConfigException, OSError, ValueError) as e:
+        _cluster_unavailable(f"cannot load KUBECONFIG={kubeconfig}: {e}")
+    # Fail fast when nothing listens; the default retries make an absent cluster take ~20 s.
+    configuration.retries = 1
+    api = client.ApiClient(configuration)
+    try:
+        version = client.VersionApi(api).get_code(_request_timeout=10)
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+        api.close()  # type: ignore[no-untyped-call]
+        _cluster_unavailable(
+            f"API server {configuration.host} from KUBECONFIG={kubeconfig} is unreachable: {e}"
+        )
+    request.config.stash[_API_CLIENT] = api
+    print(f"e2e cluster: {configuration.host} (Kubernetes {version.git_version})")
+    try:
+        yield api
+    finally:
+        del request.config.stash[_API_CLIENT]
+        api.close()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="session")
+def core_v1(kube_api_client: client.ApiClient) -> client.CoreV1Api:
+    return client.CoreV1Api(kube_api_client)
+
+
+@pytest.fixture(scope="session")
+def apps_v1(kube_api_client: client.ApiClient) -> client.AppsV1Api:
+    return client.AppsV1Api(kube_api_client)
+
+
+# --- deploying the sample app ----------------------------------------------------------
+
+
+def manifest_documents() -> list[dict[str, Any]]:
+    """The sample app's objects, in the order kustomization.yaml lists their files."""
+    kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
+    documents: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        documents.extend(doc for doc in yaml.safe_load_all((MANIFESTS / name).read_text()) if doc)
+    return documents
+
+
+def _sample_app_missing(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> str | None:
+    try:
+        namespace = core_v1.read_namespace(NAMESPACE)
+    except ApiException as e:
+        if e.status == 404:
+            return f"namespace {NAMESPACE} does not exist"
+        raise
+    if namespace.status is not None and namespace.status.phase == "Terminating":
+        _wait_for_namespace_gone(core_v1)
+        return f"namespace {NAMESPACE} was being deleted"
+    present = {d.metadata.name for d in apps_v1.list_namespaced_deployment(NAMESPACE).items if d.metadata}
+    missing = sorted(set(SERVICES) - present)
+    return f"deployments {missing} are missing" if missing else None
+
+
+def _wait_for_namespace_gone(core_v1: client.CoreV1Api) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        try:
+            core_v1.read_namespace(NAMESPACE)
+        except ApiException as e:
+            if e.status == 404:
+                return
+            raise
+        time.sleep(1)
+    pytest.fail(f"namespace {NAMESPACE} is still terminating after {READY_TIMEOUT:.0f}s", pytrace=False)
+
+
+def apply_sample_app(api: client.ApiClient) -> None:
+    """Server-side apply fixtures/manifests; idempotent, so concurrent xdist workers are harmless."""
+    dynamic: Any = DynamicClient(api)  # type: ignore[no-untyped-call]
+    for document in manifest_documents():
+        resource = dynamic.resources.get(api_version=document["apiVersion"], kind=document["kind"])
+        dynamic.server_side_apply(resource, body=document, field_manager=FIELD_MANAGER, force_conflicts=True)
+
+
+def pod_name(pod: client.V1Pod) -> str:
+    assert pod.metadata is not None and pod.metadata.name is not None, pod
+    return pod.metadata.name
+
+
+def pod_is_ready(pod: client.V1Pod) -> bool:
+    if pod.metadata is None or pod.metadata.deletion_timestamp is not None or pod.status is None:
+        return False
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def describe_pod(pod: client.V1Pod) -> str:
+    """One line saying why a pod is (not) ready: phase and each container's state."""
+    name = pod.metadata.name if pod.metadata else "?"
+    status = pod.status or client.V1PodStatus()
+    states = []
+    for container in status.container_statuses or []:
+        state = container.state
+        if state is not None and state.waiting is not None:
+            states.append(f"{container.name}: waiting {state.waiting.reason}: {state.waiting.message or ''}")
+        elif state is not None and state.terminated is not None:
+            states.append(f"{container.name}: terminated {state.terminated.reason}")
+        else:
+            states.append(f"{container.name}: running, ready={container.ready}")
+    deleting = " (deleting)" if pod.metadata and pod.metadata.deletion_timestamp else ""
+    return f"{name}{deleting} phase={status.phase} {'; '.join(states) or 'no container status yet'}"
+
+
+def pods_of(core_v1: client.CoreV1Api, service: str) -> list[client.V1Pod]:
+    return list(core_v1.list_namespaced_pod(NAMESPACE, label_selector=f"{NAME_LABEL}={service}").items)
+
+
+def wait_for_ready_pods(core_v1: client.CoreV1Api, timeout: float = READY_TIMEOUT) -> dict[str, list[str]]:
+    """Wait until every sample service has pods, all Ready and none terminating."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pods = {service: pods_of(core_v1, service) for service in SERVICES}
+        if all(found and all(pod_is_ready(pod) for pod in found) for found in pods.values()):
+            return {service: [pod_name(p) for p in found] for service, found in pods.items()}
+        if time.monotonic() > deadline:
+            lines = [describe_pod(pod) for found in pods.values() for pod in found]
+            empty = [service for service, found in pods.items() if not found]
+            pytest.fail(
+                f"sample app pods in {NAMESPACE} not Ready after {timeout:.0f}s"
+                + (f"; no pods at all for {empty}" if empty else "")
+                + "".join(f"\n  {line}" for line in lines)
+                + "\n(is the image localhost/pytest-bridge/sample-app:0.1.0 loaded on the node?)",
+                pytrace=False,
+            )
+        time.sleep(1)
+
+
+@pytest.fixture(scope="session")
+def sample_app(
+    kube_api_client: client.ApiClient, core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api
+) -> dict[str, list[str]]:
+    """The sample app, deployed if needed and Ready; maps service to pod names at start."""
+    missing = _sample_app_missing(core_v1, apps_v1)
+    if missing is not None:
+        print(f"{missing}: applying {MANIFESTS}")
+        apply_sample_app(kube_api_client)
+    return wait_for_ready_pods(core_v1)
+
+
+@pytest.fixture
+def ready_pod(core_v1: client.CoreV1Api, sample_app: dict[str, list[str]]) -> Callable[[str], str]:
+    """Look up a Ready pod of a service now (pods change, e.g. after the rollout test)."""
+
+    def find(service: str) -> str:
+        ready = [pod for pod in pods_of(core_v1, service) if pod_is_ready(pod)]
+        assert ready, f"no Ready pod for {service}"
+        return pod_name(ready[0])
+
+    return find
+
+
+# --- pod logs on failure ---------------------------------------------------------------
+
+
+def _pod_logs(api: client.ApiClient) -> list[tuple[str, str]]:
+    core_v1 = client.CoreV1Api(api)
+    sections = []
+    for pod in core_v1.list_namespaced_pod(
+        NAMESPACE, label_selector=PART_OF_SELECTOR, _request_timeout=10
+    ).items:
+        if pod.metadata is None or pod.spec is None:
+            continue
+        for container in pod.spec.containers:
+            try:
+                text = core_v1.read_namespaced_pod_log(
+                    pod_name(pod),
+                    NAMESPACE,
+                    container=container.name,
+                    tail_lines=LOG_TAIL_LINES,
+                    _request_timeout=10,
+                )
+            except ApiException as e:
+                text = f"(logs unavailable: {e.status} {e.reason})"
+            sections.append(
+                (f"{NAMESPACE}/{pod.metadata.name}[{container.name}] last {LOG_TAIL_LINES} lines", text)
+            )
+    return sections
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report: pytest.TestReport = yield
+    api = item.config.stash.get(_API_CLIENT, None)
+    if report.failed and api is not None:
+        try:
+            for title, text in _pod_logs(api):
+                report.sections.append((title, text))
+        except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
+            # Collecting logs must never hide the failure being reported.
+            report.sections.append((f"{NAMESPACE} pod logs", f"(could not list pods: {e})"))
+    return report
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The kubernetes client's exec/port-forward websockets (websocket-client) leave their TLS
+    # sockets for the garbage collector even after close(); that is the client's business,
+    # not a failure of the cluster under test.
+    config.addinivalue_line(
+        "filterwarnings", r"ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
+    )

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Run every test tier: unit and local integration, then end-to-end on a real cluster
+# (the embedded one unless KUBECONFIG names another). Installs and starts what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+export PATH="$PWD/.venv/bin:$PATH"
+
+echo "== lint" >&2
+ruff check . && ruff format --check . && mypy
+
+echo "== unit + integration" >&2
+pytest tests -p no:cacheprovider "$@"
+
+echo "== cluster" >&2
+kubeconfig_line=$(python -m e2e.cluster up | tail -n 1)
+export "${kubeconfig_line?}"
+export PYTEST_BRIDGE_REQUIRE_CLUSTER=1
+
+echo "== end-to-end" >&2
+pytest e2e -p no:cacheprovider "$@"
