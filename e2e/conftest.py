@@ -63,9 +63,7 @@ def kube_api_client(request: pytest.FixtureRequest) -> Iterator[client.ApiClient
         version = client.VersionApi(api).get_code(_request_timeout=10)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
         api.close()  # type: ignore[no-untyped-call]
-        _cluster_unavailable(
-            f"API server {configuration.host} from KUBECONFIG={kubeconfig} is unreachable: {e}"
-        )
+        _cluster_unavailable(f"API server {configuration.host} from KUBECONFIG={kubeconfig} is unreachable: {e}")
     request.config.stash[_API_CLIENT] = api
     print(f"e2e cluster: {configuration.host} (Kubernetes {version.git_version})")
     try:
@@ -215,9 +213,7 @@ def ready_pod(core_v1: client.CoreV1Api, sample_app: dict[str, list[str]]) -> Ca
 def _pod_logs(api: client.ApiClient) -> list[tuple[str, str]]:
     core_v1 = client.CoreV1Api(api)
     sections = []
-    for pod in core_v1.list_namespaced_pod(
-        NAMESPACE, label_selector=PART_OF_SELECTOR, _request_timeout=10
-    ).items:
+    for pod in core_v1.list_namespaced_pod(NAMESPACE, label_selector=PART_OF_SELECTOR, _request_timeout=10).items:
         if pod.metadata is None or pod.spec is None:
             continue
         for container in pod.spec.containers:
@@ -231,9 +227,7 @@ def _pod_logs(api: client.ApiClient) -> list[tuple[str, str]]:
                 )
             except ApiException as e:
                 text = f"(logs unavailable: {e.status} {e.reason})"
-            sections.append(
-                (f"{NAMESPACE}/{pod.metadata.name}[{container.name}] last {LOG_TAIL_LINES} lines", text)
-            )
+            sections.append((f"{NAMESPACE}/{pod.metadata.name}[{container.name}] last {LOG_TAIL_LINES} lines", text))
     return sections
 
 
@@ -258,3 +252,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "filterwarnings", r"ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that stop and restart the cluster go last, so they can't pull it from under others.
+    items.sort(key=lambda item: item.get_closest_marker("cluster_cycle") is not None)

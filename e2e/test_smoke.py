@@ -73,9 +73,7 @@ def exec_in_pod(core_v1: client.CoreV1Api, pod: str, argv: Sequence[str]) -> Exe
         ws.close()
 
 
-def http_get_from_pod(
-    core_v1: client.CoreV1Api, pod: str, url: str, headers: Mapping[str, str] | None = None
-) -> str:
+def http_get_from_pod(core_v1: client.CoreV1Api, pod: str, url: str, headers: Mapping[str, str] | None = None) -> str:
     """GET `url` from inside `pod` (with the pod's DNS and network) and return the body."""
     result = exec_in_pod(core_v1, pod, [PYTHON, "-c", _HTTP_GET, url, json.dumps(dict(headers or {}))])
     assert result.returncode == 0, (
@@ -85,9 +83,7 @@ def http_get_from_pod(
     return result.stdout
 
 
-def get_json_from_pod(
-    core_v1: client.CoreV1Api, pod: str, url: str, headers: Mapping[str, str] | None = None
-) -> Any:
+def get_json_from_pod(core_v1: client.CoreV1Api, pod: str, url: str, headers: Mapping[str, str] | None = None) -> Any:
     return json.loads(http_get_from_pod(core_v1, pod, url, headers))
 
 
@@ -199,9 +195,7 @@ def test_port_forward_to_orders(core_v1: client.CoreV1Api, ready_pod: ReadyPod) 
 
 
 def test_exec_returns_output_and_exit_code(core_v1: client.CoreV1Api, ready_pod: ReadyPod) -> None:
-    script = (
-        "import os, sys; print(os.environ['SERVICE_NAME']); print('to stderr', file=sys.stderr); sys.exit(3)"
-    )
+    script = "import os, sys; print(os.environ['SERVICE_NAME']); print('to stderr', file=sys.stderr); sys.exit(3)"
 
     result = exec_in_pod(core_v1, ready_pod("frontend"), [PYTHON, "-c", script])
 

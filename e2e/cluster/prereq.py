@@ -57,6 +57,15 @@ def _port_in_use(port: int, host: str = "0.0.0.0") -> bool:
     return False
 
 
+def _find_go() -> str | None:
+    """``$PYTEST_BRIDGE_GO`` if set (it must exist), else ``go`` on PATH, else Go's default install."""
+    explicit = os.environ.get("PYTEST_BRIDGE_GO")
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    default = Path("/usr/local/go/bin/go")
+    return shutil.which("go") or (str(default) if default.is_file() else None)
+
+
 def gather(layout: Layout, check_ports: bool = True) -> Facts:
     ports = {}
     if check_ports:
@@ -64,7 +73,7 @@ def gather(layout: Layout, check_ports: bool = True) -> Facts:
     return Facts(
         system=platform.system(),
         is_root=os.geteuid() == 0 if hasattr(os, "geteuid") else False,
-        go=shutil.which("go") or (str(Path("/usr/local/go/bin/go")) if Path("/usr/local/go/bin/go").exists() else None),
+        go=_find_go(),
         missing_tools={tool: pkg for tool, pkg in REQUIRED_TOOLS.items() if shutil.which(tool) is None},
         cni_plugins=all(
             Path("/usr/lib/cni", p).exists() for p in ("bridge", "host-local", "firewall", "portmap", "loopback")
