@@ -1,0 +1,408 @@
+"""The in-cluster agent: runs in the bridged container's place and serves the tunnel client.
+
+- control port: token-authenticated multiplexed connections from the local tunnel client;
+- listen ports (the Service's target ports): each accepted connection becomes a stream toward the
+  most recently connected client (cluster -> local);
+- streams opened by the client: outbound TCP in-cluster, the container's env, files as tar.gz;
+- status port: ``GET /status`` (JSON) and ``GET /healthz`` for the restore guard and readiness.
+
+Stdlib only, asyncio; must not write anywhere but stderr (logs) and sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hmac
+import io
+import json
+import logging
+import os
+import socket
+import tarfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .mux import Mux, MuxStats, MuxStream
+from .pipes import abort, connection_handler, pipe
+from .wire import (
+    DEFAULT_WINDOW,
+    MAX_HANDSHAKE_PAYLOAD,
+    PROTOCOL_VERSION,
+    FrameType,
+    ProtocolError,
+    decode_json,
+    encode_json_frame,
+    read_frame,
+)
+
+__all__ = ["Agent", "AgentConfig", "agent_env", "tar_path"]
+
+log = logging.getLogger("pytest_bridge_agent")
+
+ENV_PREFIX = "PYTEST_BRIDGE_"
+
+
+@dataclass
+class AgentConfig:
+    token: str
+    control_port: int = 47100
+    status_port: int = 47101
+    listen_ports: list[int] = field(default_factory=list)
+    bind_host: str = "0.0.0.0"
+    window: int = DEFAULT_WINDOW
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    open_timeout: float = 15.0
+    # How long a connection arriving on a listen port waits for a client (e.g. during a reconnect)
+    # before it is refused by closing it.
+    hold_seconds: float = 5.0
+    keepalive_interval: float = 10.0
+    keepalive_timeout: float = 30.0
+    stream_idle_timeout: float = 3600.0
+    drain_seconds: float = 10.0
+
+
+def agent_env() -> dict[str, str]:
+    """The container's environment as the bridged service would see it (our own knobs removed)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(ENV_PREFIX)}
+
+
+def _skip_atomic_writer(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+    # ConfigMap/Secret/projected volumes keep their data in "..<timestamp>" dirs behind a "..data"
+    # symlink; with dereference=True the visible names already carry the content.
+    if any(part.startswith("..") and part != ".." for part in info.name.split("/")):
+        return None
+    return info
+
+
+def tar_path(path: str) -> bytes:
+    """tar.gz of a file or directory (symlinks followed). A directory's entries are relative."""
+    if not os.path.lexists(path):
+        raise FileNotFoundError(path)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz", dereference=True) as tar:
+        if os.path.isdir(path):
+            for name in sorted(os.listdir(path)):
+                tar.add(os.path.join(path, name), arcname=name, filter=_skip_atomic_writer)
+        else:
+            tar.add(path, arcname=os.path.basename(path))
+    return buffer.getvalue()
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.stats = MuxStats()
+        self._sessions: list[Mux] = []
+        self._session_ids = 0
+        self.sessions_total = 0
+        self._idle_since = time.monotonic()
+        self._client_available = asyncio.Event()
+        self._servers: list[asyncio.Server] = []
+        self._status_server: asyncio.Server | None = None
+        self._pipes: set[asyncio.Task[Any]] = set()
+        self._connections: set[asyncio.Task[Any]] = set()
+        self.control_address: tuple[str, int] | None = None
+        self.status_address: tuple[str, int] | None = None
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        cfg = self.config
+        control = await asyncio.start_server(
+            connection_handler(self._on_control), cfg.bind_host, cfg.control_port, limit=1024 * 1024
+        )
+        self._servers.append(control)
+        self.control_address = control.sockets[0].getsockname()[:2]
+        for port in cfg.listen_ports:
+            server = await asyncio.start_server(
+                connection_handler(functools.partial(self._on_listen, port)), cfg.bind_host, port
+            )
+            self._servers.append(server)
+        self._status_server = await asyncio.start_server(
+            connection_handler(self._on_status), cfg.bind_host, cfg.status_port
+        )
+        self.status_address = self._status_server.sockets[0].getsockname()[:2]
+        log.info(
+            "ready control=%s:%d status=%s:%d listen=%s",
+            *self.control_address,
+            *self.status_address,
+            ",".join(map(str, cfg.listen_ports)) or "-",
+        )
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let open streams drain (bounded), then close everything."""
+        for server in self._servers:
+            server.close()
+        for mux in self._sessions:
+            mux.send_goaway("agent shutting down")
+        if self._pipes:
+            log.info("shutdown: draining %d open stream(s) for up to %gs", len(self._pipes), self.config.drain_seconds)
+            _, pending = await asyncio.wait(set(self._pipes), timeout=self.config.drain_seconds)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.info("shutdown: aborted %d stream(s) still open", len(pending))
+                await asyncio.wait(pending, timeout=2)
+        if self._sessions:
+            await asyncio.wait([asyncio.create_task(mux.aclose("agent shut down")) for mux in self._sessions])
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=2)
+        if self._status_server is not None:
+            self._status_server.close()
+        log.info("shutdown complete (sessions_total=%d)", self.sessions_total)
+
+    def _track(self, tasks: set[asyncio.Task[Any]]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    # ---- control connections ----
+    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track(self._connections)
+        peer = _peer(writer)
+        try:
+            hello = await self._handshake(reader, writer, peer)
+        except Exception as e:
+            log.info("control %s: refused: %s", peer, e)
+            abort(writer)
+            return
+        if hello is None:
+            return
+        self._session_ids += 1
+        name = f"session-{self._session_ids}"
+        mux = Mux(
+            reader,
+            writer,
+            is_client=False,
+            peer_window=int(hello["window"]),
+            window=self.config.window,
+            on_open=self._on_stream,
+            keepalive_interval=self.config.keepalive_interval,
+            keepalive_timeout=self.config.keepalive_timeout,
+            stats=self.stats,
+            name=name,
+        )
+        self._sessions.append(mux)
+        self.sessions_total += 1
+        self._client_available.set()
+        log.info("%s: client %s connected (%s)", name, peer, hello.get("client", "?"))
+        try:
+            await mux.start()
+        finally:
+            self._sessions.remove(mux)
+            if not self._sessions:
+                self._client_available.clear()
+                self._idle_since = time.monotonic()
+            log.info("%s: client %s disconnected: %s", name, peer, mux.close_reason)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+    ) -> dict[str, Any] | None:
+        async def refuse(reason: str) -> None:
+            log.warning("control %s: refused: %s", peer, reason)
+            writer.write(encode_json_frame(FrameType.ERROR, 0, {"reason": reason}))
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await writer.drain()
+            writer.close()
+
+        try:
+            async with asyncio.timeout(self.config.handshake_timeout):
+                frame = await read_frame(reader, MAX_HANDSHAKE_PAYLOAD)
+            hello = decode_json(frame.payload) if frame.type is FrameType.HELLO else None
+        except TimeoutError:
+            await refuse("no HELLO within the handshake timeout")
+            return None
+        except asyncio.IncompleteReadError:
+            log.info("control %s: closed before HELLO", peer)
+            writer.close()
+            return None
+        except ProtocolError as e:
+            await refuse(f"not a pytest-bridge HELLO: {e}")
+            return None
+        if hello is None:
+            await refuse(f"not a pytest-bridge HELLO: got {frame.type.name} first")
+            return None
+        if hello.get("protocol") != "pytest-bridge":
+            await refuse("not a pytest-bridge HELLO")
+            return None
+        if hello.get("version") != PROTOCOL_VERSION:
+            await refuse(
+                f"protocol version mismatch: agent speaks {PROTOCOL_VERSION}, client sent {hello.get('version')}"
+            )
+            return None
+        token = hello.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.config.token.encode()):
+            await refuse("authentication failed: wrong session token")
+            return None
+        window = hello.get("window")
+        if not isinstance(window, int) or not 0 < window <= 2**31 - 1:
+            await refuse(f"invalid window {window!r}")
+            return None
+        writer.write(
+            encode_json_frame(
+                FrameType.HELLO_OK,
+                0,
+                {
+                    "version": PROTOCOL_VERSION,
+                    "window": self.config.window,
+                    "listen_ports": self.config.listen_ports,
+                    "agent": "pytest-bridge-agent",
+                    "pid": os.getpid(),
+                },
+            )
+        )
+        await writer.drain()
+        return hello
+
+    # ---- streams opened by a client ----
+    async def _on_stream(self, stream: MuxStream) -> None:
+        kind = stream.request.get("kind")
+        if kind == "tcp":
+            await self._open_tcp(stream)
+        elif kind == "env":
+            stream.accept()
+            stream.write(json.dumps(agent_env()).encode())
+            stream.write_eof()
+            await stream.wait_closed()
+        elif kind == "files":
+            await self._send_files(stream)
+        else:
+            stream.reject(f"unknown stream kind {kind!r}")
+
+    async def _open_tcp(self, stream: MuxStream) -> None:
+        host, port = stream.request.get("host"), stream.request.get("port")
+        if not isinstance(host, str) or not isinstance(port, int) or not 0 < port < 65536:
+            stream.reject(f"invalid target {host!r}:{port!r}")
+            return
+        target = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                reader, writer = await asyncio.open_connection(host, port)
+        except TimeoutError:
+            reason = f"connect to {target} timed out after {self.config.connect_timeout:g}s"
+            log.info("outbound stream %d: %s", stream.id, reason)
+            stream.reject(reason)
+            return
+        except socket.gaierror as e:
+            reason = f"connect to {target} failed: cannot resolve {host}: {e.strerror}"
+            log.info("outbound stream %d: %s", stream.id, reason)
+            stream.reject(reason)
+            return
+        except OSError as e:
+            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
+            reason = f"connect to {target} failed: {detail}"
+            log.info("outbound stream %d: %s", stream.id, reason)
+            stream.reject(reason)
+            return
+        stream.accept()
+        await self._pipe(stream, reader, writer, f"outbound stream {stream.id} -> {target}")
+
+    async def _send_files(self, stream: MuxStream) -> None:
+        path = stream.request.get("path")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            stream.reject(f"path must be absolute, got {path!r}")
+            return
+        try:
+            data = await asyncio.to_thread(tar_path, path)
+        except FileNotFoundError:
+            stream.reject(f"no such file or directory in the pod: {path}")
+            return
+        except OSError as e:
+            stream.reject(f"cannot read {path} in the pod: {e}")
+            return
+        log.info("files stream %d: %s (%d bytes tar.gz)", stream.id, path, len(data))
+        stream.accept({"size": len(data)})
+        stream.write(data)
+        stream.write_eof()
+        await stream.wait_closed()
+
+    async def _pipe(
+        self, stream: MuxStream, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, what: str
+    ) -> None:
+        self._track(self._pipes)
+        result = await pipe(stream, reader, writer, idle_timeout=self.config.stream_idle_timeout)
+        if result.error:
+            log.info("%s: aborted after %d/%d bytes: %s", what, result.bytes_in, result.bytes_out, result.error)
+        else:
+            log.debug("%s: done, %d bytes in, %d bytes out", what, result.bytes_in, result.bytes_out)
+
+    # ---- cluster -> local ----
+    def _current_session(self) -> Mux | None:
+        for mux in reversed(self._sessions):
+            if mux.accepting:
+                return mux
+        return None
+
+    async def _on_listen(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._track(self._connections)
+        peer = _peer(writer)
+        mux = self._current_session()
+        if mux is None and self.config.hold_seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.config.hold_seconds):
+                    while (mux := self._current_session()) is None:
+                        await self._client_available.wait()
+                        await asyncio.sleep(0.05)  # a client going away still sets the event
+        if mux is None:
+            log.info("listen :%d: refused %s: no client connected", port, peer)
+            abort(writer)
+            return
+        try:
+            stream = await mux.open({"kind": "reverse", "port": port, "peer": peer}, self.config.open_timeout)
+        except ConnectionError as e:
+            log.info("listen :%d: refused %s: %s", port, peer, e)
+            abort(writer)
+            return
+        await self._pipe(stream, reader, writer, f"reverse stream {stream.id} :{port} from {peer}")
+
+    # ---- status ----
+    def status(self) -> dict[str, object]:
+        connected = len(self._sessions)
+        return {
+            "connected_clients": connected,
+            "idle_seconds": 0.0 if connected else round(time.monotonic() - self._idle_since, 3),
+            "sessions_total": self.sessions_total,
+            "streams_open": self.stats.streams_open,
+            "streams_total": self.stats.streams_total,
+            "bytes_to_clients": self.stats.bytes_sent,
+            "bytes_from_clients": self.stats.bytes_received,
+            "listen_ports": self.config.listen_ports,
+        }
+
+    async def _on_status(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(5):
+                request = await reader.readuntil(b"\r\n\r\n")
+            method, target, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+            body: dict[str, object]
+            if method != "GET":
+                code, body = "405 Method Not Allowed", {"error": "GET only"}
+            elif target == "/status":
+                code, body = "200 OK", self.status()
+            elif target == "/healthz":
+                code, body = "200 OK", {"ok": True}
+            else:
+                code, body = "404 Not Found", {"error": "try /status or /healthz"}
+            data = json.dumps(body).encode()
+            writer.write(
+                f"HTTP/1.1 {code}\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                "Connection: close\r\n\r\n".encode()
+                + data
+            )
+            await writer.drain()
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)

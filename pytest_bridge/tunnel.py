@@ -1,0 +1,373 @@
+"""Local side of the tunnel (asyncio): one multiplexed, authenticated connection to the agent.
+
+Serves reverse streams (cluster -> local app), opens outbound streams (local -> cluster), asks the
+agent for its env and files, and reconnects with backoff when the transport drops. The transport
+itself (API-server port-forward, plain TCP in tests) comes from a ``connect`` factory; this module
+does no Kubernetes calls and must stay usable without pytest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pytest_bridge_agent.mux import ConnectionLost, Mux, MuxStats, MuxStream, OpenFailed, StreamReset
+from pytest_bridge_agent.pipes import abort, connection_handler, pipe
+from pytest_bridge_agent.wire import (
+    DEFAULT_WINDOW,
+    MAX_HANDSHAKE_PAYLOAD,
+    PROTOCOL_VERSION,
+    FrameType,
+    ProtocolError,
+    decode_json,
+    encode_json_frame,
+    read_frame,
+)
+
+__all__ = [
+    "AuthenticationError",
+    "ConnectionLost",
+    "Connector",
+    "MuxStream",
+    "OpenFailed",
+    "StreamReset",
+    "Tunnel",
+    "TunnelError",
+    "TunnelStats",
+    "socket_connector",
+    "tcp_connector",
+]
+
+log = logging.getLogger(__name__)
+
+Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+# StreamReader buffer for the transport: big enough that a 64 KiB frame never waits on a pause.
+TRANSPORT_READ_LIMIT = 1024 * 1024
+
+
+class TunnelError(Exception):
+    """The tunnel cannot do what was asked (not connected, handshake failed, ...)."""
+
+
+class AuthenticationError(TunnelError):
+    """The agent refused the handshake (wrong token, version mismatch); retrying will not help."""
+
+
+@dataclass(frozen=True)
+class TunnelStats:
+    bytes_to_agent: int
+    bytes_from_agent: int
+    streams_open: int
+    streams_total: int
+    connected: bool
+    connects: int
+
+
+def tcp_connector(host: str, port: int) -> Connector:
+    """A connector for a plain TCP endpoint (tests, ``kubectl port-forward``)."""
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection(host, port, limit=TRANSPORT_READ_LIMIT)
+
+    return connect
+
+
+def socket_connector(make_socket: Callable[[], socket.socket]) -> Connector:
+    """A connector for blocking transports that hand out a connected socket.
+
+    ``make_socket`` runs in a worker thread (it may block, e.g. while a port-forward websocket is set
+    up) and must return a real, connected ``socket.socket`` (for instance one end of a socketpair
+    pumped by a thread); the tunnel takes ownership of it.
+    """
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        sock = await asyncio.to_thread(make_socket)
+        sock.setblocking(False)
+        return await asyncio.open_connection(sock=sock, limit=TRANSPORT_READ_LIMIT)
+
+    return connect
+
+
+class Tunnel:
+    """Client of one agent. ``reverse_ports`` maps the agent's target ports to local ports."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        token: str,
+        reverse_ports: Mapping[int, int] | None = None,
+        *,
+        local_host: str = "127.0.0.1",
+        window: int = DEFAULT_WINDOW,
+        connect_timeout: float = 15.0,
+        open_timeout: float = 15.0,
+        keepalive_interval: float | None = 10.0,
+        keepalive_timeout: float = 30.0,
+        stream_idle_timeout: float | None = 3600.0,
+        reconnect: bool = True,
+        reconnect_max_delay: float = 5.0,
+    ) -> None:
+        self._connect = connect
+        self._token = token
+        self.reverse_ports = dict(reverse_ports or {})
+        self.local_host = local_host
+        self._window = window
+        self._connect_timeout = connect_timeout
+        self._open_timeout = open_timeout
+        self._keepalive_interval = keepalive_interval
+        self._keepalive_timeout = keepalive_timeout
+        self._stream_idle_timeout = stream_idle_timeout
+        self._reconnect = reconnect
+        self._reconnect_max_delay = reconnect_max_delay
+        self._stats = MuxStats()
+        self._mux: Mux | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._servers: list[asyncio.Server] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.connects = 0
+        self.agent_info: dict[str, Any] = {}
+        self.last_error: str | None = None
+
+    # ---- lifecycle ----
+    async def start(self) -> None:
+        """Connect and authenticate; raises on failure (no retry for the first connection)."""
+        self._mux = await self._open_mux()
+        self._supervisor = asyncio.create_task(self._supervise(), name="pytest-bridge-tunnel-supervisor")
+
+    async def close(self) -> None:
+        self._closing = True
+        for server in self._servers:
+            server.close()
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+        if self._mux is not None:
+            await self._mux.aclose("tunnel closed by the client")
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=5)
+        if self._supervisor is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        self._connected.clear()
+
+    async def __aenter__(self) -> Tunnel:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def stats(self) -> TunnelStats:
+        s = self._stats
+        return TunnelStats(
+            bytes_to_agent=s.bytes_sent,
+            bytes_from_agent=s.bytes_received,
+            streams_open=s.streams_open,
+            streams_total=s.streams_total,
+            connected=self.connected,
+            connects=self.connects,
+        )
+
+    async def wait_connected(self, max_wait: float | None = None) -> Mux:
+        async with asyncio.timeout(max_wait):
+            while True:
+                await self._connected.wait()
+                mux = self._mux
+                if mux is not None and mux.accepting:
+                    return mux
+                await asyncio.sleep(0.05)
+
+    async def wait_disconnected(self) -> None:
+        """Until the current connection is lost (for tests and reporting)."""
+        mux = self._mux
+        if mux is not None:
+            await mux.wait_closed()
+
+    # ---- requests ----
+    async def open_stream(self, host: str, port: int) -> tuple[MuxStream, MuxStream]:
+        """A TCP connection to host:port dialled by the agent in-cluster, as (reader, writer)."""
+        stream = await self._open({"kind": "tcp", "host": host, "port": port})
+        return stream, stream
+
+    async def get_env(self) -> dict[str, str]:
+        """The agent container's environment (without PYTEST_BRIDGE_* variables)."""
+        stream = await self._open({"kind": "env"})
+        stream.write_eof()  # the request is complete; lets the stream finish on both sides
+        env = json.loads(await stream.read_all())
+        if not isinstance(env, dict):
+            raise TunnelError("agent sent a malformed environment")
+        return {str(k): str(v) for k, v in env.items()}
+
+    async def fetch_files(self, path: str) -> bytes:
+        """A file or directory inside the pod, as tar.gz bytes (directory entries are relative)."""
+        stream = await self._open({"kind": "files", "path": path})
+        stream.write_eof()
+        return await stream.read_all()
+
+    async def ping(self) -> float:
+        """Round-trip time to the agent in seconds (TimeoutError after the open timeout)."""
+        mux = await self.wait_connected(self._connect_timeout)
+        async with asyncio.timeout(self._open_timeout):
+            return await mux.ping()
+
+    async def serve_outbound(
+        self, bind_host: str, bind_port: int, remote_host: str, remote_port: int
+    ) -> tuple[str, int]:
+        """Listen locally; every accepted connection is forwarded to remote_host:remote_port in-cluster."""
+        target = f"{remote_host}:{remote_port}"
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._track()
+            try:
+                stream = await self._open({"kind": "tcp", "host": remote_host, "port": remote_port})
+            except (OpenFailed, ConnectionError, TimeoutError, TunnelError) as e:
+                log.warning("outbound %s: %s", target, e)
+                abort(writer)
+                return
+            result = await pipe(stream, reader, writer, idle_timeout=self._stream_idle_timeout)
+            if result.error:
+                log.info("outbound %s stream %d aborted: %s", target, stream.id, result.error)
+
+        server = await asyncio.start_server(connection_handler(handle), bind_host, bind_port)
+        self._servers.append(server)
+        host, port = server.sockets[0].getsockname()[:2]
+        log.info("outbound %s:%d -> %s", host, port, target)
+        return str(host), int(port)
+
+    async def _open(self, request: dict[str, Any]) -> MuxStream:
+        mux = await self.wait_connected(self._connect_timeout)
+        return await mux.open(request, self._open_timeout)
+
+    # ---- reverse streams from the agent ----
+    async def _on_stream(self, stream: MuxStream) -> None:
+        request = stream.request
+        if request.get("kind") != "reverse":
+            stream.reject(f"unsupported stream kind {request.get('kind')!r}")
+            return
+        target_port = request.get("port")
+        local_port = self.reverse_ports.get(target_port) if isinstance(target_port, int) else None
+        if local_port is None:
+            stream.reject(f"no local port mapped for target port {target_port}")
+            return
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                reader, writer = await asyncio.open_connection(self.local_host, local_port)
+        except TimeoutError:
+            reason = f"local app not reachable at {self.local_host}:{local_port}: connect timed out"
+            log.warning("reverse :%s: %s", target_port, reason)
+            stream.reject(reason)
+            return
+        except OSError as e:
+            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
+            reason = f"local app not reachable at {self.local_host}:{local_port}: {detail}"
+            log.warning("reverse :%s: %s", target_port, reason)
+            stream.reject(reason)
+            return
+        stream.accept()
+        result = await pipe(stream, reader, writer, idle_timeout=self._stream_idle_timeout)
+        if result.error:
+            log.info("reverse :%s stream %d aborted: %s", target_port, stream.id, result.error)
+
+    # ---- connection management ----
+    async def _open_mux(self) -> Mux:
+        async with asyncio.timeout(self._connect_timeout):
+            reader, writer = await self._connect()
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                hello_ok = await self._handshake(reader, writer)
+        except BaseException:
+            abort(writer)
+            raise
+        self.agent_info = hello_ok
+        mux = Mux(
+            reader,
+            writer,
+            is_client=True,
+            peer_window=int(hello_ok["window"]),
+            window=self._window,
+            on_open=self._on_stream,
+            keepalive_interval=self._keepalive_interval,
+            keepalive_timeout=self._keepalive_timeout,
+            stats=self._stats,
+            name="tunnel",
+        )
+        mux.start()
+        self.connects += 1
+        self._connected.set()
+        log.info("tunnel connected (agent listen ports %s)", hello_ok.get("listen_ports"))
+        return mux
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> dict[str, Any]:
+        hello = {
+            "protocol": "pytest-bridge",
+            "version": PROTOCOL_VERSION,
+            "token": self._token,
+            "window": self._window,
+            "client": "pytest-bridge",
+        }
+        writer.write(encode_json_frame(FrameType.HELLO, 0, hello))
+        await writer.drain()
+        try:
+            frame = await read_frame(reader, MAX_HANDSHAKE_PAYLOAD)
+        except asyncio.IncompleteReadError:
+            raise TunnelError("agent closed the connection during the handshake") from None
+        except ProtocolError as e:
+            raise TunnelError(f"not a pytest-bridge agent: {e}") from e
+        if frame.type is FrameType.ERROR:
+            raise AuthenticationError(f"agent refused the tunnel: {decode_json(frame.payload).get('reason')}")
+        if frame.type is not FrameType.HELLO_OK:
+            raise TunnelError(f"unexpected {frame.type.name} during the handshake")
+        hello_ok = decode_json(frame.payload)
+        if hello_ok.get("version") != PROTOCOL_VERSION or not isinstance(hello_ok.get("window"), int):
+            raise TunnelError(f"agent speaks an incompatible protocol: {hello_ok}")
+        return hello_ok
+
+    async def _supervise(self) -> None:
+        while True:
+            mux = self._mux
+            assert mux is not None
+            await mux.wait_closed()
+            self._connected.clear()
+            if self._closing:
+                return
+            self.last_error = mux.close_reason
+            if not self._reconnect:
+                log.warning("tunnel lost: %s (reconnect disabled)", mux.close_reason)
+                return
+            log.warning("tunnel lost: %s; reconnecting", mux.close_reason)
+            delay = 0.1
+            while not self._closing:
+                try:
+                    self._mux = await self._open_mux()
+                    break
+                except AuthenticationError as e:
+                    self.last_error = str(e)
+                    log.error("reconnect refused, giving up: %s", e)  # noqa: TRY400
+                    return
+                except Exception as e:  # the connector may raise anything (API errors, ...)
+                    self.last_error = str(e)
+                    log.info("reconnect failed (%s); retrying in %.1fs", e, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self._reconnect_max_delay)
+
+    def _track(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

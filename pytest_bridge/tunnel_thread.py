@@ -1,0 +1,147 @@
+"""Synchronous facade over :class:`pytest_bridge.tunnel.Tunnel` for the (sync) pytest plugin.
+
+The tunnel's event loop runs in a daemon thread; every method here submits a coroutine to it and
+waits for the result. Nothing here may touch the caller's event loop (tests may run their own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine, Mapping
+from typing import Any, TypeVar
+
+from .tunnel import Connector, Tunnel, TunnelError, TunnelStats
+
+__all__ = ["BackgroundTunnel"]
+
+T = TypeVar("T")
+
+
+class BackgroundTunnel:
+    """``start()`` connects (raising on failure), ``stop()`` closes and joins the thread."""
+
+    def __init__(
+        self,
+        connect: Connector,
+        token: str,
+        reverse_ports: Mapping[int, int] | None = None,
+        **options: Any,
+    ) -> None:
+        self._connect = connect
+        self._token = token
+        self._reverse_ports = dict(reverse_ports or {})
+        self._options = options
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._tunnel: Tunnel | None = None
+
+    def start(self, timeout: float = 60.0) -> None:
+        if self._thread is not None:
+            raise TunnelError("tunnel already started")
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._thread = threading.Thread(target=self._run_loop, name="pytest-bridge-tunnel", daemon=True)
+        self._thread.start()
+
+        async def start() -> Tunnel:
+            tunnel = Tunnel(self._connect, self._token, self._reverse_ports, **self._options)
+            await tunnel.start()
+            return tunnel
+
+        try:
+            self._tunnel = self._call(start(), timeout)
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self._loop is None:
+            return
+        try:
+            if self._tunnel is not None:
+                self._call(self._tunnel.close(), timeout)
+        finally:
+            self._tunnel = None
+            self._stop_loop()
+
+    def __enter__(self) -> BackgroundTunnel:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- requests ----
+    def get_env(self, timeout: float = 60.0) -> dict[str, str]:
+        return self._call(self._require().get_env(), timeout)
+
+    def fetch_files(self, path: str, timeout: float = 300.0) -> bytes:
+        return self._call(self._require().fetch_files(path), timeout)
+
+    def serve_outbound(
+        self, bind_host: str, bind_port: int, remote_host: str, remote_port: int, timeout: float = 30.0
+    ) -> tuple[str, int]:
+        return self._call(self._require().serve_outbound(bind_host, bind_port, remote_host, remote_port), timeout)
+
+    def ping(self, timeout: float = 60.0) -> float:
+        return self._call(self._require().ping(), timeout)
+
+    @property
+    def stats(self) -> TunnelStats:
+        # Plain int reads of a dataclass: safe enough across threads for reporting.
+        return self._require().stats
+
+    @property
+    def connected(self) -> bool:
+        return self._tunnel is not None and self._tunnel.connected
+
+    @property
+    def tunnel(self) -> Tunnel:
+        """The asyncio tunnel; only use it from coroutines submitted to :attr:`loop`."""
+        return self._require()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            raise TunnelError("tunnel not started")
+        return self._loop
+
+    # ---- internals ----
+    def _require(self) -> Tunnel:
+        if self._tunnel is None:
+            raise TunnelError("tunnel not started")
+        return self._tunnel
+
+    def _run_loop(self) -> None:
+        assert self._loop is not None
+        asyncio.set_event_loop(self._loop)
+        loop = self._loop
+        try:
+            loop.run_forever()
+            # Anything still running (a request abandoned by a timeout) is cancelled, not leaked.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=5))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+
+    def _call(self, coro: Coroutine[Any, Any, T], timeout: float) -> T:
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"tunnel operation timed out after {timeout:g}s") from None
+
+    def _stop_loop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None or thread is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
