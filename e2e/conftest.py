@@ -51,7 +51,7 @@ def kube_api_client(request: pytest.FixtureRequest) -> Iterator[client.ApiClient
         _cluster_unavailable(f"KUBECONFIG={kubeconfig} does not name a file")
     configuration = client.Configuration()
     try:
-        config.load_kube_config(  # type: ignore[no-untyped-call]  # the loader has no annotations
+        config.load_kube_config(  # the loader has no annotations
             config_file=kubeconfig, client_configuration=configuration, persist_config=False
         )
     except (config.ConfigException, OSError, ValueError) as e:
@@ -62,7 +62,7 @@ def kube_api_client(request: pytest.FixtureRequest) -> Iterator[client.ApiClient
     try:
         version = client.VersionApi(api).get_code(_request_timeout=10)
     except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
         _cluster_unavailable(f"API server {configuration.host} from KUBECONFIG={kubeconfig} is unreachable: {e}")
     request.config.stash[_API_CLIENT] = api
     print(f"e2e cluster: {configuration.host} (Kubernetes {version.git_version})")
@@ -70,7 +70,7 @@ def kube_api_client(request: pytest.FixtureRequest) -> Iterator[client.ApiClient
         yield api
     finally:
         del request.config.stash[_API_CLIENT]
-        api.close()  # type: ignore[no-untyped-call]
+        api.close()
 
 
 @pytest.fixture(scope="session")
@@ -125,7 +125,7 @@ def _wait_for_namespace_gone(core_v1: client.CoreV1Api) -> None:
 
 def apply_sample_app(api: client.ApiClient) -> None:
     """Server-side apply fixtures/manifests; idempotent, so concurrent xdist workers are harmless."""
-    dynamic: Any = DynamicClient(api)  # type: ignore[no-untyped-call]
+    dynamic: Any = DynamicClient(api)
     for document in manifest_documents():
         resource = dynamic.resources.get(api_version=document["apiVersion"], kind=document["kind"])
         dynamic.server_side_apply(resource, body=document, field_manager=FIELD_MANAGER, force_conflicts=True)

@@ -9,9 +9,14 @@ from __future__ import annotations
 
 __all__ = [
     "BridgeError",
+    "ClusterError",
     "ConfigError",
+    "ConflictError",
+    "ConnectError",
+    "ForbiddenError",
     "JsonPatchError",
     "NameMappingError",
+    "NotFoundError",
     "PatchConflictError",
     "PatchError",
     "PlanError",
@@ -58,3 +63,29 @@ class PatchConflictError(JsonPatchError):
 
 class NameMappingError(BridgeError):
     """Local addresses or host names cannot be assigned, or a hosts file is malformed."""
+
+
+class ClusterError(BridgeError):
+    """The Kubernetes API answered with an error we can't work around."""
+
+
+class NotFoundError(ClusterError):
+    """An object (service, namespace, pod, context) does not exist."""
+
+
+class ForbiddenError(ClusterError):
+    """RBAC denies a verb on a resource; the message names both and how to grant them."""
+
+    def __init__(self, message: str, *, verb: str = "", resource: str = "", namespace: str = "") -> None:
+        super().__init__(message)
+        self.verb = verb
+        self.resource = resource
+        self.namespace = namespace
+
+
+class ConflictError(ClusterError):
+    """An object changed under us (resourceVersion / JSON Patch test failed) or already exists."""
+
+
+class ConnectError(BridgeError):
+    """Connecting the session failed: agent not ready, image can't be pulled, port-forward down."""

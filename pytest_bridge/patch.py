@@ -51,7 +51,7 @@ __all__ = [
 
 AGENT_CONTROL_PORT = 47100
 AGENT_STATUS_PORT = 47101
-DEFAULT_AGENT_COMMAND: tuple[str, ...] = ("python3", "-m", "pytest_bridge_agent")
+DEFAULT_AGENT_COMMAND: tuple[str, ...] = ("/usr/bin/python3", "-I", "-m", "pytest_bridge_agent")
 SESSION_LABEL = "pytest-bridge.io/session"
 SESSION_ANNOTATION = "pytest-bridge.io/session"
 CONTAINER_ANNOTATION = "pytest-bridge.io/container"

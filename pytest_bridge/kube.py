@@ -1,0 +1,116 @@
+"""The thin I/O layer over the Kubernetes API: clients from kubeconfig, errors translated.
+
+Every call into the cluster goes through :func:`call`, which turns the client's
+``ApiException`` into our own errors — not found, forbidden (naming the verb and the
+resource, and how to grant them), conflict — chained with ``from``. Nothing here decides
+what to change in the cluster; that is ``session``'s job.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
+
+from .errors import ClusterError, ConflictError, ForbiddenError, NotFoundError
+
+__all__ = ["Kube", "call", "load"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Kube:
+    """API clients for one kubeconfig context, plus what the session needs to know of it."""
+
+    api_client: client.ApiClient
+    configuration: client.Configuration
+    context: str
+    namespace: str
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api_client)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api_client)
+
+    @property
+    def batch(self) -> client.BatchV1Api:
+        return client.BatchV1Api(self.api_client)
+
+    @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        return client.RbacAuthorizationV1Api(self.api_client)
+
+    @property
+    def authz(self) -> client.AuthorizationV1Api:
+        return client.AuthorizationV1Api(self.api_client)
+
+    def to_dict(self, obj: Any) -> dict[str, Any]:
+        """A client model as the API's camelCase JSON dict (what the pure modules take)."""
+        result: dict[str, Any] = self.api_client.sanitize_for_serialization(obj)
+        return result
+
+    def close(self) -> None:
+        self.api_client.close()
+
+
+def load(kubeconfig: str | None, context: str | None, namespace: str | None) -> Kube:
+    """Clients for ``context`` of ``kubeconfig`` (defaults as kubectl: $KUBECONFIG, current context)."""
+    try:
+        contexts, current = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (ConfigException, OSError) as exc:
+        where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
+        raise NotFoundError(f"cannot read a kubeconfig from {where}: {exc}; pass --bridge-kubeconfig") from exc
+    names = [c["name"] for c in contexts]
+    chosen = context or (current or {}).get("name")
+    if chosen not in names:
+        raise NotFoundError(
+            f"kube context {chosen!r} not found in {kubeconfig or 'the kubeconfig'}; known contexts: {', '.join(names)}"
+        )
+    entry = next(c for c in contexts if c["name"] == chosen)
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, context=chosen, client_configuration=configuration)
+    ns = namespace or entry.get("context", {}).get("namespace") or "default"
+    return Kube(client.ApiClient(configuration), configuration, str(chosen), ns)
+
+
+def _reason(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        return str(exc.body or exc.reason)
+    return str(body.get("message") or exc.reason)
+
+
+def call(
+    what: str, fn: Callable[..., T], *args: Any, verb: str = "", resource: str = "", namespace: str = "", **kwargs: Any
+) -> T:
+    """Call ``fn`` and translate API errors.
+
+    ``what`` says what we were doing; ``verb``, ``resource`` and ``namespace`` name the
+    permission a 403 lacks. They are for the message only and not passed to ``fn``.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as exc:
+        reason = _reason(exc)
+        if exc.status == 404:
+            raise NotFoundError(f"{what}: not found ({reason})") from exc
+        if exc.status == 403:
+            scope = f" in namespace {namespace!r}" if namespace else ""
+            grant = f"grant '{verb}' on '{resource}'{scope}" if verb and resource else "grant the missing permission"
+            raise ForbiddenError(
+                f"{what}: forbidden ({reason}); {grant} — see deploy/rbac/bridge-user.yaml for a least-privilege Role",
+                verb=verb, resource=resource, namespace=namespace,
+            ) from exc  # fmt: skip
+        if exc.status in (409, 422) and ("test" in reason.lower() or exc.status == 409):
+            raise ConflictError(f"{what}: conflict ({reason}); the object changed meanwhile — run again") from exc
+        raise ClusterError(f"{what}: API error {exc.status} ({reason})") from exc

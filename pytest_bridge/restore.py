@@ -1,0 +1,291 @@
+"""Record-before-change and restore: the session's objects in the cluster, and the guard.
+
+Everything a session creates hangs off one object, the **guard Job**
+``pytest-bridge-guard-<session>``: its ServiceAccount, Role and RoleBinding, the agent
+token Secret and the **restore record** Secret carry an ownerReference to it, so deleting
+the Job (with background propagation) removes all of them. Order on connect:
+
+1. the Job, suspended (so nothing runs before its permissions and record exist);
+2. ServiceAccount, Role (least privilege: only the named objects), RoleBinding;
+3. token Secret and the restore record (original object, reverse JSON Patch);
+4. unsuspend the Job; only then is the workload changed.
+
+The guard (``python3 -m pytest_bridge_agent.guard`` in the agent image) polls the agent's
+``/status``; when no client has been connected for the TTL it applies the reverse patch
+(or re-creates a bare Pod), then deletes its Job. The builders here are pure; ``apply_*``
+and ``sweep_*`` do the I/O through ``kube.call``.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import kube
+from .errors import NotFoundError
+from .patch import SESSION_LABEL, JsonOps
+
+__all__ = [
+    "MANAGED_BY",
+    "ROLE_LABEL",
+    "RestoreRecord",
+    "guard_job",
+    "guard_name",
+    "guard_rbac",
+    "owned_secret",
+]
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "pytest-bridge"}
+ROLE_LABEL = "pytest-bridge.io/role"
+
+
+def guard_name(session: str) -> str:
+    return f"pytest-bridge-guard-{session}"[:63].rstrip("-")
+
+
+def token_secret_name(session: str) -> str:
+    return f"pytest-bridge-token-{session}"[:63].rstrip("-")
+
+
+def record_secret_name(session: str) -> str:
+    return f"pytest-bridge-restore-{session}"[:63].rstrip("-")
+
+
+def _labels(session: str, role: str) -> dict[str, str]:
+    return {**MANAGED_BY, SESSION_LABEL: session, ROLE_LABEL: role}
+
+
+@dataclass(frozen=True)
+class RestoreRecord:
+    """What undoes one bridge: stored in the cluster before the change is made."""
+
+    session: str
+    namespace: str
+    kind: str  # Deployment, StatefulSet or Pod
+    name: str
+    reverse_patch: JsonOps
+    original: dict[str, Any]  # stripped of server fields; for a bare Pod, the manifest to re-create
+    owner: str  # who/where: user@host pid N, for messages about stale sessions
+    created: float
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RestoreRecord:
+        return cls(**json.loads(text))
+
+
+def guard_job(session: str, namespace: str, image: str, ttl: float, agent_status_port: int) -> dict[str, Any]:
+    name = guard_name(session)
+    env = {
+        "GUARD_SESSION": session,
+        "GUARD_NAMESPACE": namespace,
+        "GUARD_TTL_SECONDS": str(ttl),
+        "GUARD_RECORD_SECRET": record_secret_name(session),
+        "GUARD_JOB": name,
+        "GUARD_SESSION_LABEL": SESSION_LABEL,
+        "GUARD_STATUS_PORT": str(agent_status_port),
+    }
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace, "labels": _labels(session, "guard")},
+        "spec": {
+            "suspend": True,
+            "backoffLimit": 20,
+            "ttlSecondsAfterFinished": 30,
+            "template": {
+                "metadata": {"labels": _labels(session, "guard")},
+                "spec": {
+                    "serviceAccountName": name,
+                    "restartPolicy": "OnFailure",
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": [
+                        {
+                            "name": "guard",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["/usr/bin/python3", "-I", "-m", "pytest_bridge_agent.guard"],
+                            "env": [{"name": k, "value": v} for k, v in env.items()],
+                            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def _owner_ref(job: dict[str, Any]) -> dict[str, Any]:
+    meta = job["metadata"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": meta["name"],
+        "uid": meta["uid"],
+        "blockOwnerDeletion": False,
+    }
+
+
+def guard_rbac(session: str, namespace: str, record: RestoreRecord, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """ServiceAccount, Role and RoleBinding of the guard: only the objects it must touch."""
+    name = guard_name(session)
+    owner = [_owner_ref(job)]
+    meta = {"name": name, "namespace": namespace, "labels": _labels(session, "guard"), "ownerReferences": owner}
+    workload_rule: dict[str, Any]
+    if record.kind == "Pod":
+        # A bare Pod is restored by re-creating it; `create` can't be limited by name.
+        workload_rule = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "delete", "create"]}
+    else:
+        resource = {"Deployment": "deployments", "StatefulSet": "statefulsets"}[record.kind]
+        workload_rule = {
+            "apiGroups": ["apps"],
+            "resources": [resource],
+            "resourceNames": [record.name],
+            "verbs": ["get", "patch"],
+        }
+    rules = [
+        workload_rule,
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [record_secret_name(session)], "verbs": ["get"]},
+        {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [name], "verbs": ["get", "delete"]},
+    ]
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": meta, "rules": rules},
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": meta,
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+        },
+    ]
+
+
+def owned_secret(
+    name: str, *, session: str, namespace: str, role: str, job: dict[str, Any], data: dict[str, str]
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": _labels(session, role),
+            "ownerReferences": [_owner_ref(job)],
+        },
+        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+    }
+
+
+# --- I/O -------------------------------------------------------------------------------------
+
+
+def create_guard(k: kube.Kube, record: RestoreRecord, *, image: str, ttl: float, status_port: int, token: str) -> None:
+    """Steps 1 to 4 of the module docstring; call before the workload is changed."""
+    ns, session = record.namespace, record.session
+    job = guard_job(session, ns, image, ttl, status_port)
+    created = kube.call(
+        f"create the restore guard Job in {ns!r}", k.batch.create_namespaced_job, ns, job,
+        verb="create", resource="jobs", namespace=ns,
+    )  # fmt: skip
+    job = k.to_dict(created)
+    for obj in guard_rbac(session, ns, record, job):
+        kind = obj["kind"]
+        create: Any = {
+            "ServiceAccount": k.core.create_namespaced_service_account,
+            "Role": k.rbac.create_namespaced_role,
+            "RoleBinding": k.rbac.create_namespaced_role_binding,
+        }[kind]
+        resource = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}[kind]
+        kube.call(f"create the guard's {kind}", create, ns, obj, verb="create", resource=resource, namespace=ns)
+    for secret in (
+        owned_secret(
+            token_secret_name(session), session=session, namespace=ns, role="token", job=job, data={"token": token}
+        ),
+        owned_secret(
+            record_secret_name(session),
+            session=session,
+            namespace=ns,
+            role="restore-record",
+            job=job,
+            data={"record.json": record.to_json()},
+        ),
+    ):
+        kube.call(
+            "store the session's secrets", k.core.create_namespaced_secret, ns, secret,
+            verb="create", resource="secrets", namespace=ns,
+        )  # fmt: skip
+    kube.call(
+        "start the restore guard", k.batch.patch_namespaced_job, job["metadata"]["name"], ns, {"spec": {"suspend": False}},
+        verb="patch", resource="jobs", namespace=ns,
+    )  # fmt: skip
+
+
+def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
+    """Delete the guard Job and, through ownerReferences, everything hanging off it."""
+    with contextlib.suppress(NotFoundError):
+        kube.call(
+            "delete the session's guard", k.batch.delete_namespaced_job, guard_name(session), namespace,
+            propagation_policy="Background", verb="delete", resource="jobs", namespace=namespace,
+        )  # fmt: skip
+    # Belt and braces: anything labelled with the session that lost its owner.
+    selector = f"{SESSION_LABEL}={session},app.kubernetes.io/managed-by=pytest-bridge"
+    cleaners: tuple[tuple[Any, Any], ...] = (
+        (k.core.list_namespaced_secret, k.core.delete_namespaced_secret),
+        (k.rbac.list_namespaced_role_binding, k.rbac.delete_namespaced_role_binding),
+        (k.rbac.list_namespaced_role, k.rbac.delete_namespaced_role),
+        (k.core.list_namespaced_service_account, k.core.delete_namespaced_service_account),
+    )
+    for lister, deleter in cleaners:
+        for item in kube.call("list session objects", lister, namespace, label_selector=selector).items:
+            with contextlib.suppress(NotFoundError):
+                kube.call("delete a session object", deleter, item.metadata.name, namespace)
+
+
+def read_records(k: kube.Kube, namespace: str) -> list[RestoreRecord]:
+    selector = f"{ROLE_LABEL}=restore-record,app.kubernetes.io/managed-by=pytest-bridge"
+    secrets = kube.call(
+        "list restore records", k.core.list_namespaced_secret, namespace, label_selector=selector,
+        verb="list", resource="secrets", namespace=namespace,
+    ).items  # fmt: skip
+    records = []
+    for secret in secrets:
+        raw = (secret.data or {}).get("record.json")
+        if raw:
+            records.append(RestoreRecord.from_json(base64.b64decode(raw).decode()))
+    return records
+
+
+def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
+    """Undo the bridge recorded in ``record``; a workload already restored is left alone."""
+    ns, name = record.namespace, record.name
+    if record.kind == "Pod":
+        with contextlib.suppress(NotFoundError):
+            kube.call("delete the agent pod", k.core.delete_namespaced_pod, name, ns, grace_period_seconds=0)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                kube.call("wait for the agent pod to go", k.core.read_namespaced_pod, name, ns)
+            except NotFoundError:
+                break
+            time.sleep(0.2)
+        kube.call("re-create the original pod", k.core.create_namespaced_pod, ns, record.original)
+        return
+    patcher = {"Deployment": k.apps.patch_namespaced_deployment, "StatefulSet": k.apps.patch_namespaced_stateful_set}
+    reader = {"Deployment": k.apps.read_namespaced_deployment, "StatefulSet": k.apps.read_namespaced_stateful_set}
+    current = k.to_dict(kube.call(f"read {record.kind} {name}", reader[record.kind], name, ns))
+    annotations = (current.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
+    if annotations.get(SESSION_LABEL) != record.session:
+        return  # already restored (or re-deployed by someone else): nothing of ours to undo
+    kube.call(
+        f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, record.reverse_patch,
+        verb="patch", resource=record.kind.lower() + "s", namespace=ns,
+    )  # fmt: skip

@@ -1,0 +1,591 @@
+"""Connect and disconnect a bridge session: the orchestration over plan, patch, restore, tunnel.
+
+``BridgeSession.connect()`` for each service: read the Service, its pods and owner chain;
+plan; refuse early (config errors, stale or concurrent sessions) before any change;
+record the original and start the guard; swap the container for the agent; wait for the
+agent pod (failing fast on image-pull errors); port-forward and open the tunnel; import
+the environment and volume files; serve the namespace's services on loopback addresses.
+``close()`` undoes all of it, in reverse, and is safe to call at any point of a failed
+connect, twice, or from a signal handler's ``finally``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import io
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tarfile
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import hosts, kube, names, restore
+from .config import LocalProcessConfig, parse_config
+from .envimport import build_environment, plan_downloads
+from .errors import BridgeError, ConflictError, ConnectError, NotFoundError
+from .patch import (
+    AGENT_CONTROL_PORT,
+    AGENT_STATUS_PORT,
+    SESSION_LABEL,
+    AgentSpec,
+    SecretTokenRef,
+    agent_pod,
+    bridged_session,
+    pod_for_recreate,
+    strip_server_fields,
+    workload_patches,
+)
+from .plan import BridgePlan, make_plan
+from .portforward import ApiEndpoint, open_portforward
+from .settings import BridgeSettings
+from .tunnel_thread import BackgroundTunnel
+
+__all__ = ["BridgeSession", "BridgedService", "new_session_id"]
+
+log = logging.getLogger(__name__)
+
+_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+_START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+
+
+def new_session_id(prefix: str | None = None) -> str:
+    """``<user or CI job>-<random>``: a lowercase DNS label, unique per run."""
+    base = prefix or os.environ.get("CI_JOB_ID") or os.environ.get("GITHUB_RUN_ID") or getpass.getuser()
+    clean = "".join(c if c.isalnum() else "-" for c in base.lower()).strip("-")[:12] or "session"
+    return f"{clean}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class BridgedService:
+    """What a test sees of one bridged service (the ``bridged_service`` fixture's value)."""
+
+    name: str
+    namespace: str
+    plan: BridgePlan
+    local_ports: dict[int, int]  # target port in the pod -> local port the traffic goes to
+    env: dict[str, str]
+    session_dir: Path
+    mapping: names.NameMapping
+    agent_pod: str
+    dropped_env: tuple[str, ...] = ()
+
+    @property
+    def local_port(self) -> int:
+        """The local port of the first target port (the common one-port case)."""
+        return self.local_ports[self.plan.target_ports[0]]
+
+    def url(self, service: str, port: int | None = None, path: str = "") -> str:
+        """``http://<service>.<ns>:<port><path>``: a cluster name that resolves to the local mapping."""
+        svc, _, ns = service.partition(".")
+        entry = self.mapping.service(svc, ns or self.namespace)
+        remote = port if port is not None else entry.ports[0].remote_port
+        host = f"{svc}.{ns or self.namespace}"
+        return f"http://{host}:{entry.local_port(remote)}{path}"
+
+
+@dataclass
+class _Connection:
+    service: str
+    plan: BridgePlan | None = None
+    record: restore.RestoreRecord | None = None
+    patched: bool = False
+    guard: bool = False
+    tunnel: BackgroundTunnel | None = None
+    bridged: BridgedService | None = None
+
+
+@dataclass
+class BridgeSession:
+    settings: BridgeSettings
+    session_id: str = field(default_factory=new_session_id)
+    report: Callable[[str], None] = field(default=lambda line: None)
+    root_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        self.services: dict[str, BridgedService] = {}
+        self.timings: dict[str, float] = {}
+        self._connections: list[_Connection] = []
+        self._kube: kube.Kube | None = None
+        self._config: LocalProcessConfig | None = None
+        self._token = secrets.token_urlsafe(32)
+        self._lock = threading.Lock()
+        self._closed = False
+        self.session_dir = Path(tempfile.mkdtemp(prefix=f"pytest-bridge-{self.session_id}-"))
+        self.session_dir.chmod(0o700)
+        self.mechanisms = hosts.choose_mechanisms(self.settings.name_mapping)
+        self._resolver_token: object | None = None
+        self._hosts_block: hosts.SystemHostsBlock | None = None
+        self._mapping: names.NameMapping | None = None
+
+    # ------------------------------------------------------------------ connect
+
+    @property
+    def client(self) -> kube.Kube:
+        if self._kube is None:
+            s = self.settings
+            self._kube = kube.load(str(s.kubeconfig) if s.kubeconfig else None, s.context, s.namespace)
+        return self._kube
+
+    def connect(self) -> dict[str, BridgedService]:
+        started = time.monotonic()
+        try:
+            self._config = self._load_config()
+            k = self.client
+            self._check_namespace(k)
+            plans = {svc: self._plan(k, svc) for svc in self.settings.services}
+            for plan in plans.values():
+                self._refuse_or_recover_existing(k, plan)
+            for svc, plan in plans.items():
+                conn = _Connection(svc, plan)
+                self._connections.append(conn)
+                self._bridge(k, conn)
+            self._map_names()
+        except BaseException:
+            self.close()
+            raise
+        self.timings["connect"] = time.monotonic() - started
+        return self.services
+
+    def _load_config(self) -> LocalProcessConfig | None:
+        path = self.settings.config_file
+        if path is None:
+            return None
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise BridgeError(f"cannot read the bridge config file {path}: {exc}") from exc
+        return parse_config(text, source=str(path))
+
+    def _check_namespace(self, k: kube.Kube) -> None:
+        try:
+            kube.call(
+                f"namespace {k.namespace!r}", k.core.read_namespace, k.namespace, verb="get", resource="namespaces"
+            )
+        except NotFoundError as exc:
+            raise NotFoundError(
+                f"namespace {k.namespace!r} does not exist in context {k.context!r}; pass --bridge-namespace"
+            ) from exc
+
+    def _plan(self, k: kube.Kube, service: str) -> BridgePlan:
+        ns = k.namespace
+        try:
+            svc = kube.call(
+                f"service {service!r}", k.core.read_namespaced_service, service, ns,
+                verb="get", resource="services", namespace=ns,
+            )  # fmt: skip
+        except NotFoundError as exc:
+            listed_services: Any = kube.call("list services", k.core.list_namespaced_service, ns)
+            known = [s.metadata.name for s in listed_services.items]
+            raise NotFoundError(
+                f"service {service!r} not found in namespace {ns!r} (context {k.context!r}); "
+                f"services there: {', '.join(sorted(known)) or 'none'}"
+            ) from exc
+        service_obj = k.to_dict(svc)
+        selector = (service_obj.get("spec") or {}).get("selector") or {}
+        pods: list[dict[str, Any]] = []
+        if selector:
+            label_selector = ",".join(f"{key}={value}" for key, value in selector.items())
+            listed: Any = kube.call(
+                "list the service's pods", k.core.list_namespaced_pod, ns, label_selector=label_selector,
+                verb="list", resource="pods", namespace=ns,
+            )  # fmt: skip
+            pods = [k.to_dict(p) for p in listed.items if not p.metadata.deletion_timestamp]
+        owners = self._owner_chain(k, pods)
+        return make_plan(
+            service_obj,
+            pods,
+            owners,
+            container=self.settings.container_for(service),
+            local_ports=self.settings.local_ports_for(service),
+            choose_local_port=_same_or_free_port,
+        )
+
+    def _owner_chain(self, k: kube.Kube, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        owners: dict[tuple[str, str], dict[str, Any]] = {}
+        frontier = [ref for pod in pods for ref in pod["metadata"].get("ownerReferences") or []]
+        readers = {
+            "ReplicaSet": k.apps.read_namespaced_replica_set,
+            "Deployment": k.apps.read_namespaced_deployment,
+            "StatefulSet": k.apps.read_namespaced_stateful_set,
+        }
+        while frontier:
+            ref = frontier.pop()
+            key = (ref["kind"], ref["name"])
+            if key in owners or ref["kind"] not in readers:
+                continue
+            obj = k.to_dict(kube.call(f"{ref['kind']} {ref['name']}", readers[ref["kind"]], ref["name"], k.namespace))
+            obj.setdefault("kind", ref["kind"])
+            obj.setdefault("apiVersion", "apps/v1")
+            owners[key] = obj
+            frontier += obj["metadata"].get("ownerReferences") or []
+        return list(owners.values())
+
+    def _workload(self, k: kube.Kube, plan: BridgePlan) -> dict[str, Any]:
+        w = plan.workload
+        reader = {
+            "Deployment": k.apps.read_namespaced_deployment,
+            "StatefulSet": k.apps.read_namespaced_stateful_set,
+            "Pod": k.core.read_namespaced_pod,
+        }[w.kind]
+        obj: dict[str, Any] = k.to_dict(kube.call(f"{w.kind} {w.name}", reader, w.name, w.namespace))
+        obj.setdefault("kind", w.kind)
+        obj.setdefault("apiVersion", "v1" if w.kind == "Pod" else "apps/v1")
+        return obj
+
+    def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
+        """A workload still bridged by another session: recover it if that session is dead, else refuse."""
+        workload = self._workload(k, plan)
+        other = bridged_session(workload)
+        if other is None:
+            return
+        records = {r.session: r for r in restore.read_records(k, k.namespace)}
+        record = records.get(other)
+        if record is None:
+            raise ConflictError(
+                f"{plan.workload.kind} {plan.workload.name} is marked as bridged by session {other!r}, but its restore "
+                "record is gone; restore it by hand (kubectl rollout undo) and run again"
+            )
+        if _session_alive(k, other):
+            raise ConflictError(
+                f"service {plan.service!r} is already bridged by a live session {other!r} ({record.owner}); "
+                "wait for it to end, or use an isolated route (--bridge-isolate)"
+            )
+        self.report(f"restoring {plan.workload.kind} {plan.workload.name} left bridged by dead session {other}")
+        restore.apply_restore(k, record)
+        restore.delete_session_objects(k, k.namespace, other)
+
+    def _bridge(self, k: kube.Kube, conn: _Connection) -> None:
+        assert conn.plan is not None
+        plan = conn.plan
+        ns = plan.namespace
+        started = time.monotonic()
+        workload = self._workload(k, plan)
+        agent = AgentSpec(
+            image=self.settings.agent_image,
+            session=self.session_id,
+            token=SecretTokenRef(restore.token_secret_name(self.session_id)),
+            keep_probes=bool(self._config and self._config.has_feature("Probes")),
+            keep_lifecycle=bool(self._config and self._config.has_feature("LifecycleHooks")),
+        )
+        original_container = dict(workload_template_container(workload, plan))
+        if plan.workload.kind == "Pod":
+            reverse: list[dict[str, Any]] = []
+            original = pod_for_recreate(workload)
+            replacement = agent_pod(workload, plan, agent)
+        else:
+            patches = workload_patches(workload, plan, agent)
+            reverse, original = patches.reverse, strip_server_fields(workload)
+        conn.record = restore.RestoreRecord(
+            session=self.session_id, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
+            reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
+        )  # fmt: skip
+        # Record before change: the guard and the record exist before the workload is touched.
+        restore.create_guard(
+            k, conn.record, image=self.settings.agent_image, ttl=self.settings.restore_ttl,
+            status_port=AGENT_STATUS_PORT, token=self._token,
+        )  # fmt: skip
+        conn.guard = True
+        if plan.workload.kind == "Pod":
+            conn.patched = True
+            kube.call(
+                "delete the pod to replace",
+                k.core.delete_namespaced_pod,
+                plan.workload.name,
+                ns,
+                grace_period_seconds=0,
+            )
+            _wait_gone(k, plan.workload.name, ns)
+            kube.call("create the agent pod", k.core.create_namespaced_pod, ns, replacement)
+        else:
+            patcher = {
+                "Deployment": k.apps.patch_namespaced_deployment,
+                "StatefulSet": k.apps.patch_namespaced_stateful_set,
+            }[plan.workload.kind]
+            kube.call(
+                f"swap {plan.workload.kind} {plan.workload.name} to the agent", patcher, plan.workload.name, ns,
+                patches.forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
+            )  # fmt: skip
+            conn.patched = True
+        pod = self._wait_for_agent(k, ns, plan)
+        self._wait_for_endpoints(k, ns, plan, pod)
+        self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
+        conn.tunnel = self._open_tunnel(k, ns, pod, plan)
+        conn.bridged = self._import(k, conn, pod, original_container)
+        self.services[plan.service] = conn.bridged
+
+    def _wait_for_agent(self, k: kube.Kube, ns: str, plan: BridgePlan) -> str:
+        deadline = time.monotonic() + self.settings.connect_timeout
+        selector = f"{SESSION_LABEL}={self.session_id}"
+        last = "no agent pod yet"
+        while time.monotonic() < deadline:
+            pods: Any = kube.call("list agent pods", k.core.list_namespaced_pod, ns, label_selector=selector).items
+            for pod in pods:
+                if pod.metadata.deletion_timestamp or (pod.metadata.labels or {}).get("pytest-bridge.io/role"):
+                    continue
+                for status in pod.status.container_statuses or []:
+                    waiting = status.state.waiting if status.state else None
+                    if waiting and waiting.reason in _PULL_FAILURES:
+                        raise ConnectError(
+                            f"the agent image {self.settings.agent_image!r} cannot be pulled ({waiting.reason}: "
+                            f"{waiting.message or ''}); load it into the cluster or pass --bridge-agent-image"
+                        )
+                    if waiting and waiting.reason in _START_FAILURES:
+                        raise ConnectError(
+                            f"the agent container cannot start ({waiting.reason}: {waiting.message or ''})"
+                        )
+                conditions = {c.type: c.status for c in pod.status.conditions or []}
+                if conditions.get("Ready") == "True":
+                    return str(pod.metadata.name)
+                last = f"pod {pod.metadata.name} phase {pod.status.phase}"
+            time.sleep(0.25)
+        raise ConnectError(
+            f"the agent for {plan.service!r} was not ready within {self.settings.connect_timeout:.0f}s ({last}); "
+            "raise --bridge-connect-timeout or check `kubectl describe pod`"
+        )
+
+    def _wait_for_endpoints(self, k: kube.Kube, ns: str, plan: BridgePlan, pod_name: str) -> None:
+        """Wait until the Service's endpoints are the agent pod only: old pods may still be draining."""
+        pod: Any = kube.call("read the agent pod", k.core.read_namespaced_pod, pod_name, ns)
+        agent_ip = pod.status.pod_ip
+        discovery = client_discovery(k)
+        deadline = time.monotonic() + self.settings.connect_timeout
+        addresses: set[str] = set()
+        while time.monotonic() < deadline:
+            slices: Any = kube.call(
+                "list the service's endpoints", discovery.list_namespaced_endpoint_slice, ns,
+                label_selector=f"kubernetes.io/service-name={plan.service}",
+            )  # fmt: skip
+            addresses = {
+                address
+                for item in slices.items
+                for endpoint in item.endpoints or []
+                if not endpoint.conditions or endpoint.conditions.serving is not False
+                for address in endpoint.addresses
+            }
+            if addresses == {agent_ip}:
+                return
+            time.sleep(0.2)
+        raise ConnectError(
+            f"service {plan.service!r} still routes to {sorted(addresses - {agent_ip})} besides the agent "
+            f"({agent_ip}) after {self.settings.connect_timeout:.0f}s; are old pods stuck terminating?"
+        )
+
+    def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
+        endpoint = ApiEndpoint.from_configuration(k.configuration)
+
+        async def connect() -> Any:
+            forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
+            return forward.reader, forward.writer
+
+        local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
+        tunnel = BackgroundTunnel(connect, self._token, local_ports)
+        tunnel.start(timeout=self.settings.connect_timeout)
+        return tunnel
+
+    def _import(
+        self, k: kube.Kube, conn: _Connection, pod_name: str, template_container: dict[str, Any]
+    ) -> BridgedService:
+        assert conn.plan is not None and conn.tunnel is not None
+        plan, tunnel, ns = conn.plan, conn.tunnel, conn.plan.namespace
+        service_dir = self.session_dir / plan.service
+        service_dir.mkdir(mode=0o700)
+        pod = k.to_dict(kube.call("read the agent pod", k.core.read_namespaced_pod, pod_name, ns))
+        pod_container = pod["spec"]["containers"][plan.container_index]
+        downloads = plan_downloads(pod_container, self._config, service_dir)
+        for download in downloads:
+            _extract(tunnel.fetch_files(download.mount_path), Path(download.local_dir))
+        services: Any = kube.call("list services", k.core.list_namespaced_service, ns).items
+        endpoints = [e for e in (names.Endpoint.from_service(k.to_dict(s)) for s in services) if e is not None]
+        if self._config is not None:
+            endpoints += _config_endpoints(k, self._config)
+        mapping = names.map_endpoints(endpoints, ns, allocate_port=_loopback_port)
+        for entry in mapping.entries:
+            remote_host = entry.endpoint.name
+            if entry.endpoint.namespace:
+                remote_host = f"{entry.endpoint.name}.{entry.endpoint.namespace}.svc.cluster.local"
+            for port in entry.ports:
+                tunnel.serve_outbound(entry.ip, port.local_port, remote_host, port.remote_port)
+        reported = tunnel.get_env()
+        environment = build_environment(
+            reported, template_container, mapping, config=self._config, downloads=downloads,
+            namespace_services=[s.metadata.name for s in services],
+        )  # fmt: skip
+        env_file = service_dir / "env"
+        env_file.write_text("".join(f"{key}={value}\n" for key, value in sorted(environment.env.items())))
+        env_file.chmod(0o600)
+        return BridgedService(
+            name=plan.service, namespace=ns, plan=plan,
+            local_ports={b.target_port: b.local_port for b in plan.port_bindings},
+            env=environment.env, session_dir=service_dir, mapping=mapping, agent_pod=pod_name,
+            dropped_env=environment.dropped,
+        )  # fmt: skip
+
+    def _map_names(self) -> None:
+        if not self.services:
+            return
+        mapping = next(iter(self.services.values())).mapping
+        if self.mechanisms.system_hosts_file is not None:
+            hosts.remove_stale_blocks(self.mechanisms.system_hosts_file)
+            self._hosts_block = hosts.SystemHostsBlock(mapping, self.session_id, self.mechanisms.system_hosts_file)
+            self._hosts_block.apply()
+        if self.mechanisms.in_process:
+            self._resolver_token = hosts.install_resolver(mapping)
+        self._mapping = mapping
+
+    def subprocess_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` plus what makes cluster names resolve in a Python subprocess (PYTHONPATH sitecustomize)."""
+        if self._mapping is None or not self.mechanisms.python_subprocesses:
+            return dict(base)
+        return hosts.subprocess_env(self._mapping, self.session_dir, base=base, session_id=self.session_id)
+
+    def subprocess_wrap(self) -> list[str]:
+        """An argv prefix giving subprocesses a private /etc/hosts with our names, where possible."""
+        if self._mapping is None or not self.mechanisms.isolated_subprocesses:
+            return []
+        hosts_file = hosts.write_session_hosts_file(self._mapping, self.session_dir, self.session_id)
+        return hosts.wrap_argv([], hosts_file)
+
+    def name_mapping_description(self) -> str:
+        return hosts.describe(self.mechanisms)
+
+    # ------------------------------------------------------------------ disconnect
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        started = time.monotonic()
+        errors: list[str] = []
+        if self._resolver_token is not None:
+            hosts.uninstall_resolver(self._resolver_token)
+        if self._hosts_block is not None:
+            with contextlib.suppress(Exception):
+                self._hosts_block.remove()
+        for conn in reversed(self._connections):
+            if conn.tunnel is not None:
+                with contextlib.suppress(Exception):
+                    conn.tunnel.stop()
+            if conn.record is not None and self._kube is not None and (conn.patched or conn.guard):
+                try:
+                    if conn.patched:
+                        restore.apply_restore(self._kube, conn.record)
+                    restore.delete_session_objects(self._kube, conn.record.namespace, self.session_id)
+                except Exception as exc:
+                    errors.append(f"{conn.service}: {exc}")
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+        if self._kube is not None:
+            self._kube.close()
+        self.timings["disconnect"] = time.monotonic() - started
+        if errors:
+            raise BridgeError(
+                "restoring the cluster failed for "
+                + "; ".join(errors)
+                + f" — the in-cluster guard will retry within {self.settings.restore_ttl:.0f}s"
+            )
+
+
+def client_discovery(k: kube.Kube) -> Any:
+    from kubernetes import client  # noqa: PLC0415 - only here; the rest goes through kube.Kube
+
+    return client.DiscoveryV1Api(k.api_client)
+
+
+def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> dict[str, Any]:
+    spec = workload["spec"] if workload.get("kind") == "Pod" else workload["spec"]["template"]["spec"]
+    container: dict[str, Any] = spec["containers"][plan.container_index]
+    return container
+
+
+def _session_alive(k: kube.Kube, session: str) -> bool:
+    """Whether any agent of ``session`` has a connected client (asked through the API server proxy)."""
+    pods: Any = kube.call(
+        "list agent pods", k.core.list_namespaced_pod, k.namespace, label_selector=f"{SESSION_LABEL}={session}"
+    )
+    for pod in pods.items:
+        if pod.status.phase != "Running":
+            continue
+        try:
+            raw = k.core.connect_get_namespaced_pod_proxy_with_path(
+                f"{pod.metadata.name}:{AGENT_STATUS_PORT}", k.namespace, "status", _request_timeout=3
+            )
+        except Exception:
+            continue
+        if '"connected_clients": 0' not in str(raw) and "connected_clients" in str(raw):
+            return True
+    return False
+
+
+def _owner() -> str:
+    return f"{getpass.getuser()}@{socket.gethostname()} pid {os.getpid()}"
+
+
+def _wait_gone(k: kube.Kube, name: str, ns: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            kube.call("wait for the pod to go", k.core.read_namespaced_pod, name, ns)
+        except NotFoundError:
+            return
+        time.sleep(0.2)
+    raise ConnectError(f"pod {ns}/{name} did not go away within {timeout:.0f}s")
+
+
+def _port_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _same_or_free_port(target: int) -> int:
+    return target if _port_free(target) else _free_port()
+
+
+def _loopback_port(remote: int) -> int:
+    # Ports below 1024 need privileges to bind; keep the number only when we have them.
+    if remote < 1024 and os.geteuid() != 0:
+        return _free_port()
+    return remote
+
+
+def _config_endpoints(k: kube.Kube, config: LocalProcessConfig) -> list[names.Endpoint]:
+    required = config.required_endpoints()
+    endpoints: list[names.Endpoint] = []
+    for token in required.services:
+        ns = token.namespace or k.namespace
+        if ns == k.namespace:
+            continue  # every service of the namespace is mapped already
+        svc = kube.call(f"service {token.name!r} named in the config", k.core.read_namespaced_service, token.name, ns)
+        endpoint = names.Endpoint.from_service(k.to_dict(svc))
+        if endpoint is not None:
+            endpoints.append(endpoint)
+    for external in required.external:
+        endpoints.append(names.Endpoint.external(external.host, external.ports))
+    return endpoints
+
+
+def _extract(archive: bytes, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        tar.extractall(target, filter="data")
+    for path in [target, *target.rglob("*")]:
+        path.chmod(0o700 if path.is_dir() else 0o600)
