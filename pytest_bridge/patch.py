@@ -226,7 +226,9 @@ def workload_patches(workload: Mapping[str, Any], plan: BridgePlan, agent: Agent
     container_path = _container_path(plan)
     meta = workload.get("metadata") or {}
     forward: JsonOps = []
-    for key in ("uid", "resourceVersion"):
+    # generation, not resourceVersion: status updates (a rollout finishing) bump the latter
+    # without changing what the reverse patch was computed from.
+    for key in ("uid", "generation"):
         if key in meta:
             forward.append({"op": "test", "path": pointer("metadata", key), "value": meta[key]})
     forward.append({"op": "test", "path": pointer(*container_path, "name"), "value": plan.container})

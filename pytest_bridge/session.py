@@ -319,6 +319,7 @@ class BridgeSession:
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         conn.tunnel = self._open_tunnel(k, ns, pod, plan)
+        self._prove_routed(conn.tunnel, plan)
         conn.bridged = self._import(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
 
@@ -377,6 +378,20 @@ class BridgeSession:
         raise ConnectError(
             f"service {plan.service!r} still routes to {sorted(addresses - {agent_ip})} besides the agent "
             f"({agent_ip}) after {self.settings.connect_timeout:.0f}s; are old pods stuck terminating?"
+        )
+
+    def _prove_routed(self, tunnel: BackgroundTunnel, plan: BridgePlan) -> None:
+        """A canary through the Service must come back to us before the bridge counts as live."""
+        port = plan.service_ports[0]
+        host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
+        deadline = time.monotonic() + self.settings.connect_timeout
+        while time.monotonic() < deadline:
+            if tunnel.canary(host, port.port, timeout=1.0):
+                return
+            time.sleep(0.1)
+        raise ConnectError(
+            f"a canary to {host}:{port.port} never reached the agent within {self.settings.connect_timeout:.0f}s: "
+            "the Service does not route to the agent pod (kube-proxy or network policy?)"
         )
 
     def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:

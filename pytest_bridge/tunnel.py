@@ -69,6 +69,7 @@ class TunnelStats:
     streams_total: int
     connected: bool
     connects: int
+    reverse_total: int = 0  # reverse streams the agent has offered (cluster -> local)
 
 
 def tcp_connector(host: str, port: int) -> Connector:
@@ -118,6 +119,7 @@ class Tunnel:
         self._connect = connect
         self._token = token
         self.reverse_ports = dict(reverse_ports or {})
+        self.reverse_total = 0
         self.local_host = local_host
         self._window = window
         self._connect_timeout = connect_timeout
@@ -182,6 +184,7 @@ class Tunnel:
             streams_total=s.streams_total,
             connected=self.connected,
             connects=self.connects,
+            reverse_total=self.reverse_total,
         )
 
     async def wait_connected(self, max_wait: float | None = None) -> Mux:
@@ -257,6 +260,8 @@ class Tunnel:
     # ---- reverse streams from the agent ----
     async def _on_stream(self, stream: MuxStream) -> None:
         request = stream.request
+        if request.get("kind") == "reverse":
+            self.reverse_total += 1
         if request.get("kind") != "reverse":
             stream.reject(f"unsupported stream kind {request.get('kind')!r}")
             return

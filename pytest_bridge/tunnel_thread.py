@@ -85,6 +85,31 @@ class BackgroundTunnel:
     ) -> tuple[str, int]:
         return self._call(self._require().serve_outbound(bind_host, bind_port, remote_host, remote_port), timeout)
 
+    def canary(self, host: str, port: int, timeout: float = 2.0) -> bool:
+        """Whether a connection to ``host:port``, dialled in-cluster, comes back to this tunnel.
+
+        Proves the Service routes to our agent (kube-proxy has caught up), not just that
+        the agent pod is Ready.
+        """
+        tunnel = self._require()
+
+        async def probe() -> bool:
+            before = tunnel.reverse_total
+            stream = None
+            try:
+                async with asyncio.timeout(timeout):
+                    _, stream = await tunnel.open_stream(host, port)
+                    while tunnel.reverse_total == before:  # noqa: ASYNC110 - polls a counter, no event to wait on
+                        await asyncio.sleep(0.01)
+                return True
+            except Exception:
+                return False
+            finally:
+                if stream is not None:
+                    stream.close()
+
+        return self._call(probe(), timeout + 5)
+
     def ping(self, timeout: float = 60.0) -> float:
         return self._call(self._require().ping(), timeout)
 

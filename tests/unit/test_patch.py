@@ -134,12 +134,12 @@ def test_forward_patch_bridges_the_deployment() -> None:
     assert bridged["metadata"]["annotations"]["owner"] == "checkout-team"
 
 
-def test_forward_patch_tests_uid_resource_version_and_container() -> None:
+def test_forward_patch_tests_uid_generation_and_container() -> None:
     patches = workload_patches(orders_deployment(), orders_plan(), AGENT)
     tests = [op for op in patches.forward if op["op"] == "test"]
     assert tests == [
         {"op": "test", "path": "/metadata/uid", "value": orders_deployment()["metadata"]["uid"]},
-        {"op": "test", "path": "/metadata/resourceVersion", "value": "48213"},
+        {"op": "test", "path": "/metadata/generation", "value": 7},
         {"op": "test", "path": "/spec/template/spec/containers/0/name", "value": "app"},
     ]
     assert all(op["op"] != "test" for op in patches.forward[3:])
@@ -149,8 +149,8 @@ def test_forward_patch_fails_safely_on_concurrent_change() -> None:
     deployment = orders_deployment()
     patches = workload_patches(deployment, orders_plan(), AGENT)
     changed = copy.deepcopy(deployment)
-    changed["metadata"]["resourceVersion"] = "48214"
-    with pytest.raises(PatchConflictError, match="resourceVersion"):
+    changed["metadata"]["generation"] = 99
+    with pytest.raises(PatchConflictError, match="generation"):
         apply_patch(changed, patches.forward)
 
 

@@ -362,9 +362,7 @@ def test_every_object_is_labelled_and_namespaced(manifests: dict[tuple[str, str]
 
 
 @pytest.mark.parametrize("service", ["frontend", "orders", "inventory"])
-def test_deployments_are_quick_and_probed(
-    manifests: dict[tuple[str, str], dict[str, Any]], service: str
-) -> None:
+def test_deployments_are_quick_and_probed(manifests: dict[tuple[str, str], dict[str, Any]], service: str) -> None:
     deployment = manifests[("Deployment", service)]
     pod = deployment["spec"]["template"]["spec"]
     [container] = pod["containers"]

@@ -1,0 +1,195 @@
+"""End to end: `pytest --bridge-service=orders` on the real cluster with the sample app.
+
+Each test runs pytest as a subprocess (as a user would), on a small suite that starts a
+local `orders` through the `bridged_service` fixture; the outer test checks what the
+cluster saw and that it was restored exactly — after a normal end, Ctrl-C and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from e2e.conftest import exec_in_pod_json
+from pytest_bridge.patch import strip_server_fields
+
+pytestmark = pytest.mark.e2e
+
+NAMESPACE = "bridge-demo"
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "fixtures" / "sampleapp" / "app.py"
+MANAGED = "app.kubernetes.io/managed-by=pytest-bridge"
+COMPARED_ENV = ("GREETING", "DB_HOST", "API_TOKEN", "POD_NAMESPACE", "ORDERS_REGION", "ORDERS_DB_PASSWORD")
+
+INNER_SUITE = f"""
+import json, os, socket, sys, time, urllib.request
+from pathlib import Path
+
+EXPECTED = json.loads(Path(os.environ["BRIDGE_E2E_EXPECTED"]).read_text())
+
+
+def start_orders(bridged_service):
+    return bridged_service.start(
+        [sys.executable, {str(APP)!r}],
+        env={{"SERVICE_NAME": "orders", "LISTEN_PORT": str(bridged_service.local_port),
+             "LISTEN_PORT_2": str(bridged_service.local_ports[9091]), "HOSTNAME": "local-orders",
+             "DOWNSTREAM": "http://inventory/api", "REPORT_ENV": {",".join(COMPARED_ENV)!r},
+             "SAMPLE_FILES_ROOT": os.environ.get("CONFIG_ROOT", "/nonexistent")}},
+    )
+
+
+def test_frontend_in_the_cluster_reaches_the_local_orders(bridged_service):
+    start_orders(bridged_service)
+    request = urllib.request.Request("http://frontend.{NAMESPACE}/api", headers={{"kubernetes-route-as": "e2e"}})
+    reply = json.load(urllib.request.urlopen(request, timeout=20))
+    orders = reply["downstream"][0]
+    assert orders.get("pod") == "local-orders", orders
+    inventory = orders["downstream"][0]
+    assert inventory["service"] == "inventory" and inventory["pod"].startswith("inventory-"), inventory
+    assert inventory["route"] == "e2e"
+    for name in {COMPARED_ENV!r}:
+        assert orders["env"][name] == EXPECTED["env"][name], name
+
+
+def test_env_and_volume_files_equal_the_pods(bridged_service):
+    for name in {COMPARED_ENV!r}:
+        assert bridged_service.env[name] == EXPECTED["env"][name], name
+    config_dir = Path(bridged_service.env["ORDERS_CONFIG_DIR"])
+    assert (config_dir / "settings.json").read_text() == EXPECTED["settings.json"]
+    tokens = list((bridged_service.session_dir / "volumes").rglob("token"))
+    assert tokens and tokens[0].read_text().count(".") == 2, tokens  # a JWT
+
+
+def test_wait_for_signal(bridged_service):
+    marker = os.environ.get("BRIDGE_E2E_WAIT")
+    if not marker:
+        return
+    start_orders(bridged_service)
+    Path(marker).write_text("connected")
+    time.sleep(120)
+"""
+
+CONFIG = """\
+version: 0.1
+env:
+  - name: ORDERS_CONFIG_DIR
+    value: $(volumeMounts:config)
+"""
+
+
+def _deployment(apps: client.AppsV1Api) -> dict[str, Any]:
+    obj = client.ApiClient().sanitize_for_serialization(apps.read_namespaced_deployment("orders", NAMESPACE))
+    return strip_server_fields(obj)
+
+
+def _managed_objects(core: client.CoreV1Api, batch: client.BatchV1Api) -> list[str]:
+    listed: list[tuple[str, Any]] = [
+        ("secret", core.list_namespaced_secret(NAMESPACE, label_selector=MANAGED)),
+        ("job", batch.list_namespaced_job(NAMESPACE, label_selector=MANAGED)),
+        ("sa", core.list_namespaced_service_account(NAMESPACE, label_selector=MANAGED)),
+    ]
+    return [f"{kind}/{item.metadata.name}" for kind, result in listed for item in result.items]
+
+
+def _wait_restored(apps: client.AppsV1Api, before: dict[str, Any], timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if _deployment(apps) == before:
+            return time.monotonic() - started
+        time.sleep(0.5)
+    assert _deployment(apps) == before
+    return time.monotonic() - started
+
+
+@pytest.fixture
+def suite(tmp_path: Path, core_v1: client.CoreV1Api, ready_pod: Any) -> Path:
+    pod = ready_pod("orders")
+    env = exec_in_pod_json(core_v1, pod, "import os; print(json.dumps(dict(os.environ)))")
+    settings = exec_in_pod_json(core_v1, pod, "print(json.dumps(open('/etc/sample/config/settings.json').read()))")
+    (tmp_path / "expected.json").write_text(json.dumps({"env": env, "settings.json": settings}))
+    (tmp_path / "test_inner.py").write_text(INNER_SUITE)
+    (tmp_path / "KubernetesLocalProcessConfig.yaml").write_text(CONFIG)
+    return tmp_path
+
+
+def _pytest(suite: Path, *args: str, ttl: int = 60, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", str(suite),
+         "--bridge-service=orders", f"--bridge-namespace={NAMESPACE}",
+         f"--bridge-config-file={suite / 'KubernetesLocalProcessConfig.yaml'}", f"--bridge-restore-ttl={ttl}", *args],
+        cwd=suite, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "BRIDGE_E2E_EXPECTED": str(suite / "expected.json"), **env},
+    )  # fmt: skip
+
+
+def test_bridge_end_to_end_and_exact_restore(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
+    before = _deployment(apps_v1)
+    run = _pytest(suite)
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "3 passed" in out, out
+    assert "bridge: orders (container app of Deployment orders)" in out
+    assert "connect" in out and "disconnect" in out
+    assert _deployment(apps_v1) == before
+    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+
+
+def _run_until_connected(suite: Path, ttl: int = 60) -> subprocess.Popen[str]:
+    marker = suite / "connected"
+    run = _pytest(suite, "-k", "wait_for_signal", ttl=ttl, BRIDGE_E2E_WAIT=str(marker))
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert run.poll() is None, run.communicate()[0]
+        assert time.monotonic() < deadline, "the inner session never connected"
+        time.sleep(0.2)
+    return run
+
+
+def test_ctrl_c_restores(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
+    before = _deployment(apps_v1)
+    run = _run_until_connected(suite)
+    assert _deployment(apps_v1) != before, "the workload should be bridged while the session runs"
+    run.send_signal(signal.SIGINT)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 2, out  # pytest's "interrupted"
+    assert _deployment(apps_v1) == before
+    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+
+
+def test_sigkill_is_restored_by_the_guard(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
+    before = _deployment(apps_v1)
+    ttl = 5
+    run = _run_until_connected(suite, ttl=ttl)
+    run.kill()
+    run.communicate(timeout=30)
+    took = _wait_restored(apps_v1, before, timeout=ttl + 60)
+    print(f"guard restored {took:.1f}s after SIGKILL (TTL {ttl}s)")
+    deadline = time.monotonic() + 60
+    while _managed_objects(core_v1, client.BatchV1Api()) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+
+
+def test_unknown_service_is_a_clear_error_and_changes_nothing(
+    suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api
+) -> None:
+    before = _deployment(apps_v1)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(suite), "--bridge-service=no-such-service",
+         f"--bridge-namespace={NAMESPACE}"],
+        cwd=suite, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert run.returncode == 4, run.stdout + run.stderr
+    assert "service 'no-such-service' not found in namespace 'bridge-demo'" in run.stderr
+    assert "orders" in run.stderr  # lists the services that do exist
+    assert _deployment(apps_v1) == before
+    assert _managed_objects(core_v1, client.BatchV1Api()) == []
