@@ -87,11 +87,32 @@ env:
 
 
 def _deployment(apps: client.AppsV1Api) -> dict[str, Any]:
-    obj = client.ApiClient().sanitize_for_serialization(apps.read_namespaced_deployment("orders", NAMESPACE))
+    obj = apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment("orders", NAMESPACE))
     return strip_server_fields(obj)
 
 
-def _managed_objects(core: client.CoreV1Api, batch: client.BatchV1Api) -> list[str]:
+def _settled(apps: client.AppsV1Api, core: client.CoreV1Api, timeout: float = 120) -> str:
+    """Wait until orders is fully rolled out (one pod, ready, nothing terminating); return its pod."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        d: Any = apps.read_namespaced_deployment("orders", NAMESPACE)
+        pods: Any = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/name=orders")
+        ready = [
+            p for p in pods.items
+            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]  # fmt: skip
+        if (
+            d.status.observed_generation == d.metadata.generation
+            and d.status.updated_replicas == d.status.ready_replicas == (d.spec.replicas or 1)
+            and len(pods.items) == len(ready) == 1
+        ):
+            return str(ready[0].metadata.name)
+        time.sleep(0.3)
+    raise AssertionError("orders did not settle")
+
+
+def _managed_objects(core: client.CoreV1Api, batch: client.BatchV1Api | None = None) -> list[str]:
+    batch = batch or client.BatchV1Api(core.api_client)
     listed: list[tuple[str, Any]] = [
         ("secret", core.list_namespaced_secret(NAMESPACE, label_selector=MANAGED)),
         ("job", batch.list_namespaced_job(NAMESPACE, label_selector=MANAGED)),
@@ -111,8 +132,8 @@ def _wait_restored(apps: client.AppsV1Api, before: dict[str, Any], timeout: floa
 
 
 @pytest.fixture
-def suite(tmp_path: Path, core_v1: client.CoreV1Api, ready_pod: Any) -> Path:
-    pod = ready_pod("orders")
+def suite(tmp_path: Path, core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api, sample_app: Any) -> Path:
+    pod = _settled(apps_v1, core_v1)
     env = exec_in_pod_json(core_v1, pod, "import os; print(json.dumps(dict(os.environ)))")
     settings = exec_in_pod_json(core_v1, pod, "print(json.dumps(open('/etc/sample/config/settings.json').read()))")
     (tmp_path / "expected.json").write_text(json.dumps({"env": env, "settings.json": settings}))
@@ -123,7 +144,7 @@ def suite(tmp_path: Path, core_v1: client.CoreV1Api, ready_pod: Any) -> Path:
 
 def _pytest(suite: Path, *args: str, ttl: int = 60, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-s", str(suite),
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", str(suite),
          "--bridge-service=orders", f"--bridge-namespace={NAMESPACE}",
          f"--bridge-config-file={suite / 'KubernetesLocalProcessConfig.yaml'}", f"--bridge-restore-ttl={ttl}", *args],
         cwd=suite, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -140,7 +161,7 @@ def test_bridge_end_to_end_and_exact_restore(suite: Path, apps_v1: client.AppsV1
     assert "bridge: orders (container app of Deployment orders)" in out
     assert "connect" in out and "disconnect" in out
     assert _deployment(apps_v1) == before
-    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+    assert _managed_objects(core_v1) == []
 
 
 def _run_until_connected(suite: Path, ttl: int = 60) -> subprocess.Popen[str]:
@@ -162,7 +183,7 @@ def test_ctrl_c_restores(suite: Path, apps_v1: client.AppsV1Api, core_v1: client
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 2, out  # pytest's "interrupted"
     assert _deployment(apps_v1) == before
-    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+    assert _managed_objects(core_v1) == []
 
 
 def test_sigkill_is_restored_by_the_guard(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
@@ -174,9 +195,9 @@ def test_sigkill_is_restored_by_the_guard(suite: Path, apps_v1: client.AppsV1Api
     took = _wait_restored(apps_v1, before, timeout=ttl + 60)
     print(f"guard restored {took:.1f}s after SIGKILL (TTL {ttl}s)")
     deadline = time.monotonic() + 60
-    while _managed_objects(core_v1, client.BatchV1Api()) and time.monotonic() < deadline:
+    while _managed_objects(core_v1) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+    assert _managed_objects(core_v1) == []
 
 
 def test_unknown_service_is_a_clear_error_and_changes_nothing(
@@ -192,4 +213,4 @@ def test_unknown_service_is_a_clear_error_and_changes_nothing(
     assert "service 'no-such-service' not found in namespace 'bridge-demo'" in run.stderr
     assert "orders" in run.stderr  # lists the services that do exist
     assert _deployment(apps_v1) == before
-    assert _managed_objects(core_v1, client.BatchV1Api()) == []
+    assert _managed_objects(core_v1) == []
