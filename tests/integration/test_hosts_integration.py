@@ -217,8 +217,17 @@ def test_curl_reaches_the_service_by_name(mapping: NameMapping, server: int, tmp
     assert result.stdout == expected("orders.bridge-demo.svc", server)
 
 
+def _others_can_run(path: Path) -> bool:
+    """Whether another user can reach ``path`` (every parent folder searchable by others)."""
+    return all(p.stat().st_mode & 0o001 for p in [path, *path.parents] if p.is_dir())
+
+
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to try as an unprivileged user"
+)
+@pytest.mark.skipif(
+    not _others_can_run(Path(sys.executable).parent) or not _others_can_run(Path(__file__).parent),
+    reason="the checkout or its venv is not reachable by another user (private clone folder)",
 )
 def test_unprivileged_user_keeps_its_uid(mapping: NameMapping) -> None:
     # The pytest process is root here; measure what an ordinary user gets.

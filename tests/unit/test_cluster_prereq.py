@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -88,8 +90,26 @@ def test_cli_refuses_without_go_quickly(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
 def test_cli_refuses_when_not_root(tmp_path: Path) -> None:
-    tmp_path.chmod(0o777)
-    result, _ = _cli_up(tmp_path, {}, user=["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"])
+    # The checkout and its venv may not be readable by another user (CI clones into a private
+    # folder): run a copy of the harness with the system interpreter from a world-readable place.
+    import yaml  # noqa: PLC0415
+
+    shared = Path(tempfile.mkdtemp(prefix="prereq-nobody-"))
+    try:
+        shutil.copytree(REPO / "e2e", shared / "e2e", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(Path(yaml.__file__).parent, shared / "yaml", ignore=shutil.ignore_patterns("*.so"))
+        for path in [shared, *shared.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        python = shutil.which("python3", path="/usr/bin:/usr/local/bin") or sys.executable
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m", "e2e.cluster", "up",
+             "--embedded"],
+            cwd=shared, capture_output=True, text=True, timeout=60, check=False,
+            env={"PATH": os.environ["PATH"], "PYTHONPATH": str(shared),
+                 "PYTEST_BRIDGE_CLUSTER_STATE": str(shared / "state"), "PYTEST_BRIDGE_CACHE": str(shared / "cache")},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
     assert result.returncode == 2, result.stderr
     assert "needs root" in result.stderr
 
