@@ -243,7 +243,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         except (ApiException, urllib3.exceptions.HTTPError, OSError) as e:
             # Collecting logs must never hide the failure being reported.
             report.sections.append((f"{NAMESPACE} pod logs", f"(could not list pods: {e})"))
+    if report.failed:
+        report.sections += _component_logs()
     return report
+
+
+def _component_logs(lines: int = 30) -> list[tuple[str, str]]:
+    """The tail of each embedded-cluster component's log (one folder: `python -m e2e.cluster logs`)."""
+    from e2e.cluster.layout import Layout  # noqa: PLC0415
+
+    sections = []
+    for log in sorted(Layout.default().logs.glob("*.log")):
+        tail = log.read_text(errors="replace").splitlines()[-lines:]
+        sections.append((f"cluster component log {log.name} (last {lines} lines)", "\n".join(tail)))
+    return sections
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from . import hosts, kube, names, restore
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
-from .errors import BridgeError, ConflictError, ConnectError, NotFoundError
+from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError
 from .patch import (
     AGENT_CONTROL_PORT,
     AGENT_STATUS_PORT,
@@ -143,6 +143,8 @@ class BridgeSession:
             self._check_namespace(k)
             plans = {svc: self._plan(k, svc) for svc in self.settings.services}
             for plan in plans.values():
+                self._preflight(k, plan)
+            for plan in plans.values():
                 self._refuse_or_recover_existing(k, plan)
             for svc, plan in plans.items():
                 conn = _Connection(svc, plan)
@@ -170,6 +172,8 @@ class BridgeSession:
             kube.call(
                 f"namespace {k.namespace!r}", k.core.read_namespace, k.namespace, verb="get", resource="namespaces"
             )
+        except ForbiddenError:
+            return  # namespaces are cluster-scoped: a namespaced Role can't read them; the next call tells
         except NotFoundError as exc:
             raise NotFoundError(
                 f"namespace {k.namespace!r} does not exist in context {k.context!r}; pass --bridge-namespace"
@@ -241,6 +245,20 @@ class BridgeSession:
         obj.setdefault("apiVersion", "v1" if w.kind == "Pod" else "apps/v1")
         return obj
 
+    def _preflight(self, k: kube.Kube, plan: BridgePlan) -> None:
+        """Ask the API server whether we may do everything connect does, before doing any of it."""
+        missing = [
+            f"'{verb}' on '{resource}'"
+            for verb, group, resource in required_permissions(plan.workload.kind)
+            if not _allowed(k, verb, group, resource)
+        ]
+        if missing:
+            raise ForbiddenError(
+                f"missing permissions in namespace {k.namespace!r} to bridge {plan.service!r}: {', '.join(missing)}; "
+                "nothing was changed. Ask for the Role in deploy/rbac/bridge-user.yaml",
+                verb=missing[0], namespace=k.namespace,
+            )  # fmt: skip
+
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
         workload = self._workload(k, plan)
@@ -289,11 +307,11 @@ class BridgeSession:
             reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
         )  # fmt: skip
         # Record before change: the guard and the record exist before the workload is touched.
+        conn.guard = True  # set first: a guard created halfway is cleaned up too
         restore.create_guard(
             k, conn.record, image=self.settings.agent_image, ttl=self.settings.restore_ttl,
             status_port=AGENT_STATUS_PORT, token=self._token,
         )  # fmt: skip
-        conn.guard = True
         if plan.workload.kind == "Pod":
             conn.patched = True
             kube.call(
@@ -538,6 +556,44 @@ def _session_alive(k: kube.Kube, session: str) -> bool:
         if '"connected_clients": 0' not in str(raw) and "connected_clients" in str(raw):
             return True
     return False
+
+
+def required_permissions(workload_kind: str) -> list[tuple[str, str, str]]:
+    """(verb, API group, resource) that connect and disconnect use for a workload of this kind."""
+    workload = {"Deployment": "deployments", "StatefulSet": "statefulsets"}.get(workload_kind)
+    needed = [
+        ("list", "", "pods"),
+        ("create", "", "pods/portforward"),
+        ("list", "discovery.k8s.io", "endpointslices"),
+        ("create", "batch", "jobs"),
+        ("patch", "batch", "jobs"),
+        ("delete", "batch", "jobs"),
+        ("create", "", "secrets"),
+        ("list", "", "secrets"),
+        ("create", "", "serviceaccounts"),
+        ("create", "rbac.authorization.k8s.io", "roles"),
+        ("create", "rbac.authorization.k8s.io", "rolebindings"),
+    ]
+    if workload is None:
+        needed += [("create", "", "pods"), ("delete", "", "pods")]
+    else:
+        needed += [("get", "apps", workload), ("patch", "apps", workload)]
+    return needed
+
+
+def _allowed(k: kube.Kube, verb: str, group: str, resource: str) -> bool:
+    from kubernetes import client  # noqa: PLC0415
+
+    name, _, sub = resource.partition("/")
+    review = client.V1SelfSubjectAccessReview(
+        spec=client.V1SelfSubjectAccessReviewSpec(
+            resource_attributes=client.V1ResourceAttributes(
+                namespace=k.namespace, verb=verb, group=group, resource=name, subresource=sub or None
+            )
+        )
+    )
+    result: Any = kube.call("check permissions", k.authz.create_self_subject_access_review, review)
+    return bool(result.status.allowed)
 
 
 def _owner() -> str:
