@@ -1,63 +1,60 @@
-"""The demo suite: what a developer's integration tests look like against the sample app.
+"""The demo suite: integration tests of `orders`, run locally, bridged into the cluster.
 
-Runs against the embedded cluster (or $KUBECONFIG) with the sample app deployed.
+    pytest demo --bridge-service=orders --bridge-namespace=bridge-demo
+
+The cluster's `frontend` calls our local `orders`, which calls the cluster's `inventory`
+by its cluster name, with the pod's environment and files. (scripts/demo.sh runs this.)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
-import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-KUBECTL = os.environ.get("PYTEST_BRIDGE_KUBECTL", "/var/cache/pytest-bridge/bin/kubectl")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+APP = Path(__file__).resolve().parents[1] / "fixtures" / "sampleapp" / "app.py"
 
 
 @pytest.fixture(scope="module")
-def frontend_url() -> Iterator[str]:
-    if not os.environ.get("KUBECONFIG"):
-        pytest.skip("no cluster: run `python -m e2e.cluster up` and export KUBECONFIG")
-    port = _free_port()
-    forward = subprocess.Popen(
-        [KUBECTL, "-n", "bridge-demo", "port-forward", "svc/frontend", f"{port}:80"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            with socket.socket() as sock:
-                if sock.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        forward.terminate()
-        forward.wait(10)
+def local_orders(bridged_service: Any) -> Iterator[Any]:
+    process = bridged_service.start(
+        [sys.executable, str(APP)],
+        env={
+            "SERVICE_NAME": "orders",
+            "LISTEN_PORT": str(bridged_service.local_port),
+            "LISTEN_PORT_2": str(bridged_service.local_ports[9091]),
+            "HOSTNAME": "my-laptop",
+        },
+    )
+    yield bridged_service
+    process.stop()
 
 
-def test_frontend_answers_through_the_whole_chain(frontend_url: str) -> None:
-    import urllib.request  # noqa: PLC0415
-
-    request = urllib.request.Request(f"{frontend_url}/api", headers={"kubernetes-route-as": "demo"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        reply = json.load(response)
-    chain = [reply["service"], reply["downstream"][0]["service"], reply["downstream"][0]["downstream"][0]["service"]]
-    assert chain == ["frontend", "orders", "inventory"]
-    assert reply["downstream"][0]["downstream"][0]["route"] == "demo"
+def _get(url: str, route: str | None = None) -> Any:
+    headers = {"kubernetes-route-as": route} if route else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=20) as response:
+        return json.load(response)
 
 
-def test_demo_runs_from_the_repository_root() -> None:
-    assert (Path(__file__).resolve().parents[1] / "fixtures" / "manifests").is_dir()
-    assert sys.version_info >= (3, 11)
+def test_the_cluster_frontend_reaches_my_local_orders(local_orders: Any) -> None:
+    reply = _get("http://frontend.bridge-demo/api")
+    assert [reply["service"], reply["downstream"][0]["pod"]] == ["frontend", "my-laptop"]
+
+
+def test_local_orders_reaches_the_cluster_inventory_by_name(local_orders: Any) -> None:
+    inventory = _get("http://frontend.bridge-demo/api", route="demo")["downstream"][0]["downstream"][0]
+    assert inventory["pod"].startswith("inventory-")
+    assert inventory["route"] == "demo", "the header was propagated through the local service"
+
+
+def test_local_orders_runs_with_the_pods_configuration(local_orders: Any) -> None:
+    env = local_orders.env
+    assert env["GREETING"] == "hello from orders"  # literal
+    assert env["ORDERS_REGION"] == "eu-demo-1"  # ConfigMap via envFrom
+    assert env["API_TOKEN"]  # Secret via secretKeyRef
+    assert env["POD_NAMESPACE"] == "bridge-demo"  # fieldRef

@@ -19,3 +19,6 @@ export PYTEST_BRIDGE_REQUIRE_CLUSTER=1
 
 echo "== end-to-end" >&2
 pytest e2e -p no:cacheprovider "$@"
+
+echo "== demo suite (the main job), bridged" >&2
+pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo
