@@ -164,6 +164,27 @@ def test_bridge_end_to_end_and_exact_restore(suite: Path, apps_v1: client.AppsV1
     assert _managed_objects(core_v1) == []
 
 
+def _wait_local_orders_gone(timeout: float = 10) -> None:
+    """The local service started through the fixture dies with pytest, even on SIGKILL."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [
+            p for p in Path("/proc").iterdir()
+            if p.name.isdigit() and b"local-orders" in _read(p / "environ") and str(APP).encode() in _read(p / "cmdline")
+        ]  # fmt: skip
+        if not alive:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"local orders still running after pytest was killed: {alive}")
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
 def _run_until_connected(suite: Path, ttl: int = 60) -> subprocess.Popen[str]:
     marker = suite / "connected"
     run = _pytest(suite, "-k", "wait_for_signal", ttl=ttl, BRIDGE_E2E_WAIT=str(marker))
@@ -192,6 +213,7 @@ def test_sigkill_is_restored_by_the_guard(suite: Path, apps_v1: client.AppsV1Api
     run = _run_until_connected(suite, ttl=ttl)
     run.kill()
     run.communicate(timeout=30)
+    _wait_local_orders_gone()
     took = _wait_restored(apps_v1, before, timeout=ttl + 60)
     print(f"guard restored {took:.1f}s after SIGKILL (TTL {ttl}s)")
     deadline = time.monotonic() + 60

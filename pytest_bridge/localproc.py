@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,6 +55,16 @@ class LocalProcess:
         self.stop()
 
 
+def _die_with_parent() -> list[str]:
+    """An argv prefix so the child gets SIGTERM when pytest dies, even by SIGKILL (Linux).
+
+    ``setpriv --pdeathsig`` rather than ``preexec_fn``: the tunnel's thread is running, and
+    code between fork and exec is not safe in a threaded process.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv and sys.platform.startswith("linux") else []
+
+
 def _listening(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.2)
@@ -77,8 +89,8 @@ def start_local_process(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
-            [*wrap, *argv], cwd=cwd, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            [*_die_with_parent(), *wrap, *argv], cwd=cwd, env={**os.environ, **env}, stdout=log,
+            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
     local = LocalProcess(process, port, log_path)
     deadline = time.monotonic() + timeout
