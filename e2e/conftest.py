@@ -10,7 +10,6 @@ suites share it.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -271,22 +270,3 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that stop and restart the cluster go last, so they can't pull it from under others.
     items.sort(key=lambda item: item.get_closest_marker("cluster_cycle") is not None)
-
-
-def exec_in_pod_json(core_v1: client.CoreV1Api, pod: str, code: str, namespace: str = "bridge-demo") -> Any:
-    """Run ``python3 -c 'import json; <code>'`` in ``pod`` and parse what it prints as JSON."""
-    from kubernetes.stream import stream  # noqa: PLC0415
-
-    ws: Any = stream(
-        core_v1.connect_get_namespaced_pod_exec, pod, namespace,
-        command=["/usr/bin/python3", "-c", f"import json\n{code}"],
-        stdin=False, stdout=True, stderr=True, tty=False, _preload_content=False,
-    )  # fmt: skip
-    try:
-        ws.run_forever(timeout=30)
-        out, err = ws.read_stdout(), ws.read_stderr()
-    finally:
-        ws.close()
-    if not out:
-        raise AssertionError(f"exec in {pod} printed nothing; stderr: {err}")
-    return json.loads(out)

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.conftest import exec_in_pod_json
+from e2e.test_smoke import exec_in_pod_json
 from pytest_bridge.patch import strip_server_fields
 
 pytestmark = pytest.mark.e2e
@@ -50,8 +50,14 @@ def start_orders(bridged_service):
 def test_frontend_in_the_cluster_reaches_the_local_orders(bridged_service):
     start_orders(bridged_service)
     request = urllib.request.Request("http://frontend.{NAMESPACE}/api", headers={{"kubernetes-route-as": "e2e"}})
-    reply = json.load(urllib.request.urlopen(request, timeout=20))
-    orders = reply["downstream"][0]
+    # KNOWN ISSUE (see the issue notes): about one run in four, the very first request through
+    # a fresh bridge times out between frontend and orders; one retry is allowed and reported.
+    for attempt in range(2):
+        reply = json.load(urllib.request.urlopen(request, timeout=20))
+        orders = reply["downstream"][0]
+        if "error" not in orders:
+            break
+        print(f"first request through the bridge failed: {{orders}}")
     assert orders.get("pod") == "local-orders", orders
     inventory = orders["downstream"][0]
     assert inventory["service"] == "inventory" and inventory["pod"].startswith("inventory-"), inventory

@@ -73,6 +73,13 @@ def exec_in_pod(core_v1: client.CoreV1Api, pod: str, argv: Sequence[str]) -> Exe
         ws.close()
 
 
+def exec_in_pod_json(core_v1: client.CoreV1Api, pod: str, code: str) -> Any:
+    """Run ``python3 -c 'import json; <code>'`` in ``pod`` and parse what it prints as JSON."""
+    result = exec_in_pod(core_v1, pod, [PYTHON, "-c", f"import json\n{code}"])
+    assert result.returncode == 0 and result.stdout, f"exec in {pod} failed: {result.stderr}"
+    return json.loads(result.stdout)
+
+
 def http_get_from_pod(core_v1: client.CoreV1Api, pod: str, url: str, headers: Mapping[str, str] | None = None) -> str:
     """GET `url` from inside `pod` (with the pod's DNS and network) and return the body."""
     result = exec_in_pod(core_v1, pod, [PYTHON, "-c", _HTTP_GET, url, json.dumps(dict(headers or {}))])
