@@ -12,6 +12,7 @@ connect, twice, or from a signal handler's ``finally``.
 from __future__ import annotations
 
 import contextlib
+import gc
 import getpass
 import io
 import logging
@@ -23,6 +24,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,6 +520,13 @@ class BridgeSession:
         shutil.rmtree(self.session_dir, ignore_errors=True)
         if self._kube is not None:
             self._kube.close()
+            self._kube = None
+            # The kubernetes client's urllib3 pool can leave TLS sockets for the garbage
+            # collector; collect them here, quietly, rather than at interpreter exit where a
+            # user's `filterwarnings = error` turns them into an error of the whole run.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                gc.collect()
         self.timings["disconnect"] = time.monotonic() - started
         if errors:
             raise BridgeError(

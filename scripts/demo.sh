@@ -7,4 +7,6 @@ scripts/install-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 kubeconfig_line=$(python -m e2e.cluster up | tail -n 1)
 export "${kubeconfig_line?}"
-pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo "$@"
+# Known issue (see the notes): the kubernetes client may leave a TLS socket to the GC at exit.
+pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo \
+  -W "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning" "$@"

@@ -21,4 +21,6 @@ echo "== end-to-end" >&2
 pytest e2e -p no:cacheprovider "$@"
 
 echo "== demo suite (the main job), bridged" >&2
-pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo
+# Known issue (see the notes): the kubernetes client may leave a TLS socket to the GC at exit.
+pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo \
+  -W "ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
