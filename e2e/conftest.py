@@ -270,3 +270,14 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that stop and restart the cluster go last, so they can't pull it from under others.
     items.sort(key=lambda item: item.get_closest_marker("cluster_cycle") is not None)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Finalise the kubernetes client's leftover websocket/TLS sockets now, quietly, instead of
+    # at exit, where pytest's unraisable-exception check would fail the whole run for them.
+    import gc  # noqa: PLC0415
+    import warnings  # noqa: PLC0415
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
