@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from e2e.conftest import pod_is_ready
 from e2e.test_smoke import exec_in_pod_json
 from pytest_bridge.patch import strip_server_fields
 
@@ -103,10 +104,7 @@ def _settled(apps: client.AppsV1Api, core: client.CoreV1Api, timeout: float = 12
     while time.monotonic() < deadline:
         d: Any = apps.read_namespaced_deployment("orders", NAMESPACE)
         pods: Any = core.list_namespaced_pod(NAMESPACE, label_selector="app.kubernetes.io/name=orders")
-        ready = [
-            p for p in pods.items
-            if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
-        ]  # fmt: skip
+        ready = [p for p in pods.items if pod_is_ready(p)]
         if (
             d.status.observed_generation == d.metadata.generation
             and d.status.updated_replicas == d.status.ready_replicas == (d.spec.replicas or 1)

@@ -24,6 +24,8 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import portforward, stream
 
+from e2e.conftest import pod_is_ready, pod_name
+
 pytestmark = pytest.mark.e2e
 
 NAMESPACE = "bridge-demo"
@@ -230,7 +232,7 @@ def test_pod_logs_contain_request_lines(core_v1: client.CoreV1Api, ready_pod: Re
 @pytest.mark.usefixtures("sample_app")
 def test_rollout_replaces_the_inventory_pod(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> None:
     selector = "app.kubernetes.io/name=inventory"
-    old_pods = {_name(p) for p in core_v1.list_namespaced_pod(NAMESPACE, label_selector=selector).items}
+    old_pods = {pod_name(p) for p in core_v1.list_namespaced_pod(NAMESPACE, label_selector=selector).items}
     stamp = datetime.now(UTC).isoformat()
     patch = {"spec": {"template": {"metadata": {"annotations": {RESTARTED_AT: stamp}}}}}
 
@@ -242,7 +244,7 @@ def test_rollout_replaces_the_inventory_pod(core_v1: client.CoreV1Api, apps_v1: 
     while True:
         deployment = apps_v1.read_namespaced_deployment("inventory", NAMESPACE)
         pods = core_v1.list_namespaced_pod(NAMESPACE, label_selector=selector).items
-        names = {_name(p) for p in pods}
+        names = {pod_name(p) for p in pods}
         assert deployment.metadata is not None and deployment.status is not None
         rolled_out = (
             (deployment.status.observed_generation or 0) >= (deployment.metadata.generation or 0)
@@ -250,7 +252,7 @@ def test_rollout_replaces_the_inventory_pod(core_v1: client.CoreV1Api, apps_v1: 
             and deployment.status.ready_replicas == 1
             and not names & old_pods
             and len(pods) == 1
-            and _is_ready(pods[0])
+            and pod_is_ready(pods[0])
         )
         if rolled_out:
             break
@@ -267,14 +269,3 @@ def test_rollout_replaces_the_inventory_pod(core_v1: client.CoreV1Api, apps_v1: 
         with pytest.raises(ApiException) as gone:
             core_v1.read_namespaced_pod(name, NAMESPACE)
         assert gone.value.status == 404
-
-
-def _name(pod: client.V1Pod) -> str:
-    assert pod.metadata is not None and pod.metadata.name is not None, pod
-    return pod.metadata.name
-
-
-def _is_ready(pod: client.V1Pod) -> bool:
-    if pod.metadata is None or pod.metadata.deletion_timestamp is not None or pod.status is None:
-        return False
-    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
+import signal
 import ssl
 import subprocess
 import time
@@ -357,14 +359,10 @@ def _extra_mount_roots(layout: Layout) -> list[Path]:
 def _kill_leftover_shims(layout: Layout) -> None:
     marker = str(layout.containerd_socket)
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "containerd-shim" in cmdline and marker in cmdline:
-            subprocess.run(["kill", "-9", proc.name], check=False)
+        command = procs.cmdline(int(proc.name)) if proc.name.isdigit() else ""
+        if "containerd-shim" in command and marker in command:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(proc.name), signal.SIGKILL)
 
 
 def _remove_cgroups() -> None:

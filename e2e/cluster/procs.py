@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .layout import Layout
 
-__all__ = ["Component", "is_running", "pid_of", "start", "stop"]
+__all__ = ["Component", "cmdline", "is_running", "pid_of", "start", "stop"]
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,20 @@ def _pidfile(layout: Layout, name: str) -> Path:
     return layout.run / f"{name}.pid"
 
 
-def _cmdline(pid: int) -> str:
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` (spaces for NULs), or "" if it is gone."""
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter of ``pid`` (``Z`` for a zombie), or None if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
 
 
 def pid_of(layout: Layout, name: str) -> int | None:
@@ -46,14 +55,10 @@ def pid_of(layout: Layout, name: str) -> int | None:
         pid, binary = pidfile.read_text().split(" ", 1)
     except (OSError, ValueError):
         return None
-    cmdline = _cmdline(int(pid))
-    if not cmdline or binary.strip() not in cmdline:
+    command = cmdline(int(pid))
+    if not command or binary.strip() not in command:
         return None
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return None
-    return None if state == "Z" else int(pid)
+    return None if _state(int(pid)) in (None, "Z") else int(pid)
 
 
 def is_running(layout: Layout, name: str) -> bool:
@@ -97,13 +102,7 @@ def _wait_gone(pid: int, timeout: float) -> bool:
         # Reap it if it is our child (it is when started in this same process).
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
+        if _state(pid) in (None, "Z"):
             return True
         time.sleep(0.05)
     return False
