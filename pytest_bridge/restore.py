@@ -27,7 +27,7 @@ from typing import Any
 
 from . import kube
 from .errors import NotFoundError
-from .patch import SESSION_LABEL, JsonOps
+from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
 __all__ = [
     "MANAGED_BY",
@@ -283,7 +283,7 @@ def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
     reader = {"Deployment": k.apps.read_namespaced_deployment, "StatefulSet": k.apps.read_namespaced_stateful_set}
     current = k.to_dict(kube.call(f"read {record.kind} {name}", reader[record.kind], name, ns))
     annotations = (current.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
-    if annotations.get(SESSION_LABEL) != record.session:
+    if annotations.get(SESSION_ANNOTATION) != record.session:
         return  # already restored (or re-deployed by someone else): nothing of ours to undo
     kube.call(
         f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, record.reverse_patch,

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import getpass
 import io
+import json
 import logging
 import os
 import secrets
@@ -562,7 +563,11 @@ def _session_alive(k: kube.Kube, session: str) -> bool:
             )
         except Exception:
             continue
-        if '"connected_clients": 0' not in str(raw) and "connected_clients" in str(raw):
+        try:
+            status = json.loads(raw) if isinstance(raw, str) else raw
+        except ValueError:
+            continue
+        if isinstance(status, dict) and int(status.get("connected_clients", 0)) > 0:
             return True
     return False
 
