@@ -50,6 +50,7 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     opt("--keepalive-timeout", "PYTEST_BRIDGE_KEEPALIVE_TIMEOUT", defaults.keepalive_timeout, float, "dead peer")
     opt("--idle-timeout", "PYTEST_BRIDGE_IDLE_TIMEOUT", defaults.stream_idle_timeout, float, "idle stream")
     opt("--drain-seconds", "PYTEST_BRIDGE_DRAIN_SECONDS", defaults.drain_seconds, float, "on SIGTERM")
+    opt("--exit-when-idle", "PYTEST_BRIDGE_EXIT_WHEN_IDLE", 0.0, float, "exit 0 after no client this long (0: never)")
     opt("--log-level", "PYTEST_BRIDGE_LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING")
     args = parser.parse_args(argv)
     if not args.token:
@@ -68,6 +69,7 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
         keepalive_timeout=float(args.keepalive_timeout),
         stream_idle_timeout=float(args.idle_timeout),
         drain_seconds=float(args.drain_seconds),
+        exit_when_idle=float(args.exit_when_idle),
     )
 
 
@@ -86,7 +88,22 @@ async def run(config: AgentConfig) -> None:
         loop.add_signal_handler(signum, on_signal, signum)
     agent = Agent(config)
     await agent.start()
+    if config.exit_when_idle > 0:
+        # A route pod's own guard: once its session has been gone this long, the pod ends
+        # (restartPolicy Never) and the routing manager deletes it.
+        async def idle_exit() -> None:
+            while not stop.is_set():
+                await asyncio.sleep(1.0)
+                status = agent.status()
+                idle = float(str(status["idle_seconds"]))
+                if not status["connected_clients"] and idle >= config.exit_when_idle:
+                    log.info("no client for %.0fs: exiting", idle)
+                    stop.set()
+
+        watchdog = asyncio.create_task(idle_exit())
     await stop.wait()
+    if config.exit_when_idle > 0:
+        watchdog.cancel()
     await agent.shutdown()
 
 

@@ -28,14 +28,16 @@ import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 __all__ = [
     "AgentStatus",
     "ApiClient",
+    "ApiEndpoint",
+    "ApiTarget",
     "Guard",
     "GuardConfig",
     "Record",
@@ -44,6 +46,7 @@ __all__ = [
     "Watchdog",
     "agent_targets",
     "config_from_env",
+    "endpoint_from_env",
     "main",
     "parse_record",
     "parse_status",
@@ -257,10 +260,47 @@ def delete_job_request(config: GuardConfig) -> Request:
     return Request("DELETE", f"{path}?propagationPolicy=Background")
 
 
+class ApiTarget(Protocol):
+    """Where and how to reach the API server (GuardConfig is one; :class:`ApiEndpoint` another)."""
+
+    @property
+    def api_url(self) -> str: ...
+    @property
+    def token_file(self) -> str: ...
+    @property
+    def ca_file(self) -> str: ...  # "" = plain http (tests only)
+    @property
+    def api_timeout(self) -> float: ...
+
+
+@dataclass(frozen=True)
+class ApiEndpoint:
+    api_url: str
+    token_file: str = f"{SA_DIR}/token"
+    ca_file: str = f"{SA_DIR}/ca.crt"
+    api_timeout: float = 10.0
+
+
+def endpoint_from_env(env: Mapping[str, str], prefix: str) -> ApiEndpoint:
+    """The API server from ``<prefix>API_URL``/``TOKEN_FILE``/``CA_FILE``, else the in-cluster defaults."""
+    ca_file = env.get(f"{prefix}CA_FILE")
+    if ca_file is None:
+        ca_file = f"{SA_DIR}/ca.crt"
+    api_url = env.get(f"{prefix}API_URL", "")
+    if not api_url:
+        host, api_port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "443")
+        if not host:
+            raise ValueError(f"no API server: neither {prefix}API_URL nor KUBERNETES_SERVICE_HOST is set")
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        api_url = f"{'https' if ca_file else 'http'}://{host}:{api_port}"
+    return ApiEndpoint(api_url.rstrip("/"), env.get(f"{prefix}TOKEN_FILE") or f"{SA_DIR}/token", ca_file)
+
+
 class ApiClient:
     """Minimal Kubernetes API client: bearer token re-read per request (projected tokens rotate)."""
 
-    def __init__(self, config: GuardConfig) -> None:
+    def __init__(self, config: ApiTarget) -> None:
         url = urllib.parse.urlsplit(config.api_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"bad API URL {config.api_url!r}")
@@ -312,6 +352,33 @@ class ApiClient:
         except ValueError:
             body = None
         return Response(response.status, body)
+
+    def watch(self, path: str, timeout: float) -> Iterator[Any]:
+        """The events of a ``?watch=1`` request as parsed JSON objects, until the server ends it.
+
+        ``timeout`` bounds each read; OSError when the connection fails.
+        """
+        conn: http.client.HTTPConnection
+        if self._https:
+            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context())
+        else:
+            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+        headers = {"Accept": "application/json", "User-Agent": "pytest-bridge"}
+        token = self._token()
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            conn.request("GET", self._prefix + path, headers=headers)
+            response = conn.getresponse()
+            if response.status != 200:
+                raise OSError(f"watch {path}: HTTP {response.status}")
+            while line := response.readline():
+                if line.strip():
+                    yield json.loads(line)
+        except (http.client.HTTPException, ValueError) as e:
+            raise OSError(f"watch {path}: {e!r}") from e
+        finally:
+            conn.close()
 
 
 def fetch_status(ip: str, port: int, timeout: float) -> Any:

@@ -63,6 +63,7 @@ class AgentConfig:
     keepalive_timeout: float = 30.0
     stream_idle_timeout: float = 3600.0
     drain_seconds: float = 10.0
+    exit_when_idle: float = 0.0  # seconds without a client before the process exits (0: never)
 
 
 def agent_env() -> dict[str, str]:

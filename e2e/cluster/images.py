@@ -44,11 +44,17 @@ ROUTING_IMAGE = f"{PREFIX}/routing:0.1.0"
 SAMPLE_APP_IMAGE = f"{PREFIX}/sample-app:0.1.0"
 
 
+# What debootstrap puts into the base image. nginx (with its stream module) is for the
+# routing image's router; it costs a few MB in the others and saves a second base image.
+BASE_PACKAGES = ("python3", "ca-certificates", "nginx-light", "libnginx-mod-stream")
+BASE_LABEL = "io.pytest-bridge.base-packages"
+
+
 @dataclass(frozen=True)
 class ImageSpec:
     tag: str
     context: Path  # folder holding a Dockerfile
-    needs_base: bool = True
+    base: str = BASE_IMAGE  # passed as build-arg BASE
 
 
 def project_images(layout: Layout) -> list[ImageSpec]:
@@ -56,7 +62,7 @@ def project_images(layout: Layout) -> list[ImageSpec]:
     specs = [
         ImageSpec(AGENT_IMAGE, repo / "agent"),
         ImageSpec(SAMPLE_APP_IMAGE, repo / "fixtures" / "sampleapp"),
-        ImageSpec(ROUTING_IMAGE, repo / "routing"),
+        ImageSpec(ROUTING_IMAGE, repo / "routing", base=AGENT_IMAGE),  # runs the agent's API client too
     ]
     return [s for s in specs if (s.context / "Dockerfile").exists()]
 
@@ -137,8 +143,12 @@ def _ensure_base(layout: Layout, client: Any, report: Callable[[str], None]) -> 
             client.images.pull(override)
         client.images.get(override).tag(BASE_IMAGE)
         return
+    wanted = ",".join(BASE_PACKAGES)
     if _has_image(client, BASE_IMAGE):
-        return
+        labels = client.images.get(BASE_IMAGE).labels or {}
+        if labels.get(BASE_LABEL) == wanted:
+            return
+        report(f"base image {BASE_IMAGE} has packages {labels.get(BASE_LABEL)!r}, wants {wanted!r}: rebuilding")
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap not found: apt-get install debootstrap")
     started = time.monotonic()
@@ -147,7 +157,7 @@ def _ensure_base(layout: Layout, client: Any, report: Callable[[str], None]) -> 
         log = layout.logs / "debootstrap.log"
         with log.open("ab") as out:
             result = subprocess.run(
-                ["debootstrap", "--variant=minbase", "--include=python3,ca-certificates", "bookworm", str(rootfs), _debian_mirror()],
+                ["debootstrap", "--variant=minbase", f"--include={wanted}", "bookworm", str(rootfs), _debian_mirror()],
                 stdout=out, stderr=subprocess.STDOUT, check=False,
             )  # fmt: skip
         if result.returncode != 0:
@@ -166,6 +176,7 @@ def _ensure_base(layout: Layout, client: Any, report: Callable[[str], None]) -> 
                 "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                 "ENV LANG=C.UTF-8",
                 'CMD ["/usr/bin/python3"]',
+                f"LABEL {BASE_LABEL}={wanted}",
             ],
         )
         tar.wait()
@@ -222,7 +233,7 @@ def ensure_images(layout: Layout, report: Callable[[str], None] = print) -> dict
             COREDNS_IMAGE: _scratch_image(layout, client, COREDNS_IMAGE, layout.bin / "coredns", ["/coredns"]),
         }
         for spec in project_images(layout):
-            built[spec.tag] = _build(client, spec.tag, spec.context, {"BASE": BASE_IMAGE})
+            built[spec.tag] = _build(client, spec.tag, spec.context, {"BASE": spec.base})
         for tag, image_id in built.items():
             started = time.monotonic()
             if _import(layout, client, tag, image_id):
