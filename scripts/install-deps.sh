@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(docker.io containerd runc containernetworking-plugins iptables iproute2 debootstrap
-          conntrack openssl gcc libc6-dev nginx-light ca-certificates)
+          conntrack openssl gcc libc6-dev nginx-light libnginx-mod-stream ca-certificates)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,409 @@
+"""``python3 -m pytest_bridge_routing.manager``: the routing manager of one namespace.
+
+Reconciles the namespace towards what its route pods ask for (see :mod:`.objects`). All state
+lives in the cluster — route pods, labelled objects and the original-selector annotation on
+each switched Service — so a restarted manager carries on where the last one stopped.
+
+Per routed service S (a service with live route pods, one a route pod asks to observe, or the
+backend of an Ingress while any route exists):
+
+1. the default Service ``<S>-pbr-default`` (S's original selector) exists;
+2. the router Deployment and its ConfigMap (nginx.conf rendered from the route pods' IPs) exist;
+3. once the router is Ready, S's selector is switched to the router, recording the original
+   selector in an annotation in the same patch.
+
+When S needs no router any more, its selector is restored first and then the router and the
+default Service are deleted. Each Ingress gets one copy per route with ``<route>.``-prefixed
+hosts. Finished route pods (the agent exits when its session has been gone for a while) are
+deleted. After ``MANAGER_IDLE_SECONDS`` with nothing to manage, the manager deletes its own
+Deployment; ownerReferences take its ServiceAccounts, Roles and RoleBindings with it.
+
+Environment: MANAGER_NAMESPACE, MANAGER_IMAGE (for routers), MANAGER_IDLE_SECONDS (0 = never),
+MANAGER_POLL_SECONDS; MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+from pytest_bridge_agent.guard import ApiClient, ApiTarget, Request, Response, endpoint_from_env
+
+from . import nginxconf
+from . import objects as o
+
+log = logging.getLogger("pytest_bridge_routing.manager")
+
+JSON_PATCH = "application/json-patch+json"
+WATCH_SECONDS = 60
+
+
+def _q(segment: str) -> str:
+    return urllib.parse.quote(segment, safe="")
+
+
+class ApiError(RuntimeError):
+    pass
+
+
+@dataclass
+class Api:
+    """The few REST calls the manager makes, on top of the agent's stdlib client."""
+
+    client: ApiClient
+    namespace: str
+    mutations: int = 0  # create/replace/patch/delete calls so far: a pass that made any is "settling"
+
+    def _path(self, group: str, resource: str, name: str = "") -> str:
+        base = "/api/v1" if group == "" else f"/apis/{group}/v1"  # apps/v1, networking.k8s.io/v1
+        path = f"{base}/namespaces/{_q(self.namespace)}/{resource}"
+        return f"{path}/{_q(name)}" if name else path
+
+    def _send(self, request: Request, ok: tuple[int, ...] = (200, 201)) -> Response:
+        if request.method != "GET":
+            self.mutations += 1
+        response = self.client.send(request)
+        if response.status not in ok:
+            raise ApiError(f"{request.method} {request.path}: {response.message()}")
+        return response
+
+    def items(self, group: str, resource: str, selector: str = "") -> list[dict[str, Any]]:
+        query = f"?{urllib.parse.urlencode({'labelSelector': selector})}" if selector else ""
+        body = self._send(Request("GET", self._path(group, resource) + query)).body
+        return list(body.get("items") or []) if isinstance(body, dict) else []
+
+    def create(self, group: str, resource: str, obj: Mapping[str, Any]) -> bool:
+        """Create; False if it already exists."""
+        request = Request("POST", self._path(group, resource), json.dumps(obj).encode(), "application/json")
+        return self._send(request, (200, 201, 409)).status != 409
+
+    def replace(self, group: str, resource: str, name: str, obj: Mapping[str, Any]) -> None:
+        self._send(Request("PUT", self._path(group, resource, name), json.dumps(obj).encode(), "application/json"))
+
+    def patch(self, group: str, resource: str, name: str, ops: list[dict[str, Any]]) -> None:
+        self._send(Request("PATCH", self._path(group, resource, name), json.dumps(ops).encode(), JSON_PATCH))
+
+    def delete(self, group: str, resource: str, name: str) -> None:
+        path = self._path(group, resource, name) + "?propagationPolicy=Background"
+        self._send(Request("DELETE", path), (200, 202, 404))
+
+    def watch_route_pods(self, resource_version: str) -> Any:
+        query = urllib.parse.urlencode(
+            {
+                "watch": "1",
+                "labelSelector": o.LABEL_ROUTE,
+                "resourceVersion": resource_version,
+                "timeoutSeconds": str(WATCH_SECONDS),
+                "allowWatchBookmarks": "false",
+            }
+        )
+        return self.client.watch(self._path("", "pods") + "?" + query, timeout=WATCH_SECONDS + 10)
+
+
+def _name(obj: Mapping[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("name"))
+
+
+def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    return (obj.get("metadata") or {}).get("labels") or {}
+
+
+def _selector_string(selector: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
+@dataclass
+class Observed:
+    route_pods: list[dict[str, Any]]
+    services: dict[str, dict[str, Any]]
+    ingresses: list[dict[str, Any]]
+    routers: dict[str, dict[str, Any]]  # service -> router Deployment
+    config_maps: dict[str, dict[str, Any]]  # service -> router ConfigMap
+    router_pods: list[dict[str, Any]]
+
+
+@dataclass
+class Manager:
+    api: Api
+    image: str
+    idle_seconds: float = 300.0
+    clock: Any = time.monotonic
+    _idle_since: float | None = None
+    _waiting: bool = False
+    _ports: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
+
+    def observe(self) -> Observed:
+        a = self.api
+        services = {_name(s): s for s in a.items("", "services")}
+        routers = {
+            _labels(d).get(o.LABEL_ROUTER, ""): d for d in a.items("apps", "deployments", f"{o.COMPONENT}=router")
+        }
+        config_maps = {
+            _labels(c).get(o.LABEL_ROUTER, ""): c for c in a.items("", "configmaps", f"{o.COMPONENT}=router")
+        }
+        return Observed(
+            route_pods=a.items("", "pods", o.LABEL_ROUTE),
+            services=services,
+            ingresses=a.items("networking.k8s.io", "ingresses"),
+            routers=routers,
+            config_maps=config_maps,
+            router_pods=a.items("", "pods", f"{o.COMPONENT}=router"),
+        )
+
+    def wanted(self, seen: Observed) -> set[str]:
+        routes = o.live_routes(seen.route_pods)
+        wanted = set(routes) | o.observed_services(seen.route_pods)
+        if routes:
+            for ingress in seen.ingresses:
+                if not o.is_ours(ingress):
+                    wanted |= o.ingress_backends(ingress)
+        return {
+            name
+            for name in wanted
+            if name in seen.services and not o.is_ours(seen.services[name]) and o.original_selector(seen.services[name])
+        }
+
+    def reconcile(self) -> tuple[bool, bool]:
+        """One pass: (busy: there is something to manage, settling: it changed or waits for something)."""
+        before = self.api.mutations
+        self._waiting = False
+        seen = self.observe()
+        for pod in seen.route_pods:
+            if o.is_finished(pod) and not (pod.get("metadata") or {}).get("deletionTimestamp"):
+                log.info("deleting finished route pod %s", _name(pod))
+                self.api.delete("", "pods", _name(pod))
+        wanted = self.wanted(seen)
+        routes = o.live_routes(seen.route_pods)
+        hosts = o.ingress_hosts(i for i in seen.ingresses if not o.is_ours(i))
+        for service in sorted(wanted):
+            try:
+                self._route_service(seen, service, routes.get(service, {}), hosts)
+            except (ApiError, OSError, ValueError) as e:
+                log.warning("service %s: %s", service, e)
+        for service in sorted(self._managed_services(seen) - wanted):
+            self._unroute_service(seen, service)
+        self._ingress_copies(seen, sorted({r for per in routes.values() for r in per}))
+        busy = bool(wanted or seen.route_pods or self._managed_services(seen))
+        return busy, self._waiting or self.api.mutations != before
+
+    def _managed_services(self, seen: Observed) -> set[str]:
+        managed = {s for s in seen.routers if s} | {s for s in seen.config_maps if s}
+        managed |= {name for name, svc in seen.services.items() if o.is_switched(svc)}
+        managed |= {
+            _labels(svc).get(o.LABEL_ROUTER, "")
+            for svc in seen.services.values()
+            if _labels(svc).get(o.COMPONENT) == "default-service"
+        }
+        return managed - {""}
+
+    def _resolved_ports(self, service_obj: Mapping[str, Any]) -> list[dict[str, Any]]:
+        name = _name(service_obj)
+        version = json.dumps([(service_obj.get("spec") or {}).get("ports"), o.original_selector(service_obj)])
+        cached = self._ports.get(name)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        selector = o.original_selector(service_obj) or {}
+        pods = self.api.items("", "pods", _selector_string(selector))
+        ports = o.resolve_target_ports(service_obj, pods)
+        self._ports[name] = (version, ports)
+        return ports
+
+    def _route_service(self, seen: Observed, service: str, routes: Mapping[str, str | None], hosts: list[str]) -> None:
+        a, ns = self.api, self.api.namespace
+        service_obj = seen.services[service]
+        default_name = o.default_service_name(service)
+        default = seen.services.get(default_name)
+        if default is None:
+            log.info("service %s: creating default service %s", service, default_name)
+            a.create("", "services", o.default_service(service_obj))
+            return  # its ClusterIP is read on the next pass
+        cluster_ip = (default.get("spec") or {}).get("clusterIP")
+        ports = self._resolved_ports(service_obj)
+        router_ports = []
+        listening: set[int] = set()
+        for port in ports:
+            if port["target"] in listening:
+                continue
+            listening.add(port["target"])
+            router_ports.append(
+                nginxconf.RouterPort(
+                    name=port["name"],
+                    listen=port["target"],
+                    protocol=nginxconf.protocol_for({"name": port["name"], "appProtocol": port["appProtocol"]}),
+                    default_upstream=f"{cluster_ip}:{port['port']}",
+                )
+            )
+        ready_routes = {route: ip for route, ip in routes.items() if ip}
+        cm = seen.config_maps.get(service)
+        generation = int(((cm or {}).get("metadata") or {}).get("annotations", {}).get(o.ANN_GENERATION, "0") or 0)
+
+        def render(gen: int) -> str:
+            spec = nginxconf.RouterSpec(
+                service=service, namespace=ns, ports=tuple(router_ports), routes=ready_routes,
+                hosts=tuple(hosts), stats_port=o.STATS_PORT, generation=gen,
+            )  # fmt: skip
+            return nginxconf.render(spec)
+
+        if cm is None:
+            log.info("service %s: creating router config (routes %s)", service, sorted(ready_routes))
+            a.create("", "configmaps", o.router_config_map(service, ns, render(1), 1))
+        elif (cm.get("data") or {}).get("nginx.conf") != render(generation):
+            generation += 1
+            log.info("service %s: router config generation %d (routes %s)", service, generation, sorted(ready_routes))
+            updated = o.router_config_map(service, ns, render(generation), generation)
+            updated["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
+            a.replace("", "configmaps", o.router_name(service), updated)
+        if service not in seen.routers:
+            log.info("service %s: creating router", service)
+            a.create("apps", "deployments", o.router_deployment(service, ns, ports, self.image, o.router_name(service)))
+            return
+        current = (service_obj.get("spec") or {}).get("selector")
+        if current == o.router_selector(service):
+            return
+        if o.is_switched(service_obj):
+            # Someone re-applied the service while it was switched: keep their selector as the original.
+            log.info("service %s: selector changed to %s while routed; recording it", service, current)
+            a.patch(
+                "",
+                "services",
+                service,
+                [{"op": "remove", "path": "/metadata/annotations/" + _esc(o.ANN_ORIGINAL_SELECTOR)}],
+            )
+            return
+        if not self._router_ready(seen, service):
+            self._waiting = True
+            return
+        log.info("service %s: switching selector %s -> router", service, current)
+        a.patch("", "services", service, o.switch_patch(service_obj))
+
+    def _router_ready(self, seen: Observed, service: str) -> bool:
+        return any(_labels(pod).get(o.LABEL_ROUTER) == service and o.is_ready(pod) for pod in seen.router_pods)
+
+    def _unroute_service(self, seen: Observed, service: str) -> None:
+        a = self.api
+        try:
+            service_obj = seen.services.get(service)
+            if service_obj is not None and o.is_switched(service_obj):
+                log.info("service %s: restoring selector %s", service, o.original_selector(service_obj))
+                a.patch("", "services", service, o.restore_patch(service_obj))
+            if service in seen.routers:
+                log.info("service %s: deleting router", service)
+                a.delete("apps", "deployments", o.router_name(service))
+            if service in seen.config_maps:
+                a.delete("", "configmaps", o.router_name(service))
+            if o.default_service_name(service) in seen.services:
+                a.delete("", "services", o.default_service_name(service))
+            self._ports.pop(service, None)
+        except (ApiError, OSError) as e:
+            log.warning("service %s: cleanup: %s", service, e)
+
+    def _ingress_copies(self, seen: Observed, routes: list[str]) -> None:
+        wanted: dict[str, dict[str, Any]] = {}
+        for ingress in seen.ingresses:
+            if o.is_ours(ingress):
+                continue
+            for route in routes:
+                copy = o.ingress_copy(ingress, route)
+                wanted[copy["metadata"]["name"]] = copy
+        existing = {_name(i) for i in seen.ingresses if _labels(i).get(o.COMPONENT) == "ingress-copy"}
+        for name in sorted(set(wanted) - existing):
+            log.info("creating ingress %s", name)
+            try:
+                self.api.create("networking.k8s.io", "ingresses", wanted[name])
+            except (ApiError, OSError) as e:
+                log.warning("ingress %s: %s", name, e)
+        for name in sorted(existing - set(wanted)):
+            log.info("deleting ingress %s", name)
+            try:
+                self.api.delete("networking.k8s.io", "ingresses", name)
+            except (ApiError, OSError) as e:
+                log.warning("ingress %s: %s", name, e)
+
+    def idle_expired(self, busy: bool) -> bool:
+        now = self.clock()
+        if busy or self.idle_seconds <= 0:
+            self._idle_since = None
+            return False
+        if self._idle_since is None:
+            self._idle_since = now
+        return bool(now - self._idle_since >= self.idle_seconds)
+
+
+def _esc(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+class Wakeup:
+    """Wakes the reconcile loop when a route pod changes (a watch), else after the poll interval."""
+
+    def __init__(self, api: Api) -> None:
+        self.event = threading.Event()
+        self.api = api
+        self.stopped = False
+        threading.Thread(target=self._run, name="route-pod-watch", daemon=True).start()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            try:
+                for _event in self.api.watch_route_pods(""):
+                    self.event.set()
+            except OSError as e:
+                log.debug("watch: %s", e)
+                time.sleep(1)
+
+    def wait(self, timeout: float) -> None:
+        self.event.wait(timeout)
+        self.event.clear()
+
+
+def main(environ: Mapping[str, str] | None = None) -> int:
+    env = os.environ if environ is None else environ
+    if "--help" in sys.argv[1:]:
+        print(__doc__)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
+    target: ApiTarget = endpoint_from_env(env, "MANAGER_")
+    api = Api(ApiClient(target), env["MANAGER_NAMESPACE"])
+    manager = Manager(api, env["MANAGER_IMAGE"], float(env.get("MANAGER_IDLE_SECONDS") or 300))
+    poll = float(env.get("MANAGER_POLL_SECONDS") or 2.0)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    wakeup = Wakeup(api)
+    log.info("routing manager for namespace %s (idle exit after %gs)", api.namespace, manager.idle_seconds)
+    while not stop.is_set():
+        try:
+            busy, settling = manager.reconcile()
+        except (ApiError, OSError) as e:
+            log.warning("reconcile: %s", e)
+            busy, settling = True, False  # retry at the poll interval, not in a tight loop
+        if manager.idle_expired(busy):
+            log.info("nothing to route for %gs: removing the routing manager", manager.idle_seconds)
+            try:
+                api.delete("apps", "deployments", o.MANAGER_NAME)
+            except (ApiError, OSError) as e:
+                log.warning("self-removal: %s", e)
+                continue
+            return 0
+        # Fast while something is settling, slow otherwise; route pod changes wake it at once.
+        wakeup.wait(0.2 if settling else poll)
+    wakeup.stopped = True
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,461 @@
+"""Names, labels and manifests of everything isolated routing puts into a namespace (pure, stdlib).
+
+Shared by the routing manager (in the cluster) and the plugin (which deploys the manager and
+creates route pods), so both sides agree on one vocabulary:
+
+* a **route pod** (created by the plugin) runs the agent for one route of one service and is
+  labelled ``pytest-bridge.io/route=<route>`` and ``pytest-bridge.io/route-service=<service>``;
+* per routed service the manager keeps a **default Service** (``<svc>-pbr-default``, the
+  service's original selector: "everyone else"), a **router** Deployment and its ConfigMap
+  (``<svc>-pbr-router``), and the service's original selector in an annotation on the service;
+* per Ingress and route, an **ingress copy** whose hosts are ``<route>.<host>``.
+
+Everything carries ``app.kubernetes.io/managed-by=pytest-bridge`` and a component label, so
+cleanup and "what did we leave behind" are label queries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "ANN_GENERATION",
+    "ANN_OBSERVE",
+    "ANN_ORIGINAL_SELECTOR",
+    "ANN_ROUTE_ON_HEADER",
+    "ANN_SOURCE",
+    "COMPONENT",
+    "LABEL_ROUTE",
+    "LABEL_ROUTER",
+    "LABEL_ROUTE_SERVICE",
+    "MANAGED_BY",
+    "MANAGER_NAME",
+    "ROUTER_SA",
+    "ROUTE_HEADER",
+    "STATS_PORT",
+    "check_route_name",
+    "dns_label",
+    "manager_objects",
+]
+
+ROUTE_HEADER = "kubernetes-route-as"
+MANAGED_BY = ("app.kubernetes.io/managed-by", "pytest-bridge")
+COMPONENT = "pytest-bridge.io/component"
+LABEL_ROUTE = "pytest-bridge.io/route"
+LABEL_ROUTE_SERVICE = "pytest-bridge.io/route-service"
+LABEL_ROUTER = "pytest-bridge.io/router"
+ANN_ORIGINAL_SELECTOR = "pytest-bridge.io/original-selector"
+ANN_ROUTE_ON_HEADER = "pytest-bridge.io/route-on-header"
+ANN_OBSERVE = "pytest-bridge.io/observe"
+ANN_GENERATION = "pytest-bridge.io/generation"
+ANN_SOURCE = "pytest-bridge.io/source"
+
+MANAGER_NAME = "pytest-bridge-routing-manager"
+ROUTER_SA = "pytest-bridge-router"
+STATS_PORT = 47180
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def labels(component: str, **extra: str) -> dict[str, str]:
+    return {MANAGED_BY[0]: MANAGED_BY[1], COMPONENT: component, **extra}
+
+
+def dns_label(*parts: str, limit: int = 63) -> str:
+    """``parts`` joined by '-', lower-cased, cut to ``limit`` with a hash suffix when too long."""
+    name = re.sub(r"[^a-z0-9-]+", "-", "-".join(parts).lower()).strip("-")
+    if len(name) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return f"{name[: limit - 9].rstrip('-')}-{digest}"
+
+
+def check_route_name(route: str) -> str:
+    """``route`` if it is a DNS label (it becomes a host prefix and label value); else ValueError."""
+    if not _LABEL.match(route) or len(route) > 63:
+        raise ValueError(f"route name {route!r} is not a DNS label (a-z, 0-9 and '-', at most 63 characters)")
+    return route
+
+
+def default_service_name(service: str) -> str:
+    return dns_label(service, "pbr-default")
+
+
+def router_name(service: str) -> str:
+    return dns_label(service, "pbr-router")
+
+
+def ingress_copy_name(ingress: str, route: str) -> str:
+    return dns_label(ingress, "pbr", route, limit=253)
+
+
+# --- route pods --------------------------------------------------------------------------------
+
+
+def _meta(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    meta = obj.get("metadata")
+    return meta if isinstance(meta, Mapping) else {}
+
+
+def is_ready(pod: Mapping[str, Any]) -> bool:
+    if _meta(pod).get("deletionTimestamp"):
+        return False
+    status = pod.get("status") or {}
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def is_serving(pod: Mapping[str, Any]) -> bool:
+    """Ready, or running with every container started: a route pod's agent listens within
+    moments of starting, so routes do not wait for the next readiness probe (up to a second)."""
+    if is_ready(pod):
+        return True
+    status = pod.get("status") or {}
+    containers = status.get("containerStatuses") or []
+    return (
+        not _meta(pod).get("deletionTimestamp")
+        and status.get("phase") == "Running"
+        and bool(containers)
+        and all("running" in (c.get("state") or {}) and c.get("started") for c in containers)
+    )
+
+
+def is_finished(pod: Mapping[str, Any]) -> bool:
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+
+
+def live_routes(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str | None]]:
+    """service -> route -> pod IP (None until the route pod is Ready) for route pods not going away."""
+    result: dict[str, dict[str, str | None]] = {}
+    for pod in pods:
+        meta = _meta(pod)
+        pod_labels = meta.get("labels") or {}
+        service, route = pod_labels.get(LABEL_ROUTE_SERVICE), pod_labels.get(LABEL_ROUTE)
+        if not service or not route or meta.get("deletionTimestamp") or is_finished(pod):
+            continue
+        ip = (pod.get("status") or {}).get("podIP") if is_serving(pod) else None
+        routes = result.setdefault(service, {})
+        if routes.get(route) is None:
+            routes[route] = ip
+    return result
+
+
+def observed_services(pods: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Services a live route pod asks to observe (for propagation checks)."""
+    result: set[str] = set()
+    for pod in pods:
+        if _meta(pod).get("deletionTimestamp") or is_finished(pod):
+            continue
+        value = (_meta(pod).get("annotations") or {}).get(ANN_OBSERVE, "")
+        result.update(name.strip() for name in value.split(",") if name.strip())
+    return result
+
+
+# --- ingresses --------------------------------------------------------------------------------
+
+
+def is_ours(obj: Mapping[str, Any]) -> bool:
+    return (_meta(obj).get("labels") or {}).get(MANAGED_BY[0]) == MANAGED_BY[1]
+
+
+def ingress_backends(ingress: Mapping[str, Any]) -> set[str]:
+    """Names of the Services an Ingress (networking.k8s.io/v1) sends traffic to."""
+    spec = ingress.get("spec") or {}
+    names: set[str] = set()
+    default = ((spec.get("defaultBackend") or {}).get("service") or {}).get("name")
+    if default:
+        names.add(default)
+    for rule in spec.get("rules") or []:
+        for path in (rule.get("http") or {}).get("paths") or []:
+            name = ((path.get("backend") or {}).get("service") or {}).get("name")
+            if name:
+                names.add(name)
+    return names
+
+
+def ingress_hosts(ingresses: Iterable[Mapping[str, Any]]) -> list[str]:
+    hosts = {
+        rule["host"] for ing in ingresses for rule in (ing.get("spec") or {}).get("rules") or [] if rule.get("host")
+    }
+    return sorted(hosts)
+
+
+def ingress_copy(ingress: Mapping[str, Any], route: str) -> dict[str, Any]:
+    """The Ingress for ``route``: same backends, every host (rules and TLS) prefixed with ``<route>.``."""
+    meta = _meta(ingress)
+    spec = json.loads(json.dumps(ingress.get("spec") or {}))
+    for rule in spec.get("rules") or []:
+        if rule.get("host"):
+            rule["host"] = f"{route}.{rule['host']}"
+    for tls in spec.get("tls") or []:
+        tls["hosts"] = [f"{route}.{host}" for host in tls.get("hosts") or []]
+    copied_annotations = {
+        key: value
+        for key, value in (meta.get("annotations") or {}).items()
+        if key != "kubectl.kubernetes.io/last-applied-configuration"
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            "name": ingress_copy_name(str(meta.get("name")), route),
+            "namespace": meta.get("namespace"),
+            "labels": labels("ingress-copy", **{LABEL_ROUTE: route}),
+            "annotations": {**copied_annotations, ANN_SOURCE: str(meta.get("name"))},
+        },
+        "spec": spec,
+    }
+
+
+# --- routed services ---------------------------------------------------------------------------
+
+
+def original_selector(service: Mapping[str, Any]) -> dict[str, str] | None:
+    """The selector to restore: the recorded one if the service is switched, else its current one."""
+    recorded = (_meta(service).get("annotations") or {}).get(ANN_ORIGINAL_SELECTOR)
+    if recorded:
+        value = json.loads(recorded)
+        return {str(k): str(v) for k, v in value.items()}
+    selector = (service.get("spec") or {}).get("selector")
+    return dict(selector) if selector else None
+
+
+def is_switched(service: Mapping[str, Any]) -> bool:
+    return ANN_ORIGINAL_SELECTOR in (_meta(service).get("annotations") or {})
+
+
+def router_selector(service: str) -> dict[str, str]:
+    return {LABEL_ROUTER: service}
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def switch_patch(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """JSON Patch: record the original selector and point the service at its router, in one step.
+
+    Guarded by a ``test`` of the current selector, so a concurrent change fails instead of being
+    recorded wrongly.
+    """
+    name = str(_meta(service).get("name"))
+    current = (service.get("spec") or {}).get("selector")
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/spec/selector", "value": current}]
+    if not (_meta(service).get("annotations")):
+        ops.append({"op": "add", "path": "/metadata/annotations", "value": {}})
+    ops += [
+        {
+            "op": "add",
+            "path": f"/metadata/annotations/{_escape(ANN_ORIGINAL_SELECTOR)}",
+            "value": json.dumps(current, sort_keys=True),
+        },
+        {"op": "replace", "path": "/spec/selector", "value": router_selector(name)},
+    ]
+    return ops
+
+
+def restore_patch(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """JSON Patch: the recorded selector back, the record removed."""
+    selector = original_selector(service)
+    return [
+        {"op": "replace", "path": "/spec/selector", "value": selector},
+        {"op": "remove", "path": f"/metadata/annotations/{_escape(ANN_ORIGINAL_SELECTOR)}"},
+    ]
+
+
+def default_service(service: Mapping[str, Any]) -> dict[str, Any]:
+    """A ClusterIP clone of ``service`` with its original selector: where unrouted traffic goes."""
+    meta, spec = _meta(service), service.get("spec") or {}
+    ports = []
+    for port in spec.get("ports") or []:
+        copied = {k: port[k] for k in ("name", "port", "targetPort", "protocol", "appProtocol") if k in port}
+        ports.append(copied)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": default_service_name(str(meta.get("name"))),
+            "namespace": meta.get("namespace"),
+            "labels": labels("default-service", **{LABEL_ROUTER: str(meta.get("name"))}),
+        },
+        "spec": {"type": "ClusterIP", "selector": original_selector(service), "ports": ports},
+    }
+
+
+def resolve_target_ports(service: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Each TCP port of ``service`` with its target port resolved to a number on the original pods.
+
+    Returns dicts with ``name`` (service port name), ``port``, ``target`` (number), ``target_name``
+    (the named targetPort, or '') and ``appProtocol``. A named target port that no pod declares is
+    left out (the Service itself cannot route it either).
+    """
+    numbers: dict[str, int] = {}
+    for pod in pods:
+        for container in (pod.get("spec") or {}).get("containers") or []:
+            for cport in container.get("ports") or []:
+                if cport.get("name") and (cport.get("protocol") or "TCP") == "TCP":
+                    numbers.setdefault(cport["name"], int(cport["containerPort"]))
+    result = []
+    for port in (service.get("spec") or {}).get("ports") or []:
+        if (port.get("protocol") or "TCP") != "TCP":
+            continue
+        target = port.get("targetPort", port["port"])
+        if isinstance(target, str) and not target.isdigit():
+            if target not in numbers:
+                continue
+            number, target_name = numbers[target], target
+        else:
+            number, target_name = int(target), ""
+        result.append(
+            {
+                "name": port.get("name") or "",
+                "port": int(port["port"]),
+                "target": number,
+                "target_name": target_name,
+                "appProtocol": port.get("appProtocol") or "",
+            }
+        )
+    return result
+
+
+def router_deployment(
+    service: str, namespace: str, ports: Sequence[Mapping[str, Any]], image: str, config_map: str
+) -> dict[str, Any]:
+    """The router for ``service``: nginx listening on the service's target ports (same names)."""
+    container_ports: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    for port in ports:
+        if port["target"] in seen:
+            continue
+        seen.add(port["target"])
+        entry: dict[str, Any] = {"containerPort": port["target"], "protocol": "TCP"}
+        if port["target_name"]:
+            entry["name"] = port["target_name"]
+        container_ports.append(entry)
+    container_ports.append({"containerPort": STATS_PORT, "name": "pbr-stats", "protocol": "TCP"})
+    pod_labels = labels("router", **router_selector(service))
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": router_name(service), "namespace": namespace, "labels": pod_labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": router_selector(service)},
+            "template": {
+                "metadata": {"labels": pod_labels},
+                "spec": {
+                    "serviceAccountName": ROUTER_SA,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [
+                        {
+                            "name": "router",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": ["pytest_bridge_routing.router"],
+                            "env": [
+                                {"name": "ROUTER_CONFIGMAP", "value": config_map},
+                                {"name": "ROUTER_NAMESPACE", "value": namespace},
+                                {"name": "ROUTER_STATS_PORT", "value": str(STATS_PORT)},
+                            ],
+                            "ports": container_ports,
+                            "readinessProbe": {
+                                "httpGet": {"path": "/healthz", "port": STATS_PORT},
+                                "periodSeconds": 1,
+                                "failureThreshold": 2,
+                            },
+                        }
+                    ],
+                },
+            },
+        },
+    }
+
+
+def router_config_map(service: str, namespace: str, conf: str, generation: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": router_name(service),
+            "namespace": namespace,
+            "labels": labels("router", **router_selector(service)),
+            "annotations": {ANN_GENERATION: str(generation)},
+        },
+        "data": {"nginx.conf": conf},
+    }
+
+
+# --- the manager itself (created by the plugin) ------------------------------------------------
+
+
+def _rule(group: str, resource: str, *verbs: str) -> dict[str, Any]:
+    return {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
+
+
+def manager_objects(namespace: str, image: str, idle_seconds: float) -> list[dict[str, Any]]:
+    """The routing manager of a namespace: its Deployment first, then its and the routers' RBAC.
+
+    The plugin creates them in this order and sets each RBAC object's ownerReference to the
+    Deployment, so deleting the Deployment (as the idle manager does itself) removes them all.
+    Least privilege: the manager reads route pods and deletes finished ones, manages the
+    objects above and patches Services' selectors; routers may only read ConfigMaps.
+    """
+    manager_labels = labels("routing-manager")
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": MANAGER_NAME, "namespace": namespace, "labels": manager_labels},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {COMPONENT: "routing-manager"}},
+            "template": {
+                "metadata": {"labels": manager_labels},
+                "spec": {
+                    "serviceAccountName": MANAGER_NAME,
+                    "enableServiceLinks": False,
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [
+                        {
+                            "name": "manager",
+                            "image": image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "args": ["pytest_bridge_routing.manager"],
+                            "env": [
+                                {"name": "MANAGER_NAMESPACE", "value": namespace},
+                                {"name": "MANAGER_IMAGE", "value": image},
+                                {"name": "MANAGER_IDLE_SECONDS", "value": f"{idle_seconds:g}"},
+                            ],
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    manager_rules = [
+        _rule("", "pods", "get", "list", "watch", "delete"),
+        _rule("", "services", "get", "list", "create", "patch", "delete"),
+        _rule("", "configmaps", "get", "list", "create", "update", "delete"),
+        _rule("apps", "deployments", "get", "list", "create", "patch", "delete"),
+        _rule("networking.k8s.io", "ingresses", "get", "list", "create", "delete"),
+    ]
+    router_rules = [_rule("", "configmaps", "get")]
+    objects: list[dict[str, Any]] = [deployment]
+    for name, rules in ((MANAGER_NAME, manager_rules), (ROUTER_SA, router_rules)):
+        meta = {"name": name, "namespace": namespace, "labels": manager_labels}
+        objects += [
+            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta), "rules": rules},
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": dict(meta),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}],
+            },
+        ]
+    return objects
