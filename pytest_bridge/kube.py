@@ -50,6 +50,10 @@ class Kube:
         return client.RbacAuthorizationV1Api(self.api_client)
 
     @property
+    def networking(self) -> client.NetworkingV1Api:
+        return client.NetworkingV1Api(self.api_client)
+
+    @property
     def authz(self) -> client.AuthorizationV1Api:
         return client.AuthorizationV1Api(self.api_client)
 

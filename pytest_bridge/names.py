@@ -207,11 +207,14 @@ def map_endpoints(
     first_ip: str = FIRST_LOOPBACK_IP,
     cluster_domain: str = "cluster.local",
     allocate_port: Callable[[int], int] | None = None,
+    address_free: Callable[[str, int], bool] | None = None,
 ) -> NameMapping:
     """Give every endpoint a local address and its names.
 
     ``allocate_port(remote_port)`` returns a free local port; it is required in
     ``single-ip`` mode, and optional in ``loopback-ips`` mode (default: the same number).
+    ``address_free(ip, port)``, in ``loopback-ips`` mode, lets an IP be skipped when one of
+    the endpoint's local ports is taken there (another session on this machine).
     Endpoints named twice are merged. Raises :class:`NameMappingError` on a name
     claimed by two endpoints or a local address handed out twice.
     """
@@ -223,11 +226,14 @@ def map_endpoints(
     entries: list[MappedEndpoint] = []
     for endpoint in _merge(endpoints):
         label = endpoint.name if endpoint.is_external else f"{endpoint.name}.{endpoint.namespace}"
+        locals_ = [allocate_port(port.port) if allocate_port is not None else port.port for port in endpoint.ports]
         if mode is AddressMode.SINGLE_IP:
             ip = "127.0.0.1"
         else:
             try:
                 ip = next(ips)
+                while address_free is not None and not all(address_free(ip, local) for local in locals_):
+                    ip = next(ips)
             except StopIteration:
                 raise NameMappingError("ran out of loopback addresses") from None
         names = hostnames_for(endpoint, namespace, cluster_domain)
@@ -236,8 +242,7 @@ def map_endpoints(
                 raise NameMappingError(f"name {name!r} is claimed by both {owners[name]} and {label}")
             owners[name] = label
         ports: list[PortMapping] = []
-        for port in endpoint.ports:
-            local = allocate_port(port.port) if allocate_port is not None else port.port
+        for port, local in zip(endpoint.ports, locals_, strict=True):
             if (ip, local) in used:
                 raise NameMappingError(
                     f"local address {ip}:{local} was handed out for both {used[(ip, local)]} and "

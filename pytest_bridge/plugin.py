@@ -19,15 +19,20 @@ from typing import Any
 
 import pytest
 
+from . import handoff, propagation
 from . import settings as settings_mod
 from .errors import BridgeError
+from .isolation import ROUTE_HEADER, Route
 from .localproc import LocalProcess, start_local_process
+from .propagation import PropagationResult
 from .session import BridgedService, BridgeSession
 
-__all__ = ["LocalService"]
+__all__ = ["IsolatedRoute", "LocalService"]
 
 _settings_key = pytest.StashKey[settings_mod.BridgeSettings]()
 _session_key = pytest.StashKey[BridgeSession]()
+_route_times_key = pytest.StashKey[list[float]]()
+_checks_key = pytest.StashKey[list[PropagationResult]]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -40,12 +45,43 @@ def pytest_configure(config: pytest.Config) -> None:
         "bridge(service=None, namespace=None, container=None, local_port=None): per-test bridge settings "
         "(marker > CLI > env > ini)",
     )
-    config.addinivalue_line("markers", "isolated: give the test its own generated route (kubernetes-route-as header)")
+    config.addinivalue_line(
+        "markers",
+        "isolated(service=None): give the test its own generated route of a bridged service (default: the "
+        "first); only requests with its kubernetes-route-as header reach it (the isolated_route fixture)",
+    )
     config.stash[_settings_key] = settings_mod.resolve(config)
+    if config.pluginmanager.hasplugin("xdist"):
+        # Only with xdist installed: pytest rejects hook implementations it has no spec for.
+        config.pluginmanager.register(_XdistHandoff(), "pytest-bridge-xdist")
+
+
+class _XdistHandoff:
+    """Connect once in the xdist controller; every worker gets the bridge through ``workerinput``."""
+
+    def pytest_configure_node(self, node: Any) -> None:
+        bridge = node.config.stash.get(_session_key, None)
+        # Isolated routes are opened per worker (their names carry the worker id).
+        if bridge is not None and bridge.services and not bridge.settings.isolate:
+            node.workerinput[handoff.WORKERINPUT_KEY] = handoff.encode(bridge.handoff())
 
 
 def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
+
+
+def _worker_id(config: pytest.Config) -> str | None:
+    workerinput = getattr(config, "workerinput", None)
+    return str(workerinput["workerid"]) if workerinput else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """``@pytest.mark.isolated`` tests get the ``isolated_route`` fixture even if they don't ask."""
+    for item in items:
+        if item.get_closest_marker("isolated") is not None:
+            names = getattr(item, "fixturenames", None)
+            if isinstance(names, list) and "isolated_route" not in names:
+                names.insert(0, "isolated_route")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -60,8 +96,12 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if terminal is not None and config.getoption("verbose") >= 0:
             terminal.write_line(f"pytest-bridge: {line}")
 
-    bridge = BridgeSession(bridge_settings, report=report)
+    bridge = BridgeSession(bridge_settings, report=report, worker=_worker_id(config))
     config.stash[_session_key] = bridge
+    handed_over = getattr(config, "workerinput", {}).get(handoff.WORKERINPUT_KEY)
+    if handed_over is not None:
+        bridge.attach(handoff.decode(handed_over))  # the controller connected; its tunnel serves us
+        return
     _install_signal_handlers()
     atexit.register(_close_quietly, bridge)
     try:
@@ -107,6 +147,8 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             f"bridge: {name} (container {svc.plan.container} of {svc.plan.workload.kind} "
             f"{svc.plan.workload.name}) -> {ports}; {len(svc.env)} env vars imported"
         )
+    for name, route in bridge.routes.items():
+        lines.append(f"bridge: {name} isolated on route {route.name} (send header {ROUTE_HEADER}: {route.name})")
     lines.append(f"bridge: names: {bridge.name_mapping_description()}")
     return lines
 
@@ -118,6 +160,16 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     timings = ", ".join(f"{what} {seconds:.1f}s" for what, seconds in bridge.timings.items())
     terminalreporter.write_sep("-", "pytest-bridge")
     terminalreporter.write_line(f"session {bridge.session_id}: {timings or 'not connected'}")
+    for name, route in bridge.routes.items():
+        terminalreporter.write_line(f"{name}: session route {route.name} live in {route.timings.get('live', 0):.1f}s")
+    for result in config.stash.get(_checks_key, []):
+        terminalreporter.write_line(f"propagation: {'ok' if result.ok else 'BROKEN'}: {result.describe()}")
+    per_test = config.stash.get(_route_times_key, [])
+    if per_test:
+        ordered = sorted(per_test)
+        terminalreporter.write_line(
+            f"per-test routes: {len(ordered)}, live in median {ordered[len(ordered) // 2]:.1f}s, max {ordered[-1]:.1f}s"
+        )
 
 
 class LocalService:
@@ -140,7 +192,7 @@ class LocalService:
         full_env = self._bridge.subprocess_env({**os.environ, **self.service.env, **(env or {})})
         process = start_local_process(
             argv, port=port, env=full_env, cwd=cwd, timeout=timeout,
-            log_path=self.service.session_dir / f"local-{len(self._processes)}.log",
+            log_path=self.service.session_dir / f"local-{self._bridge.worker or 'main'}-{len(self._processes)}.log",
             wrap=self._bridge.subprocess_wrap(),
         )  # fmt: skip
         self._processes.append(process)
@@ -176,3 +228,89 @@ def bridged_services(bridge_session: BridgeSession) -> Iterator[dict[str, LocalS
     yield services
     for local in services.values():
         local.stop_all()
+
+
+class IsolatedRoute(LocalService):
+    """What ``isolated_route`` returns: a route (name, header, ``<route>.`` URLs) plus the local helpers."""
+
+    def __init__(self, bridge: BridgeSession, route: Route, results: list[PropagationResult] | None = None) -> None:
+        super().__init__(bridge, route.bridged)
+        self.route = route
+        self._results = results if results is not None else []
+
+    @property
+    def name(self) -> str:
+        return self.route.name
+
+    @property
+    def header(self) -> dict[str, str]:
+        """``{"kubernetes-route-as": <route>}``: send it and the request takes this route."""
+        return self.route.header
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.route.header
+
+    @property
+    def hosts(self) -> list[str]:
+        return self.route.hosts
+
+    @property
+    def urls(self) -> list[str]:
+        return self.route.urls
+
+    def __repr__(self) -> str:
+        return f"<IsolatedRoute {self.route.name} of {self.route.service}>"
+
+    def check_propagation(
+        self, entry: str, path: str = "/", *, port: int | None = None, services: Sequence[str] | None = None
+    ) -> PropagationResult:
+        """Send one request with this route's header into service ``entry`` and say which hop dropped it.
+
+        Every HTTP service of the namespace (or ``services``) is observed through a router while
+        this route lives; see :mod:`pytest_bridge.propagation`.
+        """
+        result = propagation.check(self._bridge, self.route, entry, path=path, port=port, services=services)
+        self._results.append(result)
+        return result
+
+    def assert_propagates(self, entry: str, path: str = "/", **kwargs: Any) -> PropagationResult:
+        """:meth:`check_propagation`, failing the test with the dropping hop(s) named."""
+        result = self.check_propagation(entry, path, **kwargs)
+        if not result.ok:
+            raise AssertionError(f"header propagation broken: {result.describe()}")
+        return result
+
+
+@pytest.fixture
+def isolated_route(request: pytest.FixtureRequest, bridge_session: BridgeSession) -> Iterator[IsolatedRoute]:
+    """This test's isolated route.
+
+    In a test marked ``@pytest.mark.isolated`` (or when the session is not isolated) a new
+    route is generated for the test and removed after it; otherwise the session's route
+    (``--bridge-isolate``) is returned.
+    """
+    marker = request.node.get_closest_marker("isolated")
+    services = list(bridge_session.services)
+    service = None
+    if marker is not None:
+        service = marker.args[0] if marker.args else marker.kwargs.get("service")
+    if marker is None and bridge_session.routes:
+        yield IsolatedRoute(
+            bridge_session, next(iter(bridge_session.routes.values())), request.config.stash.setdefault(_checks_key, [])
+        )
+        return
+    service = service or (services[0] if services else None)
+    if service is None:
+        pytest.fail("isolated_route needs a bridged service: pass --bridge-service=NAME", pytrace=False)
+    try:
+        route = bridge_session.open_route(service, per_test=True)
+    except BridgeError as exc:
+        pytest.fail(f"pytest-bridge could not open an isolated route of {service!r}: {exc}", pytrace=False)
+    request.config.stash.setdefault(_route_times_key, []).append(route.timings.get("live", 0.0))
+    handle = IsolatedRoute(bridge_session, route, request.config.stash.setdefault(_checks_key, []))
+    try:
+        yield handle
+    finally:
+        handle.stop_all()
+        bridge_session.close_route(route)

@@ -12,6 +12,7 @@ connect, twice, or from a signal handler's ``finally``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import getpass
 import io
@@ -31,10 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import hosts, kube, names, restore
+from pytest_bridge_routing.objects import original_selector
+
+from . import hosts, isolation, kube, names, restore
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError
+from .handoff import Handoff
 from .patch import (
     AGENT_CONTROL_PORT,
     AGENT_STATUS_PORT,
@@ -58,6 +62,9 @@ log = logging.getLogger(__name__)
 
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 _START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+# Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
+# reaching the agent by chance has probability 2**-16.
+CANARY_CONNECTIONS = 16
 
 
 def new_session_id(prefix: str | None = None) -> str:
@@ -112,6 +119,7 @@ class BridgeSession:
     session_id: str = field(default_factory=new_session_id)
     report: Callable[[str], None] = field(default=lambda line: None)
     root_dir: Path | None = None
+    worker: str | None = None  # xdist worker id: part of generated route names
 
     def __post_init__(self) -> None:
         self.services: dict[str, BridgedService] = {}
@@ -128,6 +136,10 @@ class BridgeSession:
         self._resolver_token: object | None = None
         self._hosts_block: hosts.SystemHostsBlock | None = None
         self._mapping: names.NameMapping | None = None
+        self.routes: dict[str, isolation.Route] = {}  # --bridge-isolate: the session's route per service
+        self._open_routes: list[isolation.Route] = []  # every route still open (session and per-test)
+        self._swept = False
+        self.attached_to: str | None = None  # set by attach(): who holds the connection
 
     # ------------------------------------------------------------------ connect
 
@@ -145,20 +157,48 @@ class BridgeSession:
             k = self.client
             self._check_namespace(k)
             plans = {svc: self._plan(k, svc) for svc in self.settings.services}
-            for plan in plans.values():
-                self._preflight(k, plan)
-            for plan in plans.values():
-                self._refuse_or_recover_existing(k, plan)
-            for svc, plan in plans.items():
-                conn = _Connection(svc, plan)
-                self._connections.append(conn)
-                self._bridge(k, conn)
+            if self.settings.isolate:
+                for svc in plans:
+                    route = self.open_route(svc)
+                    self.routes[svc] = route
+                    self.services[svc] = route.bridged
+            else:
+                for plan in plans.values():
+                    self._preflight(k, plan)
+                for plan in plans.values():
+                    self._refuse_or_recover_existing(k, plan)
+                for svc, plan in plans.items():
+                    conn = _Connection(svc, plan)
+                    self._connections.append(conn)
+                    self._bridge(k, conn)
             self._map_names()
         except BaseException:
             self.close()
             raise
         self.timings["connect"] = time.monotonic() - started
         return self.services
+
+    # ------------------------------------------------------------------ isolated routes
+
+    def open_route(self, service: str, route: str | None = None, *, per_test: bool = False) -> isolation.Route:
+        """A new isolated route of ``service`` (generated name unless given), live when this returns.
+
+        Per-test routes get free local ports, so they never clash with the session's.
+        """
+        k = self.client
+        if not self._swept:
+            self._swept = True
+            isolation.sweep_stale_routes(k, k.namespace, lambda other: _session_alive(k, other), self.report)
+        name = route or isolation.route_name(self.settings.route_prefix, self.worker)
+        opened = isolation.open_route(self, service, name, free_ports=per_test, report=self.report)
+        self._open_routes.append(opened)
+        return opened
+
+    def close_route(self, route: isolation.Route) -> None:
+        if route in self._open_routes:
+            self._open_routes.remove(route)
+        if self._kube is not None:
+            isolation.close_route(self._kube, route)
 
     def _load_config(self) -> LocalProcessConfig | None:
         path = self.settings.config_file
@@ -197,7 +237,10 @@ class BridgeSession:
                 f"services there: {', '.join(sorted(known)) or 'none'}"
             ) from exc
         service_obj = k.to_dict(svc)
-        selector = (service_obj.get("spec") or {}).get("selector") or {}
+        # A service switched to a router (isolated routes) keeps its own selector in an annotation.
+        selector = original_selector(service_obj) or {}
+        if selector:
+            service_obj["spec"]["selector"] = selector
         pods: list[dict[str, Any]] = []
         if selector:
             label_selector = ",".join(f"{key}={value}" for key, value in selector.items())
@@ -250,17 +293,7 @@ class BridgeSession:
 
     def _preflight(self, k: kube.Kube, plan: BridgePlan) -> None:
         """Ask the API server whether we may do everything connect does, before doing any of it."""
-        missing = [
-            f"'{verb}' on '{resource}'"
-            for verb, group, resource in required_permissions(plan.workload.kind)
-            if not _allowed(k, verb, group, resource)
-        ]
-        if missing:
-            raise ForbiddenError(
-                f"missing permissions in namespace {k.namespace!r} to bridge {plan.service!r}: {', '.join(missing)}; "
-                "nothing was changed. Ask for the Role in deploy/rbac/bridge-user.yaml",
-                verb=missing[0], namespace=k.namespace,
-            )  # fmt: skip
+        required_permissions_check(k, required_permissions(plan.workload.kind), what=f"bridge {plan.service!r}")
 
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
@@ -402,18 +435,28 @@ class BridgeSession:
         )
 
     def _prove_routed(self, tunnel: BackgroundTunnel, plan: BridgePlan) -> None:
-        """A canary through the Service must come back to us before the bridge counts as live."""
-        port = plan.service_ports[0]
+        """Canaries through the Service must all come back to us before the bridge counts as live.
+
+        The EndpointSlices naming only the agent is the API's view; kube-proxy programs the
+        node some time later and, until then, still load-balances at random between the old
+        (dead) pod and the agent. A single canary passes half the time in that window and the
+        first real request then times out on the old pod's address, so each port gets a burst
+        of fresh connections, all of which must reach the agent.
+        """
         host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
         deadline = time.monotonic() + self.settings.connect_timeout
-        while time.monotonic() < deadline:
-            if tunnel.canary(host, port.port, timeout=1.0):
-                return
-            time.sleep(0.1)
-        raise ConnectError(
-            f"a canary to {host}:{port.port} never reached the agent within {self.settings.connect_timeout:.0f}s: "
-            "the Service does not route to the agent pod (kube-proxy or network policy?)"
-        )
+        pending = list(plan.service_ports)
+        while pending and time.monotonic() < deadline:
+            if tunnel.canary(host, pending[0].port, timeout=1.0, count=CANARY_CONNECTIONS):
+                pending.pop(0)
+            else:
+                time.sleep(0.1)
+        if pending:
+            raise ConnectError(
+                f"canaries to {host}:{pending[0].port} did not all reach the agent within "
+                f"{self.settings.connect_timeout:.0f}s: the Service does not (only) route to the agent pod "
+                "(kube-proxy lagging, or a network policy?)"
+            )
 
     def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
         endpoint = ApiEndpoint.from_configuration(k.configuration)
@@ -428,11 +471,16 @@ class BridgeSession:
         return tunnel
 
     def _import(
-        self, k: kube.Kube, conn: _Connection, pod_name: str, template_container: dict[str, Any]
+        self,
+        k: kube.Kube,
+        conn: _Connection,
+        pod_name: str,
+        template_container: dict[str, Any],
+        dir_name: str | None = None,
     ) -> BridgedService:
         assert conn.plan is not None and conn.tunnel is not None
         plan, tunnel, ns = conn.plan, conn.tunnel, conn.plan.namespace
-        service_dir = self.session_dir / plan.service
+        service_dir = self.session_dir / (dir_name or plan.service)
         service_dir.mkdir(mode=0o700)
         pod = k.to_dict(kube.call("read the agent pod", k.core.read_namespaced_pod, pod_name, ns))
         pod_container = pod["spec"]["containers"][plan.container_index]
@@ -443,7 +491,10 @@ class BridgeSession:
         endpoints = [e for e in (names.Endpoint.from_service(k.to_dict(s)) for s in services) if e is not None]
         if self._config is not None:
             endpoints += _config_endpoints(k, self._config)
-        mapping = names.map_endpoints(endpoints, ns, allocate_port=_loopback_port)
+        # Skip addresses another bridge session on this machine already serves.
+        mapping = names.map_endpoints(
+            endpoints, ns, allocate_port=_loopback_port, address_free=lambda ip, port: _port_free(port, ip)
+        )
         for entry in mapping.entries:
             remote_host = entry.endpoint.name
             if entry.endpoint.namespace:
@@ -493,6 +544,29 @@ class BridgeSession:
     def name_mapping_description(self) -> str:
         return hosts.describe(self.mechanisms)
 
+    # ------------------------------------------------------------------ xdist: one connection, many workers
+
+    def handoff(self) -> Handoff:
+        """What an xdist worker needs to use this (connected) bridge: see :mod:`pytest_bridge.handoff`."""
+        return Handoff(
+            session_id=self.session_id, services=dict(self.services), mechanisms=self.mechanisms,
+            owner=f"xdist controller pid {os.getpid()}",
+        )  # fmt: skip
+
+    def attach(self, handoff: Handoff) -> None:
+        """Use a bridge another process connected (the xdist controller) without touching the cluster.
+
+        Services, env and session dirs are the controller's, and so are the tunnel and the
+        listeners behind the mapped addresses; here only the name mapping is installed for
+        this process and its subprocesses (a system hosts block is the controller's).
+        ``close()`` then restores nothing: that stays with the controller.
+        """
+        self.session_id = handoff.session_id
+        self.services = dict(handoff.services)
+        self.mechanisms = dataclasses.replace(handoff.mechanisms, system_hosts_file=None)
+        self.attached_to = handoff.owner
+        self._map_names()
+
     # ------------------------------------------------------------------ disconnect
 
     def close(self) -> None:
@@ -507,6 +581,11 @@ class BridgeSession:
         if self._hosts_block is not None:
             with contextlib.suppress(Exception):
                 self._hosts_block.remove()
+        for route in reversed(self._open_routes):
+            try:
+                self.close_route(route)
+            except Exception as exc:
+                errors.append(f"route {route.name}: {exc}")
         for conn in reversed(self._connections):
             if conn.tunnel is not None:
                 with contextlib.suppress(Exception):
@@ -593,6 +672,19 @@ def required_permissions(workload_kind: str) -> list[tuple[str, str, str]]:
     else:
         needed += [("get", "apps", workload), ("patch", "apps", workload)]
     return needed
+
+
+def required_permissions_check(k: kube.Kube, needed: list[tuple[str, str, str]], *, what: str) -> None:
+    """ForbiddenError naming every (verb, resource) of ``needed`` that we may not use; else nothing."""
+    missing = [
+        f"'{verb}' on '{resource}'" for verb, group, resource in needed if not _allowed(k, verb, group, resource)
+    ]
+    if missing:
+        raise ForbiddenError(
+            f"missing permissions in namespace {k.namespace!r} to {what}: {', '.join(missing)}; "
+            "nothing was changed. Ask for the Role in deploy/rbac/bridge-user.yaml",
+            verb=missing[0], namespace=k.namespace,
+        )  # fmt: skip
 
 
 def _allowed(k: kube.Kube, verb: str, group: str, resource: str) -> bool:

@@ -40,6 +40,7 @@ __all__ = [
 
 CONFIG_FILE_NAME = "KubernetesLocalProcessConfig.yaml"
 DEFAULT_AGENT_IMAGE = "localhost/pytest-bridge/agent:0.1.0"
+DEFAULT_ROUTING_IMAGE = "localhost/pytest-bridge/routing:0.1.0"
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -80,6 +81,8 @@ class BridgeSettings:
     restore_ttl: float = 60.0
     isolate: bool = False
     route_prefix: str | None = None
+    routing_image: str = DEFAULT_ROUTING_IMAGE
+    routing_idle: float = 300.0
     # Where each non-default value came from ("--bridge-service", "PYTEST_BRIDGE_SERVICE", ...),
     # for the report header and for errors raised later (e.g. by the plan).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -311,6 +314,18 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
         "Prefix of generated isolation route names (DNS label, <= 20 chars).",
         _parse_route_prefix,
         metavar="PREFIX",
+    ),
+    _Setting(
+        "routing_image",
+        f"Image of the routing manager and routers (default: {DEFAULT_ROUTING_IMAGE}).",
+        _parse_nonempty,
+        metavar="IMAGE",
+    ),
+    _Setting(
+        "routing_idle",
+        "Seconds without routes after which a routing manager it deploys removes itself (default: 300).",
+        _parse_seconds,
+        metavar="SECONDS",
     ),
 )
 

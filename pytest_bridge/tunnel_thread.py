@@ -85,27 +85,37 @@ class BackgroundTunnel:
     ) -> tuple[str, int]:
         return self._call(self._require().serve_outbound(bind_host, bind_port, remote_host, remote_port), timeout)
 
-    def canary(self, host: str, port: int, timeout: float = 2.0) -> bool:
-        """Whether a connection to ``host:port``, dialled in-cluster, comes back to this tunnel.
+    def canary(self, host: str, port: int, timeout: float = 2.0, count: int = 1) -> bool:
+        """Whether ``count`` connections to ``host:port``, dialled in-cluster at once, all come back here.
 
         Proves the Service routes to our agent (kube-proxy has caught up), not just that
-        the agent pod is Ready.
+        the agent pod is Ready. One connection is not enough: while kube-proxy still lists
+        an old pod beside the agent it picks at random per connection, so a lone canary can
+        pass while the next real request goes to the old (dead) pod. Every connection is a
+        fresh pick; all of them must arrive.
         """
         tunnel = self._require()
 
         async def probe() -> bool:
             before = tunnel.reverse_total
-            stream = None
+            streams: list[Any] = []
+
+            async def dial() -> None:
+                _, stream = await tunnel.open_stream(host, port)
+                streams.append(stream)
+
             try:
                 async with asyncio.timeout(timeout):
-                    _, stream = await tunnel.open_stream(host, port)
-                    while tunnel.reverse_total == before:  # noqa: ASYNC110 - polls a counter, no event to wait on
+                    async with asyncio.TaskGroup() as group:  # one failure cancels the other dials
+                        for _ in range(count):
+                            group.create_task(dial())
+                    while tunnel.reverse_total - before < count:  # noqa: ASYNC110 - polls a counter, no event
                         await asyncio.sleep(0.01)
                 return True
             except Exception:
                 return False
             finally:
-                if stream is not None:
+                for stream in streams:
                     stream.close()
 
         return self._call(probe(), timeout + 5)

@@ -1,0 +1,538 @@
+"""Isolated routes: only requests tagged with a route reach this machine; the workload is untouched.
+
+For a route R of service S the plugin
+
+1. makes sure the namespace's routing manager runs (:func:`ensure_manager`; idempotent);
+2. creates a **route pod**: S's pod template with the target container swapped for the agent,
+   labelled with R and S but not with S's own labels (the Service must not select it), with
+   ``restartPolicy: Never`` and an agent that exits once no client has been connected for the
+   restore TTL (so a killed session's route pod ends and the manager deletes it);
+3. opens the tunnel to it, proves the route live with a canary — an HTTP request carrying
+   ``kubernetes-route-as: R``, dialled in-cluster to S, that must come back through the router
+   to this route's tunnel — and imports the environment.
+
+The manager reacts to route pods appearing and going (see ``pytest_bridge_routing.manager``).
+Closing a route deletes its pod; the manager then restores S once its last route is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import getpass
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pytest_bridge_routing import nginxconf
+from pytest_bridge_routing import objects as ro
+
+from . import kube
+from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
+from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, SecretTokenRef, agent_container
+from .plan import BridgePlan, pod_template_spec
+from .tunnel_thread import BackgroundTunnel
+
+if TYPE_CHECKING:
+    from .session import BridgedService, BridgeSession
+
+__all__ = [
+    "ROUTE_HEADER",
+    "Route",
+    "close_route",
+    "ensure_manager",
+    "open_route",
+    "route_name",
+    "route_pod",
+    "sweep_stale_routes",
+]
+
+ROUTE_HEADER = ro.ROUTE_HEADER
+_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+_START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+_PREFIX_ENV = ("PYTEST_BRIDGE_ROUTE_PREFIX", "CI_JOB_NAME", "GITHUB_JOB", "BUILD_TAG")
+MAX_HOST = 253
+
+
+# --- route names (pure) ------------------------------------------------------------------------
+
+
+def _clean(text: str, limit: int) -> str:
+    return re.sub(r"-+", "-", re.sub(r"[^a-z0-9]+", "-", text.lower())).strip("-")[:limit].strip("-")
+
+
+def route_name(
+    prefix: str | None = None,
+    worker: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    token: Callable[[int], str] = secrets.token_hex,
+) -> str:
+    """``<prefix>[-<worker>]-<random>``: a DNS label of at most 30 characters, distinct per call.
+
+    The prefix is the given one, else the CI job or user name (cut to 12 characters); the
+    xdist worker id (``gw3`` → ``w3``) keeps workers apart even in their prefix; 6 random hex
+    characters keep sessions and tests apart.
+    """
+    env = os.environ if environ is None else environ
+    base = prefix or next((env[name] for name in _PREFIX_ENV if env.get(name)), "") or _user()
+    parts = [_clean(base, 12) or "route"]
+    if worker:
+        parts.append(_clean(worker.replace("gw", "w"), 6))
+    parts.append(token(3))
+    return ro.check_route_name("-".join(p for p in parts if p))
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "route"
+
+
+def check_hosts_fit(route: str, hosts: Iterable[str]) -> None:
+    """ValueError if ``<route>.<host>`` is not a valid host name for some ingress host."""
+    for host in hosts:
+        if len(route) + 1 + len(host) > MAX_HOST:
+            raise ValueError(f"route {route!r} makes host {route}.{host} longer than {MAX_HOST} characters")
+
+
+# --- the route pod (pure) ----------------------------------------------------------------------
+
+
+def route_pod_name(service: str, route: str) -> str:
+    return ro.dns_label(service, route)
+
+
+def route_secret_name(service: str, route: str) -> str:
+    return ro.dns_label(service, route, "token", limit=253)
+
+
+def route_labels(service: str, route: str, session: str) -> dict[str, str]:
+    return ro.labels("route", **{ro.LABEL_ROUTE: route, ro.LABEL_ROUTE_SERVICE: service, SESSION_LABEL: session})
+
+
+def route_pod(
+    workload: Mapping[str, Any],
+    plan: BridgePlan,
+    agent: AgentSpec,
+    route: str,
+    *,
+    exit_when_idle: float,
+    observe: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The Pod that serves ``route``: the workload's pod spec with the agent in the target container."""
+    ro.check_route_name(route)
+    if workload.get("kind") == "Pod":
+        spec = copy.deepcopy(dict(workload["spec"]))
+        for key in ("nodeName", "ephemeralContainers"):
+            spec.pop(key, None)
+    else:
+        spec = copy.deepcopy(dict(pod_template_spec(workload)))
+    original = spec["containers"][plan.container_index]
+    container = agent_container(original, plan, agent)
+    container["env"].append({"name": "PYTEST_BRIDGE_EXIT_WHEN_IDLE", "value": f"{exit_when_idle:g}"})
+    if "readinessProbe" in container:  # a route counts from Ready: probe often, the agent starts fast
+        container["readinessProbe"]["periodSeconds"] = 1
+    spec["containers"][plan.container_index] = container
+    spec["restartPolicy"] = "Never"
+    annotations = {
+        ro.ANN_ROUTE_ON_HEADER: f"{ROUTE_HEADER}={route}",
+        SESSION_ANNOTATION: agent.session,
+        CONTAINER_ANNOTATION: plan.container,
+    }
+    if observe:
+        annotations[ro.ANN_OBSERVE] = ",".join(observe)
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": route_pod_name(plan.service, route),
+            "namespace": plan.namespace,
+            "labels": route_labels(plan.service, route, agent.session),
+            "annotations": annotations,
+        },
+        "spec": spec,
+    }
+
+
+def http_port(plan: BridgePlan) -> int | None:
+    """The first service port the router treats as HTTP (where a canary can carry the header)."""
+    for port in plan.service_ports:
+        spec = {"name": port.name or "", "appProtocol": port.app_protocol or ""}
+        with contextlib.suppress(ValueError):
+            if nginxconf.protocol_for(spec) == "http":
+                return port.port
+    return None
+
+
+def canary_request(host: str, route: str) -> bytes:
+    return (
+        f"GET /.pytest-bridge/canary HTTP/1.1\r\nHost: {host}\r\n{ROUTE_HEADER}: {route}\r\n"
+        "User-Agent: pytest-bridge-canary\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+# --- the route ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Route:
+    """One isolated route: what a test needs to send its own traffic to its own local process."""
+
+    name: str
+    service: str
+    namespace: str
+    pod: str
+    bridged: BridgedService
+    ingress_hosts: tuple[str, ...] = ()
+    timings: dict[str, float] = field(default_factory=dict)
+    tunnel: BackgroundTunnel | None = field(default=None, repr=False)
+
+    @property
+    def header(self) -> dict[str, str]:
+        """The header to send so a request takes this route: ``{"kubernetes-route-as": name}``."""
+        return {ROUTE_HEADER: self.name}
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return self.header
+
+    @property
+    def hosts(self) -> list[str]:
+        """``<route>.<host>`` for each ingress host of the namespace."""
+        return [f"{self.name}.{host}" for host in self.ingress_hosts]
+
+    @property
+    def urls(self) -> list[str]:
+        """``http://<route>.<host>/`` for each ingress host of the namespace."""
+        return [f"http://{host}/" for host in self.hosts]
+
+    @property
+    def local_ports(self) -> dict[int, int]:
+        return dict(self.bridged.local_ports)
+
+    @property
+    def local_port(self) -> int:
+        return self.bridged.local_port
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.bridged.env)
+
+    @property
+    def session_dir(self) -> Path:
+        return self.bridged.session_dir
+
+    def url(self, service: str, port: int | None = None, path: str = "") -> str:
+        """URL of a cluster service by name (as the local process reaches it)."""
+        return self.bridged.url(service, port, path)
+
+
+# --- cluster operations ------------------------------------------------------------------------
+
+
+def required_permissions() -> list[tuple[str, str, str]]:
+    """(verb, API group, resource) that routes use (on top of reading services and pods)."""
+    return [
+        ("list", "", "pods"),
+        ("create", "", "pods"),
+        ("delete", "", "pods"),
+        ("create", "", "pods/portforward"),
+        ("create", "", "secrets"),
+        ("patch", "", "secrets"),
+        ("delete", "", "secrets"),
+        ("get", "apps", "deployments"),
+        ("create", "apps", "deployments"),
+        ("create", "", "serviceaccounts"),
+        ("patch", "", "serviceaccounts"),
+        ("create", "rbac.authorization.k8s.io", "roles"),
+        ("patch", "rbac.authorization.k8s.io", "roles"),
+        ("create", "rbac.authorization.k8s.io", "rolebindings"),
+        ("patch", "rbac.authorization.k8s.io", "rolebindings"),
+    ]
+
+
+def _create_or_exists(what: str, create: Callable[..., Any], *args: Any) -> bool:
+    try:
+        kube.call(what, create, *args)
+    except ConflictError:
+        return False
+    return True
+
+
+def ensure_manager(
+    k: kube.Kube, namespace: str, image: str, idle_seconds: float, report: Callable[[str], None] = lambda _: None
+) -> None:
+    """The routing manager of ``namespace`` exists (created with its RBAC if not); idempotent.
+
+    A manager that is removing itself (idle) is waited for, then created afresh. RBAC objects
+    left from an earlier manager are adopted by the new Deployment.
+    """
+    name = ro.MANAGER_NAME
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            current: Any = kube.call("read the routing manager", k.apps.read_namespaced_deployment, name, namespace)
+        except NotFoundError:
+            break
+        if current.metadata.deletion_timestamp is None:
+            return
+        if time.monotonic() > deadline:
+            raise ConnectError(f"the routing manager {name} in {namespace} is stuck deleting")
+        time.sleep(0.2)
+    report(f"deploying the routing manager in namespace {namespace}")
+    deployment, *rbac = ro.manager_objects(namespace, image, idle_seconds)
+    creators: dict[str, Callable[..., Any]] = {
+        "ServiceAccount": k.core.create_namespaced_service_account,
+        "Role": k.rbac.create_namespaced_role,
+        "RoleBinding": k.rbac.create_namespaced_role_binding,
+    }
+    for obj in rbac:
+        _create_or_exists(f"create {obj['kind']} {obj['metadata']['name']}", creators[obj["kind"]], namespace, obj)
+    _create_or_exists("create the routing manager", k.apps.create_namespaced_deployment, namespace, deployment)
+    created: Any = kube.call("read the routing manager", k.apps.read_namespaced_deployment, name, namespace)
+    owner = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": name,
+        "uid": created.metadata.uid,
+    }
+    patchers: dict[str, Callable[..., Any]] = {
+        "ServiceAccount": k.core.patch_namespaced_service_account,
+        "Role": k.rbac.patch_namespaced_role,
+        "RoleBinding": k.rbac.patch_namespaced_role_binding,
+    }
+    for obj in rbac:
+        body = {"metadata": {"ownerReferences": [owner]}}
+        kube.call(
+            f"adopt {obj['kind']} {obj['metadata']['name']}",
+            patchers[obj["kind"]],
+            obj["metadata"]["name"],
+            namespace,
+            body,
+        )
+
+
+def sweep_stale_routes(
+    k: kube.Kube, namespace: str, alive: Callable[[str], bool], report: Callable[[str], None]
+) -> None:
+    """Delete route pods and token Secrets of sessions that are gone (the agent has no client)."""
+    selector = f"{ro.COMPONENT}=route"
+    pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, namespace, label_selector=selector)
+    existing = set()
+    for pod in pods.items:
+        existing.add(pod.metadata.name)
+        session = (pod.metadata.labels or {}).get(SESSION_LABEL, "")
+        if pod.metadata.deletion_timestamp or (pod.status.phase == "Running" and alive(session)):
+            continue
+        if pod.status.phase in ("Pending",) and _age(pod) < 120:
+            continue  # another session is still starting it
+        report(f"removing stale route pod {pod.metadata.name} (session {session})")
+        with contextlib.suppress(NotFoundError):
+            kube.call(
+                "delete a stale route pod",
+                k.core.delete_namespaced_pod,
+                pod.metadata.name,
+                namespace,
+                grace_period_seconds=0,
+            )
+    secrets_: Any = kube.call("list route secrets", k.core.list_namespaced_secret, namespace, label_selector=selector)
+    for secret in secrets_.items:
+        owners = secret.metadata.owner_references or []
+        if not owners and _age(secret) > 120:
+            with contextlib.suppress(NotFoundError):
+                kube.call(
+                    "delete a stale route secret", k.core.delete_namespaced_secret, secret.metadata.name, namespace
+                )
+
+
+def _age(obj: Any) -> float:
+    created = obj.metadata.creation_timestamp
+    return time.time() - created.timestamp() if created is not None else 0.0
+
+
+def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    last = "not created yet"
+    while time.monotonic() < deadline:
+        try:
+            pod: Any = kube.call("read the route pod", k.core.read_namespaced_pod, name, namespace)
+        except NotFoundError:
+            time.sleep(0.1)
+            continue
+        for status in pod.status.container_statuses or []:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason in _PULL_FAILURES:
+                raise ConnectError(
+                    f"the agent image {image!r} cannot be pulled ({waiting.reason}: {waiting.message or ''}); "
+                    "load it into the cluster or pass --bridge-agent-image"
+                )
+            if waiting and waiting.reason in _START_FAILURES:
+                raise ConnectError(f"the route pod {name} cannot start ({waiting.reason}: {waiting.message or ''})")
+        if pod.status.phase in ("Succeeded", "Failed"):
+            raise ConnectError(f"the route pod {name} ended ({pod.status.phase}) before it was ready")
+        if ro.is_serving(k.to_dict(pod)):
+            return pod
+        last = f"phase {pod.status.phase}"
+        time.sleep(0.1)
+    raise ConnectError(
+        f"the route pod {name} was not ready within {timeout:.0f}s ({last}); check `kubectl describe pod {name}`"
+    )
+
+
+def _open_tunnel(bs: BridgeSession, k: kube.Kube, pod: str, plan: BridgePlan, timeout: float) -> BackgroundTunnel:
+    """The tunnel to a route pod that has just started: its agent may need a moment to listen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return bs._open_tunnel(k, k.namespace, pod, plan)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def prove_live(tunnel: BackgroundTunnel, plan: BridgePlan, route: str, timeout: float) -> None:
+    """A request tagged with ``route``, dialled in-cluster to the Service, must come back to us."""
+    port = http_port(plan)
+    if port is None:
+        raise ConnectError(
+            f"service {plan.service!r} has no HTTP port (by name 'http…'/'grpc…' or appProtocol), "
+            "so it cannot be routed on the kubernetes-route-as header"
+        )
+    host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
+    t = tunnel.tunnel
+
+    async def probe() -> bool:
+        before = t.reverse_total
+        stream = None
+        answer: asyncio.Future[bytes] | None = None
+        try:
+            async with asyncio.timeout(2.0):
+                _, stream = await t.open_stream(host, port)
+                stream.write(canary_request(f"{plan.service}:{port}", route))
+                answer = asyncio.ensure_future(stream.read(1))
+                while t.reverse_total == before:
+                    if answer.done():
+                        return False  # answered by someone else (the route is not in the router yet)
+                    await asyncio.sleep(0.005)
+            return True
+        except Exception:
+            return False
+        finally:
+            if answer is not None:
+                answer.cancel()
+            if stream is not None:
+                stream.close()
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tunnel._call(probe(), 6):
+            return
+        time.sleep(0.05)
+    raise ConnectError(
+        f"route {route!r}: a canary to {host}:{port} with {ROUTE_HEADER}: {route} never reached the route pod "
+        f"within {timeout:.0f}s; is the routing manager running (`kubectl -n {plan.namespace} logs "
+        f"deploy/{ro.MANAGER_NAME}`)?"
+    )
+
+
+def open_route(
+    bs: BridgeSession,
+    service: str,
+    route: str,
+    *,
+    free_ports: bool = False,
+    observe: Sequence[str] = (),
+    report: Callable[[str], None] = lambda _: None,
+) -> Route:
+    """Create, connect and prove route ``route`` of ``service``; on failure nothing is left."""
+    from .session import _Connection, _free_port, required_permissions_check, workload_template_container  # noqa: PLC0415
+
+    started = time.monotonic()
+    k = bs.client
+    ns = k.namespace
+    settings = bs.settings
+    plan = bs._plan(k, service)
+    if free_ports:
+        plan = replace(plan, port_bindings=tuple(replace(b, local_port=_free_port()) for b in plan.port_bindings))
+    required_permissions_check(k, required_permissions(), what="isolated routes")
+    ingresses: Any = kube.call("list ingresses", k.networking.list_namespaced_ingress, ns)
+    hosts = tuple(ro.ingress_hosts(k.to_dict(i) for i in ingresses.items if not ro.is_ours(k.to_dict(i))))
+    try:
+        check_hosts_fit(route, hosts)
+    except ValueError as exc:
+        raise ConnectError(str(exc)) from exc
+    ensure_manager(k, ns, settings.routing_image, settings.routing_idle, report)
+    workload = bs._workload(k, plan)
+    secret_name = route_secret_name(service, route)
+    agent = AgentSpec(image=settings.agent_image, session=bs.session_id, token=SecretTokenRef(secret_name))
+    pod_manifest = route_pod(workload, plan, agent, route, exit_when_idle=settings.restore_ttl, observe=observe)
+    pod_name = pod_manifest["metadata"]["name"]
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": secret_name, "labels": route_labels(service, route, bs.session_id)},
+        "stringData": {"token": bs._token},
+    }
+    conn = _Connection(service, plan)
+    created: list[tuple[str, str]] = []
+    try:
+        kube.call("create the route token", k.core.create_namespaced_secret, ns, secret)
+        created.append(("secret", secret_name))
+        kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
+        created.append(("pod", pod_name))
+        pod = _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
+        owner = {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod.metadata.uid}
+        kube.call(
+            "tie the token to the route pod", k.core.patch_namespaced_secret, secret_name, ns,
+            {"metadata": {"ownerReferences": [owner]}},
+        )  # fmt: skip
+        ready_at = time.monotonic()
+        conn.tunnel = _open_tunnel(bs, k, pod_name, plan, settings.connect_timeout)
+        prove_live(conn.tunnel, plan, route, settings.connect_timeout)
+        live_at = time.monotonic()
+        original_container = dict(workload_template_container(workload, plan))
+        bridged = bs._import(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")
+    except BaseException:
+        if conn.tunnel is not None:
+            conn.tunnel.stop()
+        _delete(k, ns, created)
+        raise
+    result = Route(
+        name=route, service=service, namespace=ns, pod=pod_name, bridged=bridged, ingress_hosts=hosts,
+        tunnel=conn.tunnel,
+    )  # fmt: skip
+    result.timings.update(
+        {"pod_ready": ready_at - started, "live": live_at - started, "total": time.monotonic() - started}
+    )
+    report(
+        f"{service}: route {route} live in {result.timings['live']:.1f}s "
+        f"(pod {pod_name} ready after {result.timings['pod_ready']:.1f}s)"
+    )
+    return result
+
+
+def _delete(k: kube.Kube, namespace: str, created: list[tuple[str, str]]) -> None:
+    for kind, name in reversed(created):
+        with contextlib.suppress(NotFoundError, ForbiddenError):
+            if kind == "pod":
+                kube.call("delete the route pod", k.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0)
+            else:
+                kube.call("delete the route token", k.core.delete_namespaced_secret, name, namespace)
+
+
+def close_route(k: kube.Kube, route: Route) -> None:
+    """Disconnect and delete the route pod and its token; the manager restores the service."""
+    if route.tunnel is not None:
+        route.tunnel.stop()
+        route.tunnel = None
+    _delete(k, route.namespace, [("secret", route_secret_name(route.service, route.name)), ("pod", route.pod)])
+    shutil.rmtree(route.bridged.session_dir, ignore_errors=True)

@@ -1,0 +1,81 @@
+"""Route names, the route pod and the canary request (pure parts of pytest_bridge.isolation)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import pytest
+from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders_service
+from pytest_bridge_routing import objects as o
+
+from pytest_bridge import isolation
+from pytest_bridge.patch import SESSION_LABEL, AgentSpec, SecretTokenRef
+from pytest_bridge.plan import BridgePlan, make_plan
+
+AGENT = AgentSpec(image="agent:1", session="s-1a2b", token=SecretTokenRef("orders-r-token"))
+LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def counter_token() -> Callable[[int], str]:
+    state = iter(range(1000))
+    return lambda n: f"{next(state):0{2 * n}x}"
+
+
+def test_route_names_are_dns_labels_distinct_and_carry_prefix_and_worker() -> None:
+    token = counter_token()
+    names = {isolation.route_name("ci", None, {}, token) for _ in range(50)}
+    assert len(names) == 50
+    name = isolation.route_name("Build_42.Main", "gw3", {}, token)
+    assert name.startswith("build-42-mai-w3-")
+    assert LABEL.match(name) and len(name) <= 30
+
+
+def test_route_prefix_falls_back_to_ci_job_then_user() -> None:
+    assert isolation.route_name(None, None, {"CI_JOB_NAME": "e2e tests"}, lambda n: "abc123").startswith("e2e-tests-")
+    assert isolation.route_name(None, None, {"GITHUB_JOB": "unit"}, lambda n: "abc123") == "unit-abc123"
+
+
+def test_route_must_fit_as_host_prefix() -> None:
+    isolation.check_hosts_fit("r-1", ["shop.example"])
+    with pytest.raises(ValueError, match="longer than 253"):
+        isolation.check_hosts_fit("r" * 40, ["a" * 220])
+
+
+def orders_plan() -> BridgePlan:
+    return make_plan(orders_service(), [orders_pod()], [orders_replicaset(), orders_deployment()])
+
+
+def test_route_pod_is_the_template_with_the_agent_and_route_labels_only() -> None:
+    deployment = orders_deployment()
+    plan = orders_plan()
+    pod = isolation.route_pod(deployment, plan, AGENT, "alice-1a2b3c", exit_when_idle=45, observe=["inventory"])
+    template = deployment["spec"]["template"]
+    labels = pod["metadata"]["labels"]
+    assert not set(template["metadata"]["labels"]) & set(labels), "the Service must not select the route pod"
+    assert labels[o.LABEL_ROUTE] == "alice-1a2b3c"
+    assert labels[o.LABEL_ROUTE_SERVICE] == "orders"
+    assert labels[SESSION_LABEL] == "s-1a2b"
+    assert pod["metadata"]["annotations"][o.ANN_ROUTE_ON_HEADER] == "kubernetes-route-as=alice-1a2b3c"
+    assert pod["metadata"]["annotations"][o.ANN_OBSERVE] == "inventory"
+    spec = pod["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec.get("serviceAccountName") == template["spec"].get("serviceAccountName")
+    assert spec["volumes"] == template["spec"]["volumes"]
+    container = spec["containers"][plan.container_index]
+    assert container["image"] == "agent:1"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PYTEST_BRIDGE_EXIT_WHEN_IDLE"] == "45"
+    assert LABEL.match(pod["metadata"]["name"])
+    assert deployment == orders_deployment(), "the workload is not modified"
+
+
+def test_canary_request_carries_the_route_header() -> None:
+    request = isolation.canary_request("orders:80", "r-1").decode()
+    assert request.startswith("GET /.pytest-bridge/canary HTTP/1.1\r\n")
+    assert "\r\nkubernetes-route-as: r-1\r\n" in request
+    assert request.endswith("\r\n\r\n")
+
+
+def test_http_port_is_the_first_routable_one() -> None:
+    assert isolation.http_port(orders_plan()) == 80
