@@ -118,3 +118,19 @@ def call(
         if exc.status in (409, 422) and ("test" in reason.lower() or exc.status == 409):
             raise ConflictError(f"{what}: conflict ({reason}); the object changed meanwhile — run again") from exc
         raise ClusterError(f"{what}: API error {exc.status} ({reason})") from exc
+
+
+def pod_proxy_json(k: Kube, pod: str, port: int, path: str, timeout: float = 5) -> Any:
+    """``GET`` ``path`` on a pod's port through the API server's pod proxy, parsed as JSON.
+
+    The raw body is read (``_preload_content=False``): the client would otherwise turn a JSON
+    answer into the ``str()`` of a Python dict. ValueError if the body is not JSON; ApiException
+    and urllib3 errors as the client raises them.
+    """
+    response: Any = k.core.connect_get_namespaced_pod_proxy_with_path(
+        f"{pod}:{port}", k.namespace, path, _request_timeout=timeout, _preload_content=False
+    )
+    try:
+        return json.loads(response.data)
+    finally:
+        response.release_conn()

@@ -17,7 +17,6 @@ a route pod / agent of this session (the local process's calls leave through tho
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -190,12 +189,7 @@ def _endpoints_are_router(k: kube.Kube, service: str) -> bool:
 
 
 def _stats(k: kube.Kube, pod: str) -> dict[StatsKey, int]:
-    raw = k.core.connect_get_namespaced_pod_proxy_with_path(
-        f"{pod}:{ro.STATS_PORT}", k.namespace, "stats", _request_timeout=5
-    )
-    body = json.loads(raw) if isinstance(raw, str) else raw
-    if isinstance(body, str):
-        body = json.loads(body)
+    body = kube.pod_proxy_json(k, pod, ro.STATS_PORT, "stats")
     return counts(body if isinstance(body, dict) else {})
 
 

@@ -16,7 +16,6 @@ import dataclasses
 import gc
 import getpass
 import io
-import json
 import logging
 import os
 import secrets
@@ -637,14 +636,8 @@ def _session_alive(k: kube.Kube, session: str) -> bool:
         if pod.status.phase != "Running":
             continue
         try:
-            raw = k.core.connect_get_namespaced_pod_proxy_with_path(
-                f"{pod.metadata.name}:{AGENT_STATUS_PORT}", k.namespace, "status", _request_timeout=3
-            )
+            status = kube.pod_proxy_json(k, pod.metadata.name, AGENT_STATUS_PORT, "status", timeout=3)
         except Exception:
-            continue
-        try:
-            status = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError:
             continue
         if isinstance(status, dict) and int(status.get("connected_clients", 0)) > 0:
             return True
