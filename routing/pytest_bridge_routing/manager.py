@@ -398,6 +398,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
             except (ApiError, OSError) as e:
                 log.warning("self-removal: %s", e)
                 continue
+            # Stay until the pod is deleted with its Deployment: exiting would only restart it.
+            stop.wait()
             return 0
         # Fast while something is settling, slow otherwise; route pod changes wake it at once.
         wakeup.wait(0.2 if settling else poll)

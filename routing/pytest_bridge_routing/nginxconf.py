@@ -374,6 +374,8 @@ def render(
     out(f"client_body_timeout {_LONG};")
     out(f"send_timeout {_LONG};")
     out("keepalive_requests 10000;")
+    out("map_hash_bucket_size 128;")  # route names are up to 63 characters
+    out("map_hash_max_size 16384;")
     out()
     out("# The effective route: the received header, else the route in the Host name.")
     out.open("map $host $bridge_host_route")

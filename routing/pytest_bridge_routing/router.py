@@ -13,7 +13,8 @@ On ``ROUTER_STATS_PORT`` (threaded ``http.server``):
 - ``GET /healthz``: 200 ``{"generation", "ok", "error", ...}`` once nginx runs a config, else 503;
 - ``GET /stats[?since=<epoch seconds>]``: request counts per (effective route, header received or
   not, remote address), read from nginx's access log (a JSON object per line, see
-  :data:`pytest_bridge_routing.nginxconf.LOG_FIELDS`).
+  :data:`pytest_bridge_routing.nginxconf.LOG_FIELDS`) when asked, so they include every request
+  that nginx has logged by then. The log is rotated (``access.log.1``, SIGUSR1) past 64 MiB.
 
 nginx runs in the foreground as this process's child and gets SIGTERM if this process dies
 (``PR_SET_PDEATHSIG``); SIGTERM/SIGINT stop nginx (QUIT, then TERM) and exit 0.
@@ -70,6 +71,7 @@ __all__ = [
     "Router",
     "RouterConfig",
     "Stats",
+    "api_client",
     "config_from_env",
     "configmap_request",
     "main",
@@ -78,6 +80,7 @@ __all__ = [
     "parse_configmap",
     "plan",
     "reload_done",
+    "self_test",
     "serve_stats",
     "workers_running",
 ]

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_bridge_agent.guard import Response
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render
 
@@ -376,6 +377,42 @@ def lab() -> Iterator[Lab]:
         )
         router = stack.enter_context(running_nginx(lambda run: render(spec, runtime_dir=run, listen_address=ROUTER_IP)))
         yield Lab(http_port, grpc_port, tcp_port, backends, tcp, router, spec)
+
+
+# ------------------------------------------------------------------ nginx -t
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        RouterSpec("orders", NS, (), {}),
+        RouterSpec("orders", NS, (RouterPort("", 5432, "tcp", "10.96.0.9:5432"),), {"a": "10.244.0.7"}),
+        RouterSpec(
+            "orders",
+            NS,
+            (RouterPort("http", 8080, "http", "[fd00::10]:80"), RouterPort("grpc", 9090, "grpc", "[fd00::10]:90")),
+            {"default": "fd00::7", "include": "fd00::8"},
+            ("shop.example", "my-shop.example.com"),
+        ),
+        RouterSpec(  # long route names, many routes
+            "orders",
+            NS,
+            (RouterPort("http", 8080, "http", "10.96.0.10:80"), RouterPort("grpc", 9090, "grpc", "10.96.0.10:90")),
+            {f"r{i:04d}-" + "x" * 57: f"10.244.{i // 250}.{i % 250 + 1}" for i in range(1000)},
+            HOSTS,
+        ),
+    ],
+    ids=["no-ports", "tcp-only", "ipv6-and-keyword-routes", "1000-long-routes"],
+)
+def test_nginx_accepts_rendered_configs(spec: RouterSpec) -> None:
+    assert NGINX is not None
+    run = runtime_dir()
+    nginx = r.Nginx(NGINX, run)
+    try:
+        nginx.test(render(spec, runtime_dir=run))
+    finally:
+        nginx.close()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 # ------------------------------------------------------------------ routing
@@ -950,3 +987,50 @@ def test_router_restarts_a_killed_nginx(api: FakeApi, start_router: Callable[[],
     finally:
         for backend in backends.values():
             backend.close()
+
+
+def test_router_rotates_the_access_log_without_losing_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The router in this process, driven round by round, with a fake API."""
+    assert NGINX is not None
+    port = free_port_on(ROUTER_IP, POD_A, POD_B)
+    backends = http_backends(port)
+    run = runtime_dir()
+    configmap = {
+        "metadata": {"annotations": {r.GENERATION_ANNOTATION: "1"}},
+        "data": {"nginx.conf": router_conf(port, backends["default"].port, {"a": POD_A}, 1)(run)},
+    }
+    config = r.RouterConfig(
+        configmap=CONFIGMAP,
+        namespace=NS,
+        api_url="http://unused",
+        token_file="",
+        ca_file="",
+        runtime_dir=run,
+        nginx=NGINX,
+    )
+    router = r.Router(config, lambda request: Response(200, configmap))
+    try:
+        router.round()
+        assert router.healthz()[1]["generation"] == 1
+
+        def send(n: int) -> None:
+            with contextlib.closing(http.client.HTTPConnection(ROUTER_IP, port, timeout=30)) as conn:
+                for _ in range(n):
+                    assert get(conn, "/rotate", {"kubernetes-route-as": "a"})["backend"] == "a"
+
+        def counted() -> int:
+            return sum(e["count"] for e in router.stats_answer(None)["entries"] if e["route"] == "a")
+
+        send(3)
+        wait_until(lambda: counted() == 3, 10, "three requests counted")
+        monkeypatch.setattr(r, "ROTATE_BYTES", 1)
+        router.round()
+        assert os.path.exists(os.path.join(run, "access.log.1"))
+        send(2)  # whether nginx has reopened its log yet or not
+        wait_until(lambda: counted() == 5, 10, "five requests counted")
+        wait_until(lambda: os.path.exists(os.path.join(run, "access.log")), 10, "a new access.log")
+    finally:
+        router.shutdown()
+        for backend in backends.values():
+            backend.close()
+        shutil.rmtree(run, ignore_errors=True)
