@@ -84,13 +84,15 @@ def analyse(
 ) -> PropagationResult:
     """What the routers saw during one probe, as "reached" services and dropping hops."""
     received = {entry} | {svc for svc, seen in deltas.items() if any(key[0] == route for key in seen)}
+    # The local process of a routed service received what its router sent to the route.
+    with_header = received | {f"{service} (local)" for service in received}
     dropped: dict[tuple[str, str], int] = {}
     for callee, seen in deltas.items():
         for (effective, _header, address), n in seen.items():
             if effective:
                 continue
             caller = owner_of.get(address, address)
-            if caller in received and caller != callee:
+            if caller in with_header and caller != callee:
                 dropped[(caller, callee)] = dropped.get((caller, callee), 0) + n
     order = _chain_order(entry, deltas, owner_of)
     reached = sorted(received, key=lambda s: (order.get(s, len(order)), s))

@@ -78,3 +78,15 @@ def test_pod_owners_by_original_selector_and_session() -> None:
         "10.0.0.1": "frontend",
         "10.0.0.9": "orders (local)",
     }
+
+
+def test_the_local_process_dropping_the_header_is_named() -> None:
+    deltas = {
+        "frontend": {(R, True, "10.0.0.9"): 1},
+        "orders": {(R, True, "10.0.0.1"): 1},
+        "inventory": {("", False, "10.0.0.9"): 1},
+    }
+    result = analyse(R, "frontend", deltas, OWNERS)
+    assert [d.describe() for d in result.dropped] == [
+        "service orders (local) received the request with the header, but its call to inventory did not carry it"
+    ]
