@@ -244,6 +244,9 @@ def required_permissions() -> list[tuple[str, str, str]]:
         ("list", "", "pods"),
         ("create", "", "pods"),
         ("delete", "", "pods"),
+        ("patch", "", "pods"),  # the propagation check's "observe" annotation
+        ("get", "", "pods/proxy"),  # router stats, and whether another session is alive
+        ("list", "networking.k8s.io", "ingresses"),
         ("create", "", "pods/portforward"),
         ("create", "", "secrets"),
         ("patch", "", "secrets"),
@@ -287,8 +290,24 @@ def ensure_manager(
         if time.monotonic() > deadline:
             raise ConnectError(f"the routing manager {name} in {namespace} is stuck deleting")
         time.sleep(0.2)
-    report(f"deploying the routing manager in namespace {namespace}")
     deployment, *rbac = ro.manager_objects(namespace, image, idle_seconds)
+    # Kubernetes lets us grant only what we hold ourselves: ask first, so a missing permission
+    # is named before anything is created.
+    from .session import required_permissions_check  # noqa: PLC0415 - session imports this module
+
+    granted = sorted(
+        {
+            (verb, group, resource)
+            for obj in rbac
+            if obj["kind"] == "Role"
+            for rule in obj["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+    )
+    required_permissions_check(k, granted, what="deploy the routing manager (it gets these permissions)")
+    report(f"deploying the routing manager in namespace {namespace}")
     creators: dict[str, Callable[..., Any]] = {
         "ServiceAccount": k.core.create_namespaced_service_account,
         "Role": k.rbac.create_namespaced_role,
