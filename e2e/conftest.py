@@ -23,7 +23,11 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-NAMESPACE = "bridge-demo"
+# The manifests place the sample app in bridge-demo; PYTEST_BRIDGE_E2E_NAMESPACE runs the suites
+# against a private copy elsewhere, so several people (or runs) can share one cluster.
+SAMPLE_NAMESPACE = "bridge-demo"
+NAMESPACE_ENV = "PYTEST_BRIDGE_E2E_NAMESPACE"
+NAMESPACE = os.environ.get(NAMESPACE_ENV, "").strip() or SAMPLE_NAMESPACE
 SERVICES = ("frontend", "orders", "inventory")
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_SELECTOR = "app.kubernetes.io/part-of=bridge-demo"
@@ -86,12 +90,27 @@ def apps_v1(kube_api_client: client.ApiClient) -> client.AppsV1Api:
 # --- deploying the sample app ----------------------------------------------------------
 
 
-def manifest_documents() -> list[dict[str, Any]]:
-    """The sample app's objects, in the order kustomization.yaml lists their files."""
+def manifest_documents(namespace: str = NAMESPACE) -> list[dict[str, Any]]:
+    """The sample app's objects, in the order kustomization.yaml lists their files.
+
+    With another ``namespace`` the same app is placed there (a private copy for suites
+    that must not disturb ``bridge-demo``, e.g. benchmarks); the ``part-of`` label stays.
+    """
     kustomization = yaml.safe_load((MANIFESTS / "kustomization.yaml").read_text())
     documents: list[dict[str, Any]] = []
     for name in kustomization["resources"]:
         documents.extend(doc for doc in yaml.safe_load_all((MANIFESTS / name).read_text()) if doc)
+    if namespace != SAMPLE_NAMESPACE:
+        for document in documents:
+            if document["kind"] == "Namespace":
+                document["metadata"]["name"] = namespace
+            else:
+                document["metadata"]["namespace"] = namespace
+            if document["kind"] == "Ingress":
+                for rule in document["spec"].get("rules", []):
+                    rule["host"] = rule["host"].replace(SAMPLE_NAMESPACE, namespace)
+                for tls in document["spec"].get("tls", []):
+                    tls["hosts"] = [h.replace(SAMPLE_NAMESPACE, namespace) for h in tls.get("hosts", [])]
     return documents
 
 
@@ -123,10 +142,10 @@ def _wait_for_namespace_gone(core_v1: client.CoreV1Api) -> None:
     pytest.fail(f"namespace {NAMESPACE} is still terminating after {READY_TIMEOUT:.0f}s", pytrace=False)
 
 
-def apply_sample_app(api: client.ApiClient) -> None:
+def apply_sample_app(api: client.ApiClient, namespace: str = NAMESPACE) -> None:
     """Server-side apply fixtures/manifests; idempotent, so concurrent xdist workers are harmless."""
     dynamic: Any = DynamicClient(api)
-    for document in manifest_documents():
+    for document in manifest_documents(namespace):
         resource = dynamic.resources.get(api_version=document["apiVersion"], kind=document["kind"])
         dynamic.server_side_apply(resource, body=document, field_manager=FIELD_MANAGER, force_conflicts=True)
 
@@ -191,7 +210,7 @@ def sample_app(
     missing = _sample_app_missing(core_v1, apps_v1)
     if missing is not None:
         print(f"{missing}: applying {MANIFESTS}")
-        apply_sample_app(kube_api_client)
+        apply_sample_app(kube_api_client, NAMESPACE)
     return wait_for_ready_pods(core_v1)
 
 
@@ -258,26 +277,6 @@ def _component_logs(lines: int = 30) -> list[tuple[str, str]]:
     return sections
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    # The kubernetes client's exec/port-forward websockets (websocket-client) leave their TLS
-    # sockets for the garbage collector even after close(); that is the client's business,
-    # not a failure of the cluster under test.
-    config.addinivalue_line(
-        "filterwarnings", r"ignore:Exception ignored in. <ssl.SSLSocket:pytest.PytestUnraisableExceptionWarning"
-    )
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that stop and restart the cluster go last, so they can't pull it from under others.
     items.sort(key=lambda item: item.get_closest_marker("cluster_cycle") is not None)
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    # Finalise the kubernetes client's leftover websocket/TLS sockets now, quietly, instead of
-    # at exit, where pytest's unraisable-exception check would fail the whole run for them.
-    import gc  # noqa: PLC0415
-    import warnings  # noqa: PLC0415
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ResourceWarning)
-        gc.collect()

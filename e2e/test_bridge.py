@@ -19,13 +19,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.conftest import pod_is_ready
+from e2e.conftest import NAMESPACE, pod_is_ready
 from e2e.test_smoke import exec_in_pod_json
 from pytest_bridge.patch import strip_server_fields
 
 pytestmark = pytest.mark.e2e
 
-NAMESPACE = "bridge-demo"
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "fixtures" / "sampleapp" / "app.py"
 MANAGED = "app.kubernetes.io/managed-by=pytest-bridge"
@@ -51,14 +50,9 @@ def start_orders(bridged_service):
 def test_frontend_in_the_cluster_reaches_the_local_orders(bridged_service):
     start_orders(bridged_service)
     request = urllib.request.Request("http://frontend.{NAMESPACE}/api", headers={{"kubernetes-route-as": "e2e"}})
-    # KNOWN ISSUE (see the issue notes): about one run in four, the very first request through
-    # a fresh bridge times out between frontend and orders; one retry is allowed and reported.
-    for attempt in range(2):
-        reply = json.load(urllib.request.urlopen(request, timeout=20))
-        orders = reply["downstream"][0]
-        if "error" not in orders:
-            break
-        print(f"first request through the bridge failed: {{orders}}")
+    # The very first request through the fresh bridge must succeed: no retry.
+    reply = json.load(urllib.request.urlopen(request, timeout=20))
+    orders = reply["downstream"][0]
     assert orders.get("pod") == "local-orders", orders
     inventory = orders["downstream"][0]
     assert inventory["service"] == "inventory" and inventory["pod"].startswith("inventory-"), inventory
@@ -236,7 +230,7 @@ def test_unknown_service_is_a_clear_error_and_changes_nothing(
         cwd=suite, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert run.returncode == 4, run.stdout + run.stderr
-    assert "service 'no-such-service' not found in namespace 'bridge-demo'" in run.stderr
+    assert f"service 'no-such-service' not found in namespace '{NAMESPACE}'" in run.stderr
     assert "orders" in run.stderr  # lists the services that do exist
     assert _deployment(apps_v1) == before
     assert _managed_objects(core_v1) == []

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -24,11 +25,10 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.stream import portforward, stream
 
-from e2e.conftest import pod_is_ready, pod_name
+from e2e.conftest import NAMESPACE, pod_is_ready, pod_name
 
 pytestmark = pytest.mark.e2e
 
-NAMESPACE = "bridge-demo"
 ROUTE_HEADER = "kubernetes-route-as"
 PYTHON = "/usr/bin/python3"
 EXEC_TIMEOUT = 60.0
@@ -73,6 +73,18 @@ def exec_in_pod(core_v1: client.CoreV1Api, pod: str, argv: Sequence[str]) -> Exe
         return ExecResult(ws.read_stdout(), ws.read_stderr(), ws.returncode)
     finally:
         ws.close()
+        release_websocket(ws.sock)
+
+
+def release_websocket(websocket: Any) -> None:
+    """Close a websocket-client connection's TLS socket now.
+
+    ``WebSocket.close()`` returns at once when the server closed first (answering its close
+    frame marked the client disconnected), so the socket was left to the garbage collector,
+    whose ResourceWarning surfaced as an unraisable exception at exit. ``shutdown()`` closes it.
+    """
+    if websocket is not None:
+        websocket.shutdown()
 
 
 def exec_in_pod_json(core_v1: client.CoreV1Api, pod: str, code: str) -> Any:
@@ -198,6 +210,12 @@ def test_port_forward_to_orders(core_v1: client.CoreV1Api, ready_pod: ReadyPod) 
     finally:
         connection.close()
         forward.close()
+        # The client's proxy thread closes the websocket once the local side is closed; wait
+        # for it, then release the TLS socket its close() may have left open.
+        for thread in threading.enumerate():
+            if thread.name.startswith("Kubernetes port forward proxy"):
+                thread.join(timeout=30)
+        release_websocket(forward.websocket)
 
     assert (response.status, body) == (200, b"ok\n")
     assert forward.error(8080) is None

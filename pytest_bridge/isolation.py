@@ -247,6 +247,7 @@ def required_permissions() -> list[tuple[str, str, str]]:
         ("patch", "", "pods"),  # the propagation check's "observe" annotation
         ("get", "", "pods/proxy"),  # router stats, and whether another session is alive
         ("list", "networking.k8s.io", "ingresses"),
+        ("get", "", "pods/portforward"),  # the WebSocket upgrade is a GET
         ("create", "", "pods/portforward"),
         ("create", "", "secrets"),
         ("patch", "", "secrets"),

@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -27,7 +27,7 @@ from .localproc import LocalProcess, start_local_process
 from .propagation import PropagationResult
 from .session import BridgedService, BridgeSession
 
-__all__ = ["IsolatedRoute", "LocalService"]
+__all__ = ["BridgeFactory", "IsolatedRoute", "LocalService"]
 
 _settings_key = pytest.StashKey[settings_mod.BridgeSettings]()
 _session_key = pytest.StashKey[BridgeSession]()
@@ -70,6 +70,14 @@ def _is_xdist_worker(config: pytest.Config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """Whether this process is an xdist controller that will start workers (``-n N``, N > 0)."""
+    try:
+        return bool(config.getoption("numprocesses", None)) and config.getoption("dist", "no") != "no"
+    except ValueError:
+        return False
+
+
 def _worker_id(config: pytest.Config) -> str | None:
     workerinput = getattr(config, "workerinput", None)
     return str(workerinput["workerid"]) if workerinput else None
@@ -98,6 +106,8 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 
     bridge = BridgeSession(bridge_settings, report=report, worker=_worker_id(config))
     config.stash[_session_key] = bridge
+    if bridge_settings.isolate and not _is_xdist_worker(config) and _xdist_controller(config):
+        return  # isolated under xdist: every worker opens its own route; the controller needs none
     handed_over = getattr(config, "workerinput", {}).get(handoff.WORKERINPUT_KEY)
     if handed_over is not None:
         bridge.attach(handoff.decode(handed_over))  # the controller connected; its tunnel serves us
@@ -137,8 +147,8 @@ def _install_signal_handlers() -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     bridge = config.stash.get(_session_key, None)
-    if bridge is None or not bridge.services:
-        return []
+    if bridge is None or not bridge.services or bridge.attached_to is not None:
+        return []  # nothing bridged, or an xdist worker (the controller reports; workers hold no client)
     k = bridge.client
     lines = [f"bridge: session {bridge.session_id}, context {k.context!r}, namespace {k.namespace!r}"]
     for name, svc in bridge.services.items():
@@ -228,6 +238,60 @@ def bridged_services(bridge_session: BridgeSession) -> Iterator[dict[str, LocalS
     yield services
     for local in services.values():
         local.stop_all()
+
+
+BridgeFactory = Callable[..., LocalService]
+
+
+@pytest.fixture
+def bridge_factory(request: pytest.FixtureRequest) -> Iterator[BridgeFactory]:
+    """Bridge a service for this test only: ``bridge_factory("orders")`` connects now, restores at teardown.
+
+    Keyword arguments are settings as for the ``bridge`` marker (``namespace=``, ``container=``,
+    ``local_port=``, ...); they win over the test's ``bridge`` marker, which wins over CLI, env
+    and ini. Returns the same helper as ``bridged_service``. Each call is a session of its own
+    (own agent, guard and name mapping); a service already bridged for the whole session, or
+    by another xdist worker at the same time, is refused.
+    """
+    config = request.config
+    opened: list[tuple[BridgeSession, LocalService]] = []
+
+    def bridge(service: str | None = None, **overrides: object) -> LocalService:
+        marker = request.node.get_closest_marker("bridge")
+        kwargs: dict[str, object] = {**(marker.kwargs if marker else {}), **overrides}
+        if service is not None:
+            kwargs["service"] = service
+        if "service" not in kwargs:
+            pytest.fail("bridge_factory needs a service: bridge_factory('orders') or @pytest.mark.bridge(service=...)")
+        resolved = settings_mod.resolve(config, kwargs)
+        if len(resolved.services) != 1:
+            pytest.fail(f"bridge_factory bridges one service per call, got {', '.join(resolved.services)}")
+        name = resolved.services[0]
+        session_bridge = config.stash.get(_session_key, None)
+        if session_bridge is not None and name in session_bridge.services:
+            pytest.fail(f"{name!r} is bridged for the whole session already (--bridge-service): use bridged_service")
+        bridge = BridgeSession(resolved, worker=_worker_id(config))
+        atexit.register(bridge.close)  # pytest killed mid-test: still restore (the guard is the backstop)
+        try:
+            bridge.connect()
+        except BridgeError as exc:
+            atexit.unregister(bridge.close)
+            pytest.fail(f"pytest-bridge could not bridge {name!r} for this test: {exc}", pytrace=False)
+        local = LocalService(bridge, bridge.services[name])
+        opened.append((bridge, local))
+        return local
+
+    yield bridge
+    errors = []
+    for per_test, local in reversed(opened):
+        local.stop_all()
+        atexit.unregister(per_test.close)
+        try:
+            per_test.close()
+        except BridgeError as exc:
+            errors.append(str(exc))
+    if errors:
+        pytest.fail("; ".join(errors), pytrace=False)
 
 
 class IsolatedRoute(LocalService):

@@ -59,9 +59,11 @@ class ApiEndpoint:
         headers = []
         if configuration.refresh_api_key_hook is not None:
             configuration.refresh_api_key_hook(configuration)
-        token = configuration.get_api_key_with_prefix("authorization")
-        if token:
-            headers.append(("Authorization", token))
+        # The client keeps a kubeconfig token under "BearerToken" (older versions: "authorization");
+        # auth_settings() gives the header it would send, whichever the version.
+        for setting in configuration.auth_settings().values():
+            if setting.get("in") == "header" and setting.get("value"):
+                headers.append((str(setting["key"]).title(), str(setting["value"])))
         return cls(host, context, tuple(headers))
 
 
@@ -110,8 +112,9 @@ async def open_portforward(
         status = exc.response.status_code
         if status == 403:
             raise ForbiddenError(
-                f"{what}: forbidden; grant 'create' on 'pods/portforward' in namespace {namespace!r}",
-                verb="create", resource="pods/portforward", namespace=namespace,
+                f"{what}: forbidden; grant 'get' and 'create' on 'pods/portforward' in namespace {namespace!r} "
+                "(the WebSocket upgrade is a GET; newer API servers also check 'create')",
+                verb="get", resource="pods/portforward", namespace=namespace,
             ) from exc  # fmt: skip
         if status == 404:
             raise NotFoundError(f"{what}: pod not found") from exc

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gc
+import errno
 import getpass
 import io
 import logging
@@ -25,8 +25,7 @@ import tarfile
 import tempfile
 import threading
 import time
-import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +35,9 @@ from pytest_bridge_routing.objects import original_selector
 from . import hosts, isolation, kube, names, restore
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
-from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError
+from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
 from .handoff import Handoff
+from .localproc import PortInUseError
 from .patch import (
     AGENT_CONTROL_PORT,
     AGENT_STATUS_PORT,
@@ -50,7 +50,7 @@ from .patch import (
     strip_server_fields,
     workload_patches,
 )
-from .plan import BridgePlan, make_plan
+from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
 from .portforward import ApiEndpoint, open_portforward
 from .settings import BridgeSettings
 from .tunnel_thread import BackgroundTunnel
@@ -61,6 +61,7 @@ log = logging.getLogger(__name__)
 
 _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 _START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
+_START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect gives up
 # Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
@@ -105,6 +106,9 @@ class BridgedService:
 class _Connection:
     service: str
     plan: BridgePlan | None = None
+    # Names this bridge's objects in the cluster (agent label, guard, record, token): the session
+    # id for the first service, ``<session>-<n>`` for more, so each service has its own guard.
+    key: str = ""
     record: restore.RestoreRecord | None = None
     patched: bool = False
     guard: bool = False
@@ -155,7 +159,11 @@ class BridgeSession:
             self._config = self._load_config()
             k = self.client
             self._check_namespace(k)
-            plans = {svc: self._plan(k, svc) for svc in self.settings.services}
+            claimed: set[int] = set()  # local ports handed out to earlier services of this session
+            plans = {svc: self._plan(k, svc, claimed=claimed) for svc in self.settings.services}
+            check_plans_disjoint(list(plans.values()))
+            check_local_port_specs(list(plans.values()), self.settings.local_ports)
+            _check_local_ports(plans.values())
             if self.settings.isolate:
                 for svc in plans:
                     route = self.open_route(svc)
@@ -166,8 +174,8 @@ class BridgeSession:
                     self._preflight(k, plan)
                 for plan in plans.values():
                     self._refuse_or_recover_existing(k, plan)
-                for svc, plan in plans.items():
-                    conn = _Connection(svc, plan)
+                for n, (svc, plan) in enumerate(plans.items()):
+                    conn = _Connection(svc, plan, key=f"{self.session_id}-{n}" if n else self.session_id)
                     self._connections.append(conn)
                     self._bridge(k, conn)
             self._map_names()
@@ -189,7 +197,10 @@ class BridgeSession:
             self._swept = True
             isolation.sweep_stale_routes(k, k.namespace, lambda other: _session_alive(k, other), self.report)
         name = route or isolation.route_name(self.settings.route_prefix, self.worker)
-        opened = isolation.open_route(self, service, name, free_ports=per_test, report=self.report)
+        # Concurrent sessions on this machine must not pick the same local port before their
+        # local services listen: routes take free ports unless the user chose them.
+        free_ports = per_test or not self.settings.local_ports_for(service)
+        opened = isolation.open_route(self, service, name, free_ports=free_ports, report=self.report)
         self._open_routes.append(opened)
         return opened
 
@@ -221,7 +232,7 @@ class BridgeSession:
                 f"namespace {k.namespace!r} does not exist in context {k.context!r}; pass --bridge-namespace"
             ) from exc
 
-    def _plan(self, k: kube.Kube, service: str) -> BridgePlan:
+    def _plan(self, k: kube.Kube, service: str, *, claimed: set[int] | None = None) -> BridgePlan:
         ns = k.namespace
         try:
             svc = kube.call(
@@ -255,7 +266,7 @@ class BridgeSession:
             owners,
             container=self.settings.container_for(service),
             local_ports=self.settings.local_ports_for(service),
-            choose_local_port=_same_or_free_port,
+            choose_local_port=lambda target: _same_or_free_port(target, claimed if claimed is not None else set()),
         )
 
     def _owner_chain(self, k: kube.Kube, pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -324,8 +335,8 @@ class BridgeSession:
         workload = self._workload(k, plan)
         agent = AgentSpec(
             image=self.settings.agent_image,
-            session=self.session_id,
-            token=SecretTokenRef(restore.token_secret_name(self.session_id)),
+            session=conn.key,
+            token=SecretTokenRef(restore.token_secret_name(conn.key)),
             keep_probes=bool(self._config and self._config.has_feature("Probes")),
             keep_lifecycle=bool(self._config and self._config.has_feature("LifecycleHooks")),
         )
@@ -338,7 +349,7 @@ class BridgeSession:
             patches = workload_patches(workload, plan, agent)
             reverse, original = patches.reverse, strip_server_fields(workload)
         conn.record = restore.RestoreRecord(
-            session=self.session_id, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
+            session=conn.key, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
             reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
         )  # fmt: skip
         # Record before change: the guard and the record exist before the workload is touched.
@@ -368,7 +379,7 @@ class BridgeSession:
                 patches.forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
             )  # fmt: skip
             conn.patched = True
-        pod = self._wait_for_agent(k, ns, plan)
+        pod = self._wait_for_agent(k, ns, plan, conn.key)
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         conn.tunnel = self._open_tunnel(k, ns, pod, plan)
@@ -376,10 +387,11 @@ class BridgeSession:
         conn.bridged = self._import(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
 
-    def _wait_for_agent(self, k: kube.Kube, ns: str, plan: BridgePlan) -> str:
+    def _wait_for_agent(self, k: kube.Kube, ns: str, plan: BridgePlan, key: str) -> str:
         deadline = time.monotonic() + self.settings.connect_timeout
-        selector = f"{SESSION_LABEL}={self.session_id}"
+        selector = f"{SESSION_LABEL}={key}"
         last = "no agent pod yet"
+        failing_since: float | None = None
         while time.monotonic() < deadline:
             pods: Any = kube.call("list agent pods", k.core.list_namespaced_pod, ns, label_selector=selector).items
             for pod in pods:
@@ -393,9 +405,13 @@ class BridgeSession:
                             f"{waiting.message or ''}); load it into the cluster or pass --bridge-agent-image"
                         )
                     if waiting and waiting.reason in _START_FAILURES:
-                        raise ConnectError(
-                            f"the agent container cannot start ({waiting.reason}: {waiting.message or ''})"
-                        )
+                        # Some are transient (the kubelet's "failed to sync secret cache" right after
+                        # the token Secret was created): fail only if it lasts.
+                        failing_since = failing_since or time.monotonic()
+                        if time.monotonic() - failing_since > _START_FAILURE_GRACE:
+                            raise ConnectError(
+                                f"the agent container cannot start ({waiting.reason}: {waiting.message or ''})"
+                            )
                 conditions = {c.type: c.status for c in pod.status.conditions or []}
                 if conditions.get("Ready") == "True":
                     return str(pod.metadata.name)
@@ -490,16 +506,7 @@ class BridgeSession:
         endpoints = [e for e in (names.Endpoint.from_service(k.to_dict(s)) for s in services) if e is not None]
         if self._config is not None:
             endpoints += _config_endpoints(k, self._config)
-        # Skip addresses another bridge session on this machine already serves.
-        mapping = names.map_endpoints(
-            endpoints, ns, allocate_port=_loopback_port, address_free=lambda ip, port: _port_free(port, ip)
-        )
-        for entry in mapping.entries:
-            remote_host = entry.endpoint.name
-            if entry.endpoint.namespace:
-                remote_host = f"{entry.endpoint.name}.{entry.endpoint.namespace}.svc.cluster.local"
-            for port in entry.ports:
-                tunnel.serve_outbound(entry.ip, port.local_port, remote_host, port.remote_port)
+        mapping = self._serve_outbound(tunnel, endpoints, ns)
         reported = tunnel.get_env()
         environment = build_environment(
             reported, template_container, mapping, config=self._config, downloads=downloads,
@@ -514,6 +521,34 @@ class BridgeSession:
             env=environment.env, session_dir=service_dir, mapping=mapping, agent_pod=pod_name,
             dropped_env=environment.dropped,
         )  # fmt: skip
+
+    def _serve_outbound(self, tunnel: BackgroundTunnel, endpoints: list[names.Endpoint], ns: str) -> names.NameMapping:
+        """Map every endpoint to a loopback address and listen there, forwarding through the tunnel.
+
+        Addresses another bridge session on this machine already serves are skipped; two
+        sessions starting at the same moment can still pick the same one, so a bind that
+        fails with EADDRINUSE is retried from a random block of 127.1.0.0/16.
+        """
+        first_ip = names.FIRST_LOOPBACK_IP
+        for attempt in range(8):
+            mapping = names.map_endpoints(
+                endpoints, ns, allocate_port=_loopback_port, address_free=lambda ip, port: _port_free(port, ip),
+                first_ip=first_ip,
+            )  # fmt: skip
+            try:
+                for entry in mapping.entries:
+                    remote_host = entry.endpoint.name
+                    if entry.endpoint.namespace:
+                        remote_host = f"{entry.endpoint.name}.{entry.endpoint.namespace}.svc.cluster.local"
+                    for port in entry.ports:
+                        tunnel.serve_outbound(entry.ip, port.local_port, remote_host, port.remote_port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE or attempt == 7:
+                    raise
+                first_ip = f"127.1.{secrets.randbelow(240) + 10}.1"
+                continue
+            return mapping
+        raise AssertionError("unreachable")
 
     def _map_names(self) -> None:
         if not self.services:
@@ -593,19 +628,13 @@ class BridgeSession:
                 try:
                     if conn.patched:
                         restore.apply_restore(self._kube, conn.record)
-                    restore.delete_session_objects(self._kube, conn.record.namespace, self.session_id)
+                    restore.delete_session_objects(self._kube, conn.record.namespace, conn.key)
                 except Exception as exc:
                     errors.append(f"{conn.service}: {exc}")
         shutil.rmtree(self.session_dir, ignore_errors=True)
         if self._kube is not None:
             self._kube.close()
             self._kube = None
-            # The kubernetes client's urllib3 pool can leave TLS sockets for the garbage
-            # collector; collect them here, quietly, rather than at interpreter exit where a
-            # user's `filterwarnings = error` turns them into an error of the whole run.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", ResourceWarning)
-                gc.collect()
         self.timings["disconnect"] = time.monotonic() - started
         if errors:
             raise BridgeError(
@@ -649,6 +678,7 @@ def required_permissions(workload_kind: str) -> list[tuple[str, str, str]]:
     workload = {"Deployment": "deployments", "StatefulSet": "statefulsets"}.get(workload_kind)
     needed = [
         ("list", "", "pods"),
+        ("get", "", "pods/portforward"),  # the WebSocket upgrade is a GET
         ("create", "", "pods/portforward"),
         ("list", "discovery.k8s.io", "endpointslices"),
         ("create", "batch", "jobs"),
@@ -726,8 +756,33 @@ def _free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _same_or_free_port(target: int) -> int:
-    return target if _port_free(target) else _free_port()
+def _same_or_free_port(target: int, claimed: set[int]) -> int:
+    """``target`` if free, else a free port; never one in ``claimed`` (which gets the answer)."""
+    port = target
+    while port in claimed or not _port_free(port):
+        port = _free_port()
+    claimed.add(port)
+    return port
+
+
+def _check_local_ports(plans: Iterable[BridgePlan]) -> None:
+    """Before any change: every local port is free and serves one target port of one service."""
+    owners: dict[int, str] = {}
+    for plan in plans:
+        for binding in plan.port_bindings:
+            owner = f"{plan.service} target port {binding.target_port}"
+            if binding.local_port in owners:
+                raise PlanError(
+                    f"local port {binding.local_port} is asked for both {owners[binding.local_port]} and {owner}; "
+                    "give each its own with --bridge-local-port=SERVICE:TARGET=LOCAL; nothing was changed"
+                )
+            owners[binding.local_port] = owner
+            if not _port_free(binding.local_port):
+                raise PortInUseError(
+                    f"local port {binding.local_port} (for {owner}) is already in use by another process, so "
+                    f"bridged traffic would reach it; nothing was changed. Stop it "
+                    f"(`ss -ltnp 'sport = :{binding.local_port}'`) or choose another port with --bridge-local-port"
+                )
 
 
 def _loopback_port(remote: int) -> int:

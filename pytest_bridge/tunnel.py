@@ -120,6 +120,7 @@ class Tunnel:
         self._token = token
         self.reverse_ports = dict(reverse_ports or {})
         self.reverse_total = 0
+        self.probing = 0  # canaries in flight (BackgroundTunnel.canary): their refusals are expected
         self.local_host = local_host
         self._window = window
         self._connect_timeout = connect_timeout
@@ -275,19 +276,23 @@ class Tunnel:
                 reader, writer = await asyncio.open_connection(self.local_host, local_port)
         except TimeoutError:
             reason = f"local app not reachable at {self.local_host}:{local_port}: connect timed out"
-            log.warning("reverse :%s: %s", target_port, reason)
+            log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
             stream.reject(reason)
             return
         except OSError as e:
             detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
             reason = f"local app not reachable at {self.local_host}:{local_port}: {detail}"
-            log.warning("reverse :%s: %s", target_port, reason)
+            log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
             stream.reject(reason)
             return
         stream.accept()
         result = await pipe(stream, reader, writer, idle_timeout=self._stream_idle_timeout)
         if result.error:
             log.info("reverse :%s stream %d aborted: %s", target_port, stream.id, result.error)
+
+    def _unreachable_level(self) -> int:
+        # Canaries arrive before the local app runs: expected, so not worth a warning.
+        return logging.DEBUG if self.probing else logging.WARNING
 
     # ---- connection management ----
     async def _open_mux(self) -> Mux:

@@ -104,6 +104,7 @@ class BackgroundTunnel:
                 _, stream = await tunnel.open_stream(host, port)
                 streams.append(stream)
 
+            tunnel.probing += 1
             try:
                 async with asyncio.timeout(timeout):
                     async with asyncio.TaskGroup() as group:  # one failure cancels the other dials
@@ -115,6 +116,7 @@ class BackgroundTunnel:
             except Exception:
                 return False
             finally:
+                tunnel.probing -= 1
                 for stream in streams:
                     stream.close()
 

@@ -7,7 +7,4 @@ scripts/install-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 kubeconfig_line=$(python -m e2e.cluster up | tail -n 1)
 export "${kubeconfig_line?}"
-# Known issue (see the notes): a TLS socket of the kubernetes client is finalised at exit,
-# which pytest's unraisable-exception check turns into an error of the run.
-pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo \
-  -p no:unraisableexception "$@"
+pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo "$@"

@@ -18,12 +18,12 @@ export "${kubeconfig_line?}"
 export PYTEST_BRIDGE_REQUIRE_CLUSTER=1
 
 echo "== end-to-end" >&2
-# Known issue (see the notes): the kubernetes client's sockets are finalised at exit,
-# which pytest's unraisable-exception check turns into an error of the run.
-pytest e2e -p no:cacheprovider -p no:unraisableexception "$@"
+pytest e2e -p no:cacheprovider "$@"
 
 echo "== demo suite (the main job), bridged" >&2
-# Known issue (see the notes): a TLS socket of the kubernetes client is finalised at exit,
-# which pytest's unraisable-exception check turns into an error of the run.
-pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo \
-  -p no:unraisableexception
+pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo
+
+echo "== benchmarks, smoke (python -m bench --quick)" >&2
+# Same cluster, own namespace (bridge-bench). Fails on a lost byte or a failed connection
+# through the bridge, never on a missed speed target; BENCHMARKS.md has the full run.
+python -m bench --quick

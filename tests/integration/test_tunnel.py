@@ -654,3 +654,27 @@ def test_background_tunnel_sync_facade(start_agent: StartAgent) -> None:
             tunnel.stop()
             echo.shutdown()
     assert not tunnel.connected
+
+
+def test_canary_burst_passes_only_when_every_connection_reaches_the_agent(start_agent: StartAgent) -> None:
+    """The canary behind "the Service routes to the agent": all ``count`` fresh connections must come back.
+
+    Dialling the agent's own listen port stands in for a Service that routes only to the agent;
+    another server on the same path (the old pod, still alive) or a dead port must fail it.
+    """
+    listen = free_port()
+    agent = start_agent(listen_ports=[listen])
+    with socketserver.ThreadingTCPServer((LOOPBACK, 0), socketserver.BaseRequestHandler) as old_pod:
+        old_pod.daemon_threads = True
+        threading.Thread(target=old_pod.serve_forever, daemon=True).start()
+        tunnel = BackgroundTunnel(tcp_connector(LOOPBACK, agent.control_port), TOKEN, {listen: free_port()})
+        tunnel.start()
+        try:
+            assert tunnel.canary(LOOPBACK, listen, timeout=5, count=16)
+            assert tunnel.stats.reverse_total >= 16
+            assert not tunnel.canary(LOOPBACK, old_pod.server_address[1], timeout=0.5, count=4)
+            assert not tunnel.canary(LOOPBACK, free_port(), timeout=0.5, count=4)
+            assert tunnel.canary(LOOPBACK, listen, timeout=5, count=1)  # and nothing stuck in between
+        finally:
+            tunnel.stop()
+            old_pod.shutdown()

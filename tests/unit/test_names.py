@@ -80,6 +80,14 @@ def test_map_endpoints_loopback_ips() -> None:
         inventory.local_port(1)
 
 
+def test_addresses_another_session_holds_are_skipped() -> None:
+    taken = {("127.1.1.1", 9000), ("127.1.1.3", 8443)}  # e.g. a second pytest-bridge session on this machine
+    m = map_endpoints(
+        [INVENTORY, PAYMENTS], "shop", address_free=lambda ip, port: (ip, port) not in taken
+    )  # fmt: skip
+    assert [e.ip for e in m.entries] == ["127.1.1.2", "127.1.1.4"]
+
+
 def test_single_ip_mode_assigns_distinct_ports() -> None:
     free = iter(range(40000, 40100))
     m = map_endpoints(
