@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
@@ -70,7 +71,7 @@ def load(kubeconfig: str | None, context: str | None, namespace: str | None) -> 
     """Clients for ``context`` of ``kubeconfig`` (defaults as kubectl: $KUBECONFIG, current context)."""
     try:
         contexts, current = config.list_kube_config_contexts(config_file=kubeconfig)
-    except (ConfigException, OSError) as exc:
+    except (ConfigException, OSError, yaml.YAMLError) as exc:
         where = kubeconfig or "$KUBECONFIG / ~/.kube/config"
         raise NotFoundError(f"cannot read a kubeconfig from {where}: {exc}; pass --bridge-kubeconfig") from exc
     names = [c["name"] for c in contexts]
@@ -81,7 +82,10 @@ def load(kubeconfig: str | None, context: str | None, namespace: str | None) -> 
         )
     entry = next(c for c in contexts if c["name"] == chosen)
     configuration = client.Configuration()
-    config.load_kube_config(config_file=kubeconfig, context=chosen, client_configuration=configuration)
+    try:
+        config.load_kube_config(config_file=kubeconfig, context=chosen, client_configuration=configuration)
+    except (ConfigException, OSError, ValueError) as exc:
+        raise ClusterError(f"kube context {chosen!r} of {kubeconfig or 'the kubeconfig'} is unusable: {exc}") from exc
     ns = namespace or entry.get("context", {}).get("namespace") or "default"
     return Kube(client.ApiClient(configuration), configuration, str(chosen), ns)
 
