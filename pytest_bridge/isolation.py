@@ -59,6 +59,7 @@ _PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "Inva
 _START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
 _PREFIX_ENV = ("PYTEST_BRIDGE_ROUTE_PREFIX", "CI_JOB_NAME", "GITHUB_JOB", "BUILD_TAG")
 MAX_HOST = 253
+STALE_AFTER = 300.0  # seconds: a route pod this old without a client has outlived any restore TTL we set
 
 
 # --- route names (pure) ------------------------------------------------------------------------
@@ -346,14 +347,15 @@ def sweep_stale_routes(
     """Delete route pods and token Secrets of sessions that are gone (the agent has no client)."""
     selector = f"{ro.COMPONENT}=route"
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, namespace, label_selector=selector)
-    existing = set()
     for pod in pods.items:
-        existing.add(pod.metadata.name)
         session = (pod.metadata.labels or {}).get(SESSION_LABEL, "")
-        if pod.metadata.deletion_timestamp or (pod.status.phase == "Running" and alive(session)):
+        if pod.metadata.deletion_timestamp:
             continue
-        if pod.status.phase in ("Pending",) and _age(pod) < 120:
-            continue  # another session is still starting it
+        finished = pod.status.phase in ("Succeeded", "Failed")
+        # A young pod may belong to a session that is still connecting (no client yet): only
+        # finished pods, or ones old enough that their agent should have exited, are stale.
+        if not finished and (_age(pod) < STALE_AFTER or alive(session)):
+            continue
         report(f"removing stale route pod {pod.metadata.name} (session {session})")
         with contextlib.suppress(NotFoundError):
             kube.call(
