@@ -87,6 +87,9 @@ def check_only_own_traffic(route):
     others = get({{}})
     assert others["pod"].startswith("orders-"), others
     assert get({{"kubernetes-route-as": "nobody-000000"}})["pod"].startswith("orders-")
+    # orders' second port (9090 -> "admin") is plain TCP to the router: always the original pods.
+    admin = urllib.request.Request("http://orders.{NAMESPACE}:9090/api", headers=route.header)
+    assert json.load(urllib.request.urlopen(admin, timeout=30))["pod"].startswith("orders-")
 
 
 def hold(route):
