@@ -22,3 +22,8 @@ pytest e2e -p no:cacheprovider "$@"
 
 echo "== demo suite (the main job), bridged" >&2
 pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo
+
+echo "== benchmarks, smoke (python -m bench --quick)" >&2
+# Same cluster, own namespace (bridge-bench). Fails on a lost byte or a failed connection
+# through the bridge, never on a missed speed target; BENCHMARKS.md has the full run.
+python -m bench --quick

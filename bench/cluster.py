@@ -1,0 +1,283 @@
+"""The cluster side of the benchmarks: the private namespace, the bench server pod, port-forwards.
+
+Everything lives in its own namespace (``bridge-bench`` by default), never in ``bridge-demo``
+where the e2e suites run. Objects created here carry ``app.kubernetes.io/managed-by=pytest-bridge-bench``
+and are deleted by :func:`delete_bench_server`; the sample app itself is left in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from e2e.conftest import apply_sample_app
+
+__all__ = [
+    "BENCH_LABELS",
+    "BENCH_PORT",
+    "BENCH_SERVER",
+    "Cluster",
+    "PodInfo",
+    "PortProcess",
+    "create_bench_server",
+    "default_kubectl",
+    "delete_bench_server",
+    "ensure_sample_app",
+    "kubectl_port_forward",
+    "load",
+    "pod_info",
+    "reachable",
+    "wait_settled",
+]
+
+SAMPLE_IMAGE = "localhost/pytest-bridge/sample-app:0.1.0"
+BENCH_SERVER = "bench-echo"
+BENCH_PORT = 9000
+BENCH_LABELS = {
+    "app.kubernetes.io/name": BENCH_SERVER,
+    "app.kubernetes.io/part-of": "pytest-bridge-bench",
+    "app.kubernetes.io/managed-by": "pytest-bridge-bench",
+}
+SAMPLE_DEPLOYMENTS = ("frontend", "orders", "inventory")
+LOADTOOL = Path(__file__).with_name("loadtool.py")
+
+
+CLUSTER_KUBECTL = Path("/var/cache/pytest-bridge/bin/kubectl")
+
+
+def default_kubectl() -> str:
+    """$KUBECTL, else the embedded cluster's own kubectl (same version as the server), else PATH's."""
+    if os.environ.get("KUBECTL"):
+        return os.environ["KUBECTL"]
+    if CLUSTER_KUBECTL.exists():
+        return str(CLUSTER_KUBECTL)
+    return shutil.which("kubectl") or "kubectl"
+
+
+@dataclass
+class Cluster:
+    api: client.ApiClient
+    kubeconfig: str
+    namespace: str
+    kubectl: str
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KUBECONFIG": self.kubeconfig}
+
+
+@dataclass(frozen=True)
+class PodInfo:
+    name: str
+    ip: str
+    uid: str
+    image_id: str = ""
+
+
+def load(kubeconfig: str, namespace: str, kubectl: str) -> Cluster:
+    configuration = client.Configuration()
+    config.load_kube_config(  # type: ignore[no-untyped-call]
+        config_file=kubeconfig, client_configuration=configuration, persist_config=False
+    )
+    return Cluster(client.ApiClient(configuration), kubeconfig, namespace, kubectl)
+
+
+def pod_info(cluster: Cluster, name: str) -> PodInfo:
+    pod: Any = cluster.core.read_namespaced_pod(name, cluster.namespace)
+    image_id = next((s.image_id for s in pod.status.container_statuses or []), "")
+    return PodInfo(pod.metadata.name, pod.status.pod_ip, pod.metadata.uid, image_id)
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def wait_settled(cluster: Cluster, deployment: str, timeout: float = 180.0) -> float:
+    """Until the Deployment is rolled out and Available with exactly its pods Ready, none terminating."""
+    started = time.monotonic()
+    last = "?"
+    while time.monotonic() - started < timeout:
+        dep: Any = cluster.apps.read_namespaced_deployment(deployment, cluster.namespace)
+        status, want = dep.status, dep.spec.replicas or 0
+        available = any(c.type == "Available" and c.status == "True" for c in status.conditions or [])
+        selector = ",".join(f"{k}={v}" for k, v in dep.spec.selector.match_labels.items())
+        pods: list[Any] = cluster.core.list_namespaced_pod(cluster.namespace, label_selector=selector).items
+        if (
+            available
+            and (status.observed_generation or 0) >= dep.metadata.generation
+            and status.updated_replicas == want
+            and status.ready_replicas == want
+            and len(pods) == want
+            and all(_ready(p) and not p.metadata.deletion_timestamp for p in pods)
+        ):
+            return time.monotonic() - started
+        last = f"available={available} updated={status.updated_replicas} ready={status.ready_replicas} pods={len(pods)}"
+        time.sleep(0.2)
+    raise TimeoutError(f"deployment {cluster.namespace}/{deployment} not settled after {timeout:.0f}s ({last})")
+
+
+def ensure_sample_app(cluster: Cluster) -> float:
+    """Server-side apply the sample app into the bench namespace (idempotent) and wait until it is Available."""
+    started = time.monotonic()
+    apply_sample_app(cluster.api, namespace=cluster.namespace)
+    for deployment in SAMPLE_DEPLOYMENTS:
+        wait_settled(cluster, deployment)
+    return time.monotonic() - started
+
+
+def _bench_pod(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": BENCH_SERVER, "namespace": namespace, "labels": dict(BENCH_LABELS)},
+        "spec": {
+            "terminationGracePeriodSeconds": 1,
+            "enableServiceLinks": False,
+            "containers": [
+                {
+                    "name": "server",
+                    "image": SAMPLE_IMAGE,
+                    "imagePullPolicy": "IfNotPresent",
+                    # The sample image has a bare python3: the load tool runs from its source.
+                    "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
+                    "args": ["server", "--port", str(BENCH_PORT)],
+                    "ports": [{"name": "bench", "containerPort": BENCH_PORT}],
+                    "readinessProbe": {"tcpSocket": {"port": BENCH_PORT}, "periodSeconds": 1},
+                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                }
+            ],
+        },
+    }
+
+
+def _bench_service(namespace: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": BENCH_SERVER, "namespace": namespace, "labels": dict(BENCH_LABELS)},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": BENCH_SERVER},
+            "ports": [{"name": "bench", "port": BENCH_PORT, "targetPort": BENCH_PORT}],
+        },
+    }
+
+
+def delete_bench_server(cluster: Cluster, wait: bool = True) -> None:
+    core = cluster.core
+    with contextlib.suppress(ApiException):
+        core.delete_namespaced_service(BENCH_SERVER, cluster.namespace)
+    with contextlib.suppress(ApiException):
+        core.delete_namespaced_pod(BENCH_SERVER, cluster.namespace, grace_period_seconds=0)
+    deadline = time.monotonic() + 60
+    while wait and time.monotonic() < deadline:
+        try:
+            core.read_namespaced_pod(BENCH_SERVER, cluster.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return
+            raise
+        time.sleep(0.2)
+
+
+def create_bench_server(cluster: Cluster, timeout: float = 120.0) -> PodInfo:
+    """A pod of the sample-app image running the load server on :9000, and a Service for it."""
+    delete_bench_server(cluster)
+    core = cluster.core
+    service: Any = _bench_service(cluster.namespace)  # the client takes plain dicts as bodies too
+    pod_body: Any = _bench_pod(cluster.namespace)
+    core.create_namespaced_service(cluster.namespace, service)
+    core.create_namespaced_pod(cluster.namespace, pod_body)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pod: Any = core.read_namespaced_pod(BENCH_SERVER, cluster.namespace)
+        if _ready(pod):
+            return PodInfo(pod.metadata.name, pod.status.pod_ip, pod.metadata.uid)
+        time.sleep(0.2)
+    raise TimeoutError(f"bench server pod {cluster.namespace}/{BENCH_SERVER} not Ready after {timeout:.0f}s")
+
+
+class PortProcess:
+    """A forwarder subprocess (``kubectl port-forward`` or ``bench.pyforward``) and the local port it printed."""
+
+    def __init__(
+        self, argv: list[str], env: dict[str, str], what: str, timeout: float = 30.0, pass_fds: tuple[int, ...] = ()
+    ) -> None:
+        self.what = what
+        self.process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+            pass_fds=pass_fds, cwd=Path(__file__).resolve().parent.parent,
+        )  # fmt: skip
+        self.port = self._wait_for_port(timeout)
+        self.stderr_tail: list[str] = []
+        assert self.process.stderr is not None
+        # Drain both pipes so the forwarder never blocks on a full pipe buffer.
+        threading.Thread(target=self._drain, args=(self.process.stdout,), daemon=True).start()
+        threading.Thread(target=self._drain, args=(self.process.stderr,), daemon=True).start()
+
+    def _wait_for_port(self, timeout: float) -> int:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + timeout
+        pattern = re.compile(r"(?:Forwarding from|listening) 127\.0\.0\.1[: ](\d+)")
+        while time.monotonic() < deadline:
+            line = self.process.stdout.readline()
+            if not line:
+                err = self.process.stderr.read() if self.process.stderr else ""
+                raise RuntimeError(f"{self.what} exited: {err.strip()}")
+            match = pattern.search(line)
+            if match:
+                return int(match.group(1))
+        raise TimeoutError(f"{self.what} printed no port within {timeout:.0f}s")
+
+    def _drain(self, pipe: Any) -> None:
+        for line in pipe:
+            if len(self.stderr_tail) < 50:
+                self.stderr_tail.append(line.rstrip())
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+
+
+def reachable(host: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether this machine can open a TCP connection to host:port (pod IPs: yes on the embedded cluster)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def kubectl_port_forward(cluster: Cluster, target: str, remote_port: int) -> PortProcess:
+    argv = [cluster.kubectl, "port-forward", "-n", cluster.namespace, "--address", "127.0.0.1", target]
+    return PortProcess([*argv, f":{remote_port}"], cluster.env(), f"kubectl port-forward {target}")

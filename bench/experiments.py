@@ -1,0 +1,284 @@
+"""``python -m bench.experiments NAME``: the what-if runs behind the analysis in BENCHMARKS.md.
+
+Not part of ``python -m bench``: each one changes one thing on the side of a live bridge session
+and measures the difference, alternating the variants so that load from other processes on the
+machine hits all of them alike. They use the session's token (a private attribute) to open a
+second tunnel to the same agent, which the agent allows (the most recent client gets the
+cluster -> local streams), so no plugin code is changed to try a variant.
+
+- ``profile``: py-spy on the tunnel client (this process) and the agent, ``perf`` on containerd,
+  while 256 MiB transfers run through the bridge (``--direction to-local|to-cluster``);
+- ``window``: the tunnel client's receive window, 1 (default), 4 and 8 MiB, for cluster -> local;
+- ``transport``: the same agent and multiplexer over ``kubectl port-forward`` (tcp_connector)
+  instead of our websocket port-forward (v4.channel.k8s.io);
+- ``outbound-target``: new-connection latency when the outbound stream names the Service by FQDN
+  (what the session does), by FQDN with a trailing dot, or by its ClusterIP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytest_bridge.plan import LocalPortSpec
+from pytest_bridge.portforward import ApiEndpoint, open_portforward
+from pytest_bridge.session import BridgeSession
+from pytest_bridge.settings import BridgeSettings, NameMappingMode
+from pytest_bridge.tunnel import tcp_connector
+from pytest_bridge.tunnel_thread import BackgroundTunnel
+
+from . import cluster as kc
+from .loadtool import pattern_digest
+from .procstat import CpuMeter, find_pids, pids_in_pod, system_cpu
+
+REPO = Path(__file__).resolve().parent.parent
+TARGET_PORT = 8080
+CONTROL_PORT = 47100
+MIB = 2**20
+
+
+@dataclass
+class Live:
+    cluster: kc.Cluster
+    session: BridgeSession
+    agent: kc.PodInfo
+    local_port: int
+    bench_pod: kc.PodInfo
+
+    def tunnel(self, connect: Any, window: int | None = None) -> BackgroundTunnel:
+        """A second client of the same agent; it gets the cluster -> local streams while it is connected."""
+        options = {"window": window} if window else {}
+        token = self.session._token  # the experiment's own session
+        tunnel = BackgroundTunnel(connect, token, {TARGET_PORT: self.local_port}, **options)
+        tunnel.start()
+        time.sleep(0.3)
+        return tunnel
+
+    def websocket_connector(self) -> Any:
+        endpoint = ApiEndpoint.from_configuration(self.session.client.configuration)
+
+        async def connect() -> Any:
+            forward = await open_portforward(endpoint, self.cluster.namespace, self.agent.name, CONTROL_PORT)
+            return forward.reader, forward.writer
+
+        return connect
+
+
+@contextlib.contextmanager
+def live_bridge(kubeconfig: str, namespace: str) -> Iterator[Live]:
+    c = kc.load(kubeconfig, namespace, kc.default_kubectl())
+    kc.ensure_sample_app(c)
+    pod = kc.create_bench_server(c)
+    reserve = socket.socket()
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    reserve.bind(("127.0.0.1", 0))
+    port = reserve.getsockname()[1]
+    settings = BridgeSettings(
+        services=("orders",), namespace=namespace, kubeconfig=Path(kubeconfig),
+        name_mapping=NameMappingMode.IN_PROCESS, local_ports=(LocalPortSpec(port, TARGET_PORT),),
+    )  # fmt: skip
+    session = BridgeSession(settings)
+    local = None
+    try:
+        session.connect()
+        local = kc.PortProcess(
+            [sys.executable, "-m", "bench.loadtool", "server", "--fd", str(reserve.fileno())],
+            {**os.environ, "PYTHONPATH": str(REPO)}, "local load server", pass_fds=(reserve.fileno(),),
+        )  # fmt: skip
+        reserve.close()
+        agent = kc.pod_info(c, session.services["orders"].agent_pod)
+        yield Live(c, session, agent, port, pod)
+    finally:
+        reserve.close()
+        if local is not None:
+            local.close()
+        session.close()
+        kc.delete_bench_server(c)
+        kc.wait_settled(c, "orders")
+        c.api.close()  # type: ignore[no-untyped-call]
+
+
+def _load(*args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.loadtool", *args], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
+def _transfer(host: str, port: int, direction: str, size: int = 256 * MIB) -> dict[str, Any]:
+    op = "sink" if direction == "to-local" else "source"
+    return _load("throughput", "--host", host, "--port", str(port), "--op", op, "--bytes", str(size),
+                 "--expect", pattern_digest(1, size))  # fmt: skip
+
+
+def _busy(fn: Any) -> tuple[Any, float]:
+    busy0, total0 = system_cpu()
+    result = fn()
+    busy1, total1 = system_cpu()
+    return result, (busy1 - busy0) / (total1 - total0)
+
+
+def window(live: Live, rounds: int) -> None:
+    results: dict[tuple[int, str], list[float]] = collections.defaultdict(list)
+    for i in range(rounds):
+        for size in (1, 4, 8):
+            tunnel = live.tunnel(live.websocket_connector(), window=size * MIB)
+            try:
+                for direction in ("to-local", "to-cluster"):
+                    r, busy = _busy(lambda d=direction: _transfer(live.agent.ip, TARGET_PORT, d))
+                    results[(size, direction)].append(r["mib_per_s"])
+                    print(
+                        f"round {i + 1}: window {size} MiB {direction:<10} {r['mib_per_s']:6.1f} MiB/s busy {busy:.0%}"
+                    )
+            finally:
+                tunnel.stop()
+    for (size, direction), values in sorted(results.items()):
+        print(
+            f"tunnel window {size} MiB, {direction}: median {statistics.median(values):.1f} MiB/s {[round(v) for v in values]}"
+        )
+
+
+def transport(live: Live, rounds: int) -> None:
+    results: dict[tuple[str, str], list[dict[str, float]]] = collections.defaultdict(list)
+    forward = kc.kubectl_port_forward(live.cluster, f"pod/{live.agent.name}", CONTROL_PORT)
+    try:
+        for i in range(rounds):
+            for name in ("websocket v4 (ours)", "kubectl port-forward"):
+                if name.startswith("kubectl"):
+                    connect = tcp_connector("127.0.0.1", forward.port)
+                else:
+                    connect = live.websocket_connector()
+                tunnel = live.tunnel(connect)
+                try:
+                    for direction in ("to-local", "to-cluster"):
+                        meter = CpuMeter({
+                            "tunnel client": [os.getpid()], "kubectl": [forward.pid],
+                            "agent": pids_in_pod(live.agent.uid, "pytest_bridge_agent"),
+                            "kube-apiserver": find_pids("kube-apiserver"), "kubelet": find_pids("kubelet"),
+                            "containerd": find_pids("containerd"),
+                        })  # fmt: skip
+                        meter.start()
+                        r = _transfer(live.agent.ip, TARGET_PORT, direction)
+                        cpu = meter.stop()
+                        per_gib = {k: v / (256 / 1024) for k, v in cpu.items() if k != "machine capacity"}
+                        results[(name, direction)].append({"mib_s": r["mib_per_s"], **per_gib})
+                        print(f"round {i + 1}: {name:<22} {direction:<10} {r['mib_per_s']:6.1f} MiB/s "
+                              f"containerd {per_gib['containerd']:.2f} CPU-s/GiB")  # fmt: skip
+                finally:
+                    tunnel.stop()
+    finally:
+        forward.close()
+    for (name, direction), runs in sorted(results.items()):
+        keys = runs[0].keys()
+        medians = {k: round(statistics.median(r[k] for r in runs), 2) for k in keys}
+        print(f"{name}, {direction}: medians (MiB/s, CPU-s/GiB): {medians}")
+
+
+def outbound_target(live: Live, rounds: int) -> None:
+    service: Any = live.cluster.core.read_namespaced_service(kc.BENCH_SERVER, live.cluster.namespace)
+    service_ip = str(service.spec.cluster_ip)
+    fqdn = f"{kc.BENCH_SERVER}.{live.cluster.namespace}.svc.cluster.local"
+    tunnel = live.tunnel(live.websocket_connector())
+    try:
+        targets = {"FQDN (as the session does)": fqdn, "FQDN with trailing dot": fqdn + ".", "ClusterIP": service_ip}
+        ports = {name: tunnel.serve_outbound("127.0.0.1", 0, host, kc.BENCH_PORT)[1] for name, host in targets.items()}
+        results: dict[str, list[float]] = collections.defaultdict(list)
+        for i in range(rounds):
+            for name, port in ports.items():
+                r = _load("latency", "--host", "127.0.0.1", "--port", str(port), "--mode", "newconn", "--count", "300")
+                results[name].append(r["p50_ms"])
+                print(f"round {i + 1}: {name:<28} new connection p50 {r['p50_ms']:.3f} ms")
+    finally:
+        tunnel.stop()
+    for name, values in results.items():
+        print(f"{name}: new-connection p50, median of {len(values)} runs: {statistics.median(values):.3f} ms")
+
+
+def _collapse(path: Path, only_thread: str | None = None, top: int = 12) -> None:
+    leaf: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, samples = line.rpartition(" ")
+        if only_thread and only_thread not in stack:
+            continue
+        total += int(samples)
+        leaf[stack.split(";")[-1]] += int(samples)
+    print(f"{path.name}: {total} samples, top functions by own time")
+    for name, count in leaf.most_common(top):
+        print(f"  {100 * count / max(total, 1):5.1f}%  {name}")
+
+
+def profile(live: Live, rounds: int, direction: str, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    agent_pid = pids_in_pod(live.agent.uid, "pytest_bridge_agent")[0]
+    seconds = max(5, rounds * 4)
+    profilers = [
+        subprocess.Popen([py_spy, "record", "--pid", str(os.getpid()), "--duration", str(seconds), "--rate", "250",
+                          "--format", "raw", "-o", str(out / "tunnel-client.txt"), "--nonblocking"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+        subprocess.Popen([py_spy, "record", "--pid", str(agent_pid), "--duration", str(seconds), "--rate", "250",
+                          "--format", "raw", "-o", str(out / "agent.txt")],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]  # fmt: skip
+    if shutil.which("perf"):
+        pids = ",".join(map(str, find_pids("containerd")))
+        profilers.append(subprocess.Popen(
+            ["perf", "record", "-F", "499", "-g", "-o", str(out / "containerd.perf"), "-p", pids, "--", "sleep", str(seconds)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+    time.sleep(1)
+    for _ in range(rounds):
+        r = _transfer(live.agent.ip, TARGET_PORT, direction)
+        print(f"{direction}: {r['mib_per_s']:.1f} MiB/s (profiled)")
+    for profiler in profilers:
+        profiler.wait()
+    _collapse(out / "tunnel-client.txt", only_thread="BackgroundTunnel._run_loop")
+    _collapse(out / "agent.txt", only_thread="run_forever")
+    if (out / "containerd.perf").exists():
+        print(f"containerd: perf report -i {out / 'containerd.perf'} --stdio --children --sort symbol -g none")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__)
+    parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target"))
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--direction", choices=("to-local", "to-cluster"), default="to-cluster")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-profile")
+    parser.add_argument("--namespace", default="bridge-bench")
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
+    if args.namespace == "bridge-demo" or not args.kubeconfig:
+        parser.error("needs KUBECONFIG and a namespace other than bridge-demo")
+    with live_bridge(args.kubeconfig, args.namespace) as live:
+        if args.name == "window":
+            window(live, args.rounds)
+        elif args.name == "transport":
+            transport(live, args.rounds)
+        elif args.name == "outbound-target":
+            outbound_target(live, args.rounds)
+        else:
+            profile(live, args.rounds, args.direction, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
