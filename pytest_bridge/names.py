@@ -22,7 +22,7 @@ import enum
 import ipaddress
 import re
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_bridge.errors import NameMappingError
@@ -72,6 +72,8 @@ class Endpoint:
     namespace: str | None
     ports: tuple[EndpointPort, ...]
     headless: bool = False  # headless Services get no service-link variables
+    # The Service's ClusterIP: the agent dials it directly (no DNS lookup per connection).
+    cluster_ip: str | None = field(default=None, compare=False)
 
     @property
     def is_external(self) -> bool:
@@ -96,6 +98,7 @@ class Endpoint:
             namespace=str(meta.get("namespace") or "default"),
             ports=ports,
             headless=spec.get("clusterIP") == "None",
+            cluster_ip=spec.get("clusterIP") if spec.get("clusterIP") not in (None, "", "None") else None,
         )
 
     @classmethod

@@ -538,7 +538,9 @@ class BridgeSession:
             try:
                 for entry in mapping.entries:
                     remote_host = entry.endpoint.name
-                    if entry.endpoint.namespace:
+                    if entry.endpoint.cluster_ip:  # no DNS lookup in the agent per connection
+                        remote_host = entry.endpoint.cluster_ip
+                    elif entry.endpoint.namespace:
                         remote_host = f"{entry.endpoint.name}.{entry.endpoint.namespace}.svc.cluster.local"
                     for port in entry.ports:
                         tunnel.serve_outbound(entry.ip, port.local_port, remote_host, port.remote_port)

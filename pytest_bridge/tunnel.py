@@ -51,6 +51,7 @@ Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWri
 
 # StreamReader buffer for the transport: big enough that a 64 KiB frame never waits on a pause.
 TRANSPORT_READ_LIMIT = 1024 * 1024
+LISTEN_BACKLOG = 4096  # listen(2) backlog of the outbound listeners (connect bursts queue, not fail)
 
 
 class TunnelError(Exception):
@@ -248,7 +249,8 @@ class Tunnel:
             if result.error:
                 log.info("outbound %s stream %d aborted: %s", target, stream.id, result.error)
 
-        server = await asyncio.start_server(connection_handler(handle), bind_host, bind_port)
+        # A deep backlog: bursts of connects (a pool opening hundreds) must queue, not be refused.
+        server = await asyncio.start_server(connection_handler(handle), bind_host, bind_port, backlog=LISTEN_BACKLOG)
         self._servers.append(server)
         host, port = server.sockets[0].getsockname()[:2]
         log.info("outbound %s:%d -> %s", host, port, target)

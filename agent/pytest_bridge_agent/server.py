@@ -43,6 +43,7 @@ __all__ = ["Agent", "AgentConfig", "agent_env", "tar_path"]
 log = logging.getLogger("pytest_bridge_agent")
 
 ENV_PREFIX = "PYTEST_BRIDGE_"
+LISTEN_BACKLOG = 4096  # listen(2) backlog for the service ports: connect bursts queue instead of failing
 
 
 @dataclass
@@ -119,7 +120,10 @@ class Agent:
         self.control_address = control.sockets[0].getsockname()[:2]
         for port in cfg.listen_ports:
             server = await asyncio.start_server(
-                connection_handler(functools.partial(self._on_listen, port)), cfg.bind_host, port
+                connection_handler(functools.partial(self._on_listen, port)),
+                cfg.bind_host,
+                port,
+                backlog=LISTEN_BACKLOG,
             )
             self._servers.append(server)
         self._status_server = await asyncio.start_server(
