@@ -58,3 +58,21 @@ def test_local_orders_runs_with_the_pods_configuration(local_orders: Any) -> Non
     assert env["ORDERS_REGION"] == "eu-demo-1"  # ConfigMap via envFrom
     assert env["API_TOKEN"]  # Secret via secretKeyRef
     assert env["POD_NAMESPACE"] == "bridge-demo"  # fieldRef
+
+
+@pytest.mark.isolated
+def test_my_isolated_route_gets_only_my_traffic(isolated_route: Any, local_orders: Any) -> None:
+    """A route of its own for this test: only requests with its header reach this second local orders."""
+    isolated_route.start(
+        [sys.executable, str(APP)],
+        env={
+            "SERVICE_NAME": "orders",
+            "LISTEN_PORT": str(isolated_route.local_port),
+            "LISTEN_PORT_2": str(isolated_route.local_ports[9091]),
+            "HOSTNAME": "my-route",
+        },
+    )
+    assert _get("http://frontend.bridge-demo/api", route=isolated_route.name)["downstream"][0]["pod"] == "my-route"
+    assert _get("http://frontend.bridge-demo/api")["downstream"][0]["pod"] == "my-laptop", "everyone else: the bridge"
+    result = isolated_route.assert_propagates("frontend", "/api")
+    assert result.reached[:2] == ["frontend", "orders"]

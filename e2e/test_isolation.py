@@ -217,6 +217,16 @@ def settled(kube_api_client: client.ApiClient, sample_app: Any) -> Iterator[dict
         ]
         if not ours and not switched:
             break
+        # A manager left idle by an earlier run (e.g. the demo, default idle 300 s) with no
+        # routes and nothing switched: remove it rather than wait it out.
+        routes = client.CoreV1Api(kube_api_client).list_namespaced_pod(
+            NAMESPACE, label_selector="pytest-bridge.io/component=route"
+        )
+        if not switched and not routes.items:
+            with contextlib.suppress(ApiException):
+                client.AppsV1Api(kube_api_client).delete_namespaced_deployment(
+                    "pytest-bridge-routing-manager", NAMESPACE, propagation_policy="Background"
+                )
         assert time.monotonic() < deadline, state
         time.sleep(1)
     yield state
