@@ -381,3 +381,26 @@ def test_the_shipped_least_privilege_role_is_enough_for_isolated_routes(
         rbac.delete_namespaced_role_binding(name, NAMESPACE)
         rbac.delete_namespaced_role(name, NAMESPACE)
         core.delete_namespaced_service_account(name, NAMESPACE)
+
+
+def test_cleanup_cli_removes_what_a_killed_session_left_at_once(
+    suite: Path, kube_api_client: client.ApiClient, settled: dict[str, Any]
+) -> None:
+    """`pytest-bridge cleanup` does not wait for the TTL: the killed session's route goes now."""
+    run = _pytest(suite, "--bridge-restore-ttl=600", E2E_WAIT="300")
+    (suite / "shared" / "go").write_text("single")
+    marker = suite / "shared" / "connected"
+    deadline = time.monotonic() + 180
+    while not marker.exists():
+        assert run.poll() is None, run.communicate()[0]
+        assert time.monotonic() < deadline, "the inner session never connected"
+        time.sleep(0.2)
+    run.kill()
+    run.communicate(timeout=60)
+    cli = [sys.executable, "-m", "pytest_bridge.cli", "-n", NAMESPACE]
+    status = subprocess.run([*cli, "status"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert f"route: {marker.read_text()} of orders" in status, status
+    cleaned = subprocess.run([*cli, "cleanup"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "deleted: route pod" in cleaned, cleaned
+    restored_in = wait_for_state(kube_api_client, settled, timeout=60)
+    print(f"cleanup CLI: namespace equal to before {restored_in:.1f}s later (TTL was 600 s)")
