@@ -51,6 +51,12 @@ Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWri
 
 # StreamReader buffer for the transport: big enough that a 64 KiB frame never waits on a pause.
 TRANSPORT_READ_LIMIT = 1024 * 1024
+# Cluster -> local: a stream whose local reader keeps up may grow its receive window from
+# DEFAULT_WINDOW to MAX_STREAM_WINDOW (fewer credit round trips over the port-forward);
+# all streams together may grow by at most WINDOW_GROWTH_BUDGET, so stalled readers cannot
+# pin more than streams x DEFAULT_WINDOW + the budget in this process.
+MAX_STREAM_WINDOW = 8 * 1024 * 1024
+WINDOW_GROWTH_BUDGET = 64 * 1024 * 1024
 LISTEN_BACKLOG = 4096  # listen(2) backlog of the outbound listeners (connect bursts queue, not fail)
 
 
@@ -318,6 +324,8 @@ class Tunnel:
             keepalive_timeout=self._keepalive_timeout,
             stats=self._stats,
             name="tunnel",
+            max_window=MAX_STREAM_WINDOW,
+            window_budget=WINDOW_GROWTH_BUDGET,
         )
         mux.start()
         self.connects += 1

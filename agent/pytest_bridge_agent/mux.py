@@ -27,6 +27,7 @@ from .wire import (
     ProtocolError,
     RecvWindow,
     SendCredit,
+    WindowBudget,
     decode_json,
     decode_window,
     encode_frame,
@@ -82,12 +83,15 @@ class MuxStats:
 class MuxStream:
     """One bidirectional stream: StreamReader-like and StreamWriter-like at once."""
 
-    def __init__(self, mux: Mux, stream_id: int, request: dict[str, Any], send_window: int, recv_window: int):
+    def __init__(
+        self, mux: Mux, stream_id: int, request: dict[str, Any], send_window: int, recv_window: int,
+        *, max_window: int | None = None, budget: WindowBudget | None = None,
+    ):  # fmt: skip
         self.id = stream_id
         self.request = request
         self._mux = mux
         self._credit = SendCredit(send_window)
-        self._window = RecvWindow(recv_window)
+        self._window = RecvWindow(recv_window, max_window, budget)
         self._recv: deque[bytes] = deque()
         self._recv_bytes = 0
         self._eof_received = False
@@ -338,6 +342,7 @@ class MuxStream:
     def _finish(self) -> None:
         if not self._finished.is_set():
             self._finished.set()
+            self._window.release()
             self._mux._forget(self)
 
 
@@ -360,11 +365,17 @@ class Mux:
         keepalive_timeout: float = 30.0,
         stats: MuxStats | None = None,
         name: str = "mux",
+        max_window: int | None = None,
+        window_budget: int = 0,
     ) -> None:
         self._reader = reader
         self._writer = writer
         self._peer_window = peer_window
         self._window = window
+        # Receive windows may grow up to max_window while their readers keep up, within a
+        # connection-wide budget (see WindowBudget); without one they stay at ``window``.
+        self._max_window = max_window
+        self._budget = WindowBudget(window_budget) if max_window and window_budget > 0 else None
         self._on_open = on_open
         self._keepalive_interval = keepalive_interval
         self._keepalive_timeout = keepalive_timeout
@@ -407,7 +418,9 @@ class Mux:
             raise ConnectionLost(f"peer is going away: {self.goaway_reason}")
         stream_id = self._next_id
         self._next_id += 2
-        stream = MuxStream(self, stream_id, request, self._peer_window, self._window)
+        stream = MuxStream(
+            self, stream_id, request, self._peer_window, self._window, max_window=self._max_window, budget=self._budget
+        )
         self._streams[stream_id] = stream
         self.stats.streams_open += 1
         self.stats.streams_total += 1
@@ -591,7 +604,9 @@ class Mux:
             raise ProtocolError(f"OPEN with invalid stream id {sid}")
         if self.closed.is_set():
             return
-        stream = MuxStream(self, sid, request, self._peer_window, self._window)
+        stream = MuxStream(
+            self, sid, request, self._peer_window, self._window, max_window=self._max_window, budget=self._budget
+        )
         self._streams[sid] = stream
         self.stats.streams_open += 1
         self.stats.streams_total += 1

@@ -40,6 +40,7 @@ __all__ = [
     "ProtocolError",
     "RecvWindow",
     "SendCredit",
+    "WindowBudget",
     "decode_json",
     "decode_window",
     "encode_frame",
@@ -190,18 +191,43 @@ class SendCredit:
         self.available += increment
 
 
+class WindowBudget:
+    """Bytes a connection may add to its streams' receive windows beyond their initial size.
+
+    Streams whose reader keeps up grow their window (fewer round trips per byte on a
+    high-latency tunnel); the budget bounds what all of them together may hold on top of
+    the initial windows, so many stalled streams cannot pin unbounded memory.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.available = total
+
+    def take(self, want: int) -> int:
+        granted = max(0, min(want, self.available))
+        self.available -= granted
+        return granted
+
+    def give(self, n: int) -> None:
+        self.available += n
+
+
 class RecvWindow:
     """Receive-side accounting for one stream.
 
     ``received`` enforces the credit we granted; ``consumed`` returns the increment to send back
-    once enough has been drained (a quarter of the window), batching WINDOW frames.
+    once enough has been drained (a quarter of the window), batching WINDOW frames. With a
+    ``budget``, a stream whose reader drains it grows its window (doubling, up to ``max_window``);
+    :meth:`release` returns the growth when the stream ends.
     """
 
-    def __init__(self, window: int) -> None:
+    def __init__(self, window: int, max_window: int | None = None, budget: WindowBudget | None = None) -> None:
         self.window = window
         self.remaining = window  # what the peer may still send before we grant more
         self._unacked = 0  # consumed but not yet granted back
         self._threshold = max(1, window // 4)
+        self._max_window = max(window, max_window or window)
+        self._budget = budget
+        self._grown = 0
 
     def received(self, n: int) -> None:
         if n > self.remaining:
@@ -213,5 +239,18 @@ class RecvWindow:
         if self._unacked < self._threshold:
             return 0
         increment, self._unacked = self._unacked, 0
+        if self._budget is not None and self.window < self._max_window:
+            extra = self._budget.take(min(self.window, self._max_window - self.window))
+            if extra:
+                self.window += extra
+                self._grown += extra
+                self._threshold = max(1, self.window // 4)
+                increment += extra
         self.remaining += increment
         return increment
+
+    def release(self) -> None:
+        """The stream is done: give its growth back to the budget."""
+        if self._budget is not None and self._grown:
+            self._budget.give(self._grown)
+            self._grown = 0

@@ -18,6 +18,7 @@ from pytest_bridge_agent.wire import (
     ProtocolError,
     RecvWindow,
     SendCredit,
+    WindowBudget,
     decode_json,
     decode_window,
     encode_frame,
@@ -208,3 +209,25 @@ async def test_mux_sender_stops_at_the_granted_window() -> None:
         server.close()
         await client.wait_closed()
         await server.wait_closed()
+
+
+def test_a_draining_stream_grows_its_window_within_the_budget() -> None:
+    budget = WindowBudget(10)
+    window = RecvWindow(4, max_window=16, budget=budget)
+    window.received(4)
+    assert window.consumed(1) == 5  # a quarter drained: grant it back plus 4 more (window 4 -> 8)
+    assert window.window == 8 and budget.available == 6
+    window.received(5)
+    assert window.consumed(2) == 8  # threshold 2: grant 2 + 6 (the rest of the budget), window 14
+    assert window.window == 14 and budget.available == 0
+    window.received(8)
+    assert window.consumed(14) == 14  # no budget left: no more growth
+    window.release()
+    assert budget.available == 10
+
+
+def test_without_a_budget_the_window_stays_put() -> None:
+    window = RecvWindow(4, max_window=16)
+    window.received(4)
+    assert window.consumed(4) == 4
+    assert window.window == 4
