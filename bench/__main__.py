@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--only NAME] [--out results.json] [--markdown FILE]``.
 
 Exit status: 0 when every bridge transfer arrived intact; 1 when the bridge lost or corrupted
-bytes or a bridged connection failed (in any mode); 2 when the benchmark itself could not run
+bytes, a bridged connection failed, a routed request reached the wrong side, or isolated routing
+was left in the namespace (in any mode); 2 when the benchmark itself could not run
 (no cluster, setup failed). Missed speed targets are reported, never a failure.
 """
 
@@ -34,7 +35,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke mode: 8 MiB transfers, one repetition, about 20 s; fails only on errors or lost bytes",
+        help="smoke mode: 8 MiB transfers, one repetition, one isolated route; about 25 s; fails only on errors",
     )
     parser.add_argument(
         "--only", action="append", default=[], metavar="NAME",

@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from e2e.conftest import apply_sample_app
 
 __all__ = [
+    "BENCH_HTTP",
     "BENCH_LABELS",
     "BENCH_PORT",
     "BENCH_SERVER",
@@ -34,12 +35,16 @@ __all__ = [
     "PortProcess",
     "create_bench_server",
     "default_kubectl",
+    "delete_bench_http",
     "delete_bench_server",
+    "ensure_bench_http",
     "ensure_sample_app",
     "kubectl_port_forward",
     "load",
     "pod_info",
     "reachable",
+    "routing_leftovers",
+    "wait_routing_clean",
     "wait_settled",
 ]
 
@@ -52,6 +57,10 @@ BENCH_LABELS = {
     "app.kubernetes.io/managed-by": "pytest-bridge-bench",
 }
 SAMPLE_DEPLOYMENTS = ("frontend", "orders", "inventory")
+# A Deployment + Service of the load server speaking HTTP on a port named `http`, so the routing
+# manager can put a router in front of it (router overhead: the same server software on every path).
+BENCH_HTTP = "bench-http"
+BENCH_HTTP_PORT = 8080
 LOADTOOL = Path(__file__).with_name("loadtool.py")
 
 
@@ -267,6 +276,116 @@ class PortProcess:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(timeout=10)
+
+
+# ----------------------------------------------------------------------------- routing (isolated routes)
+
+
+def _bench_http_objects(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    labels = {**BENCH_LABELS, "app.kubernetes.io/name": BENCH_HTTP}
+    selector = {"app.kubernetes.io/name": BENCH_HTTP}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": BENCH_HTTP, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "terminationGracePeriodSeconds": 1,
+                    "enableServiceLinks": False,
+                    "containers": [
+                        {
+                            "name": "server",
+                            "image": SAMPLE_IMAGE,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
+                            "args": ["server", "--port", str(BENCH_HTTP_PORT), "--name", "pod"],
+                            "ports": [{"name": "http", "containerPort": BENCH_HTTP_PORT}],
+                            "readinessProbe": {"tcpSocket": {"port": BENCH_HTTP_PORT}, "periodSeconds": 1},
+                            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+                        }
+                    ],
+                },
+            },
+        },
+    }
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": BENCH_HTTP, "namespace": namespace, "labels": labels},
+        "spec": {"selector": selector, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
+    return deployment, service
+
+
+def ensure_bench_http(cluster: Cluster) -> PodInfo:
+    """The HTTP load server as a Deployment + Service (server-side applied, so re-runs reuse it)."""
+    deployment, service = _bench_http_objects(cluster.namespace)
+    body: Any = deployment
+    cluster.apps.patch_namespaced_deployment(
+        BENCH_HTTP, cluster.namespace, body, field_manager="pytest-bridge-bench", force=True,
+        _content_type="application/apply-patch+yaml",
+    )  # fmt: skip
+    body = service
+    cluster.core.patch_namespaced_service(
+        BENCH_HTTP, cluster.namespace, body, field_manager="pytest-bridge-bench", force=True,
+        _content_type="application/apply-patch+yaml",
+    )  # fmt: skip
+    wait_settled(cluster, BENCH_HTTP)
+    pods: Any = cluster.core.list_namespaced_pod(
+        cluster.namespace, label_selector=f"app.kubernetes.io/name={BENCH_HTTP}"
+    )
+    pod = next(p for p in pods.items if not p.metadata.deletion_timestamp)
+    return PodInfo(pod.metadata.name, pod.status.pod_ip, pod.metadata.uid)
+
+
+def delete_bench_http(cluster: Cluster) -> None:
+    with contextlib.suppress(ApiException):
+        cluster.core.delete_namespaced_service(BENCH_HTTP, cluster.namespace)
+    with contextlib.suppress(ApiException):
+        cluster.apps.delete_namespaced_deployment(BENCH_HTTP, cluster.namespace, propagation_policy="Background")
+
+
+ROUTING_COMPONENT = "pytest-bridge.io/component"
+MANAGER = "pytest-bridge-routing-manager"
+
+
+def routing_leftovers(cluster: Cluster, manager: bool = True) -> list[str]:
+    """What isolated routing still has in the namespace: route pods, routers, switched Services, the manager."""
+    core, apps = cluster.core, cluster.apps
+    ns = cluster.namespace
+    left: list[str] = []
+    pods: Any = core.list_namespaced_pod(ns, label_selector=ROUTING_COMPONENT)
+    for pod in pods.items:
+        component = (pod.metadata.labels or {}).get(ROUTING_COMPONENT)
+        if component == "routing-manager" and not manager:
+            continue
+        left.append(f"pod {pod.metadata.name} ({component})")
+    deployments: Any = apps.list_namespaced_deployment(ns, label_selector=ROUTING_COMPONENT)
+    for dep in deployments.items:
+        if dep.metadata.name == MANAGER and not manager:
+            continue
+        left.append(f"deployment {dep.metadata.name}")
+    services: Any = core.list_namespaced_service(ns)
+    for svc in services.items:
+        if "pytest-bridge.io/original-selector" in (svc.metadata.annotations or {}):
+            left.append(f"service {svc.metadata.name} switched to its router")
+        elif (svc.metadata.labels or {}).get(ROUTING_COMPONENT):
+            left.append(f"service {svc.metadata.name}")
+    return left
+
+
+def wait_routing_clean(cluster: Cluster, timeout: float = 90.0, manager: bool = True) -> tuple[float, list[str]]:
+    """Seconds until nothing of isolated routing is left (``manager``: the manager gone too) and what is left."""
+    started = time.monotonic()
+    while True:
+        left = routing_leftovers(cluster, manager=manager)
+        if not left or time.monotonic() - started > timeout:
+            return time.monotonic() - started, left
+        time.sleep(0.2)
 
 
 def reachable(host: str, port: int, timeout: float = 3.0) -> bool:

@@ -9,6 +9,13 @@ Every connection starts with one ASCII header line that says what it is for:
 ``ECHO <n>``            the server echoes exactly n bytes back as they arrive, then closes.
 ``RR <size>``           request/response: read ``size`` bytes, send them back, until EOF.
 
+A first line that is an HTTP/1.x request line switches the connection to HTTP/1.1 (kept alive),
+for paths that go through the routing proxy (nginx), which only passes HTTP on routed ports:
+``POST /sink`` (answers ``OK <n> <sha256>``), ``GET /source?bytes=<n>&seed=<s>``, ``POST /echo``
+(the body back); anything else answers ``ok``. Every answer carries ``X-Bench-Server: <--name>``
+and ``X-Bench-Route: <the kubernetes-route-as header received>``, so a client can tell which
+server a request reached.
+
 Nothing here relies on half-close (the Kubernetes port-forward protocol has none), so every
 path of the benchmarks carries the same byte stream. Clients print one JSON object on stdout.
 """
@@ -96,7 +103,9 @@ def _serve_connection(conn: socket.socket) -> None:
         try:
             words, rest = _read_header(conn)
             command = words[0]
-            if command == "SINK":
+            if len(words) == 3 and words[2].startswith("HTTP/1."):
+                _serve_http(conn, words, rest)
+            elif command == "SINK":
                 _sink(conn, int(words[1]), rest)
             elif command == "SOURCE":
                 _source(conn, int(words[1]), int(words[2]))
@@ -159,6 +168,121 @@ def _request_response(conn: socket.socket, size: int, rest: bytes) -> None:
             pending += chunk
         conn.sendall(pending[:size])
         del pending[:size]
+
+
+# ----------------------------------------------------------------------------- HTTP (through the router)
+
+HTTP_HEAD_LIMIT = 64 * 1024
+SERVER_NAME = os.environ.get("BENCH_SERVER_NAME", "loadtool")
+ROUTE_HEADER = "kubernetes-route-as"
+
+
+class _Reader:
+    """Buffered reads from a socket: HTTP heads and bodies (no chunked encoding; nothing here sends it)."""
+
+    def __init__(self, sock: socket.socket, data: bytes = b"") -> None:
+        self.sock = sock
+        self.buffer = bytearray(data)
+
+    def head(self) -> bytes | None:
+        """Up to and including the blank line; None on a clean EOF before any byte."""
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                head = bytes(self.buffer[: end + 4])
+                del self.buffer[: end + 4]
+                return head
+            if len(self.buffer) > HTTP_HEAD_LIMIT:
+                raise ValueError("HTTP head too long")
+            chunk = self.sock.recv(64 * 1024)
+            if not chunk:
+                if self.buffer:
+                    raise ConnectionError(f"closed inside an HTTP head ({len(self.buffer)} bytes)")
+                return None
+            self.buffer += chunk
+
+    def body(self, n: int, consume: Any, chunk_size: int = RECV) -> int:
+        """Pass ``n`` body bytes to ``consume`` (a callable taking a memoryview); returns bytes seen."""
+        got = 0
+        if self.buffer:
+            first = bytes(self.buffer[:n])
+            del self.buffer[: len(first)]
+            consume(memoryview(first))
+            got = len(first)
+        scratch = bytearray(min(chunk_size, max(n, 1)))
+        view = memoryview(scratch)
+        while got < n:
+            k = self.sock.recv_into(view, min(len(scratch), n - got))
+            if not k:
+                break
+            consume(view[:k])
+            got += k
+        return got
+
+
+def _parse_head(head: bytes) -> tuple[str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+    return lines[0], headers
+
+
+def _http_answer(conn: socket.socket, status: str, body: bytes | None, length: int, route: str) -> None:
+    head = (
+        f"HTTP/1.1 {status}\r\nContent-Length: {length}\r\nContent-Type: application/octet-stream\r\n"
+        f"X-Bench-Server: {SERVER_NAME}\r\nX-Bench-Route: {route}\r\n\r\n"
+    ).encode()
+    conn.sendall(head + body if body is not None else head)
+
+
+def _serve_http(conn: socket.socket, words: list[str], rest: bytes) -> None:
+    reader = _Reader(conn, rest)
+    # _read_header took the request line; the header lines (if any) and the blank line follow.
+    if reader.buffer.startswith(b"\r\n"):
+        del reader.buffer[:2]
+        headers: dict[str, str] = {}
+    else:
+        head = reader.head()
+        if head is None:
+            return
+        _, headers = _parse_head(b"-\r\n" + head)
+    while True:
+        method, target = words[0], words[1]
+        route = headers.get(ROUTE_HEADER, "")
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            _http_answer(conn, "411 Length Required", b"", 0, route)
+            return
+        length = int(headers.get("content-length") or 0)
+        path, _, query = target.partition("?")
+        params = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        if path == "/sink":
+            digest = hashlib.sha256()
+            got = reader.body(length, digest.update)
+            reply = f"OK {got} {digest.hexdigest()}\n".encode()
+            _http_answer(conn, "200 OK", reply, len(reply), route)
+        elif path == "/source" and method == "GET":
+            size, seed = int(params.get("bytes", "0")), int(params.get("seed", "1"))
+            _http_answer(conn, "200 OK", None, size, route)
+            _source(conn, size, seed)
+        elif path == "/echo":
+            body = bytearray()
+            reader.body(length, body.extend)
+            _http_answer(conn, "200 OK", bytes(body), len(body), route)
+        else:
+            reader.body(length, lambda view: None)
+            _http_answer(conn, "200 OK", b"ok\n", 3, route)
+        if headers.get("connection", "").lower() == "close":
+            return
+        head = reader.head()
+        if head is None:
+            return
+        request_line, headers = _parse_head(head)
+        words = request_line.split()
+        if len(words) != 3:
+            return
 
 
 def serve(host: str, port: int, fd: int | None = None) -> None:
@@ -315,6 +439,151 @@ def latency(host: str, port: int, *, mode: str, count: int, size: int, warmup: i
     }
 
 
+def _http_request_head(method: str, path: str, headers: dict[str, str], length: int | None) -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: bench"]
+    lines += [f"{key}: {value}" for key, value in headers.items()]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _http_response(reader: _Reader) -> tuple[int, dict[str, str]]:
+    head = reader.head()
+    if head is None:
+        raise ConnectionError("closed before the response")
+    status_line, headers = _parse_head(head)
+    parts = status_line.split()
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+        raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+    if "content-length" not in headers:
+        raise ValueError(f"response without Content-Length: {status_line[:80]!r}")
+    return int(parts[1]), headers
+
+
+def http_throughput(
+    host: str,
+    port: int,
+    *,
+    op: str,
+    size: int,
+    seed: int,
+    timeout: float,
+    headers: dict[str, str],
+    expected: str | None = None,
+) -> dict[str, Any]:
+    """Like :func:`throughput`, over HTTP/1.1: ``sink`` POSTs ``size`` bytes to /sink, ``source`` GETs them."""
+    expected = expected or pattern_digest(seed, size)
+    block = memoryview(pattern(seed))
+    cpu0 = cpu_seconds()
+    started = time.perf_counter()
+    got, ok, error, server = 0, False, None, ""
+    try:
+        with _connect(host, port, timeout) as sock:
+            reader = _Reader(sock)
+            if op == "sink":
+                sock.sendall(_http_request_head("POST", "/sink", headers, size))
+                left = size
+                while left:
+                    n = min(left, BLOCK)
+                    sock.sendall(block[:n])
+                    left -= n
+                status, reply_headers = _http_response(reader)
+                server = reply_headers.get("x-bench-server", "")
+                parts: list[bytes] = []
+                reader.body(int(reply_headers["content-length"]), lambda view: parts.append(bytes(view)))
+                words = b"".join(parts).decode(errors="replace").split()
+                got = int(words[1]) if status == 200 and len(words) == 3 and words[0] == "OK" else 0
+                ok = got == size and words[2] == expected
+                if not ok:
+                    error = f"HTTP {status}, server saw {words!r}, expected OK {size} {expected}"
+            else:
+                sock.sendall(_http_request_head("GET", f"/source?bytes={size}&seed={seed}", headers, None))
+                status, reply_headers = _http_response(reader)
+                server = reply_headers.get("x-bench-server", "")
+                digest = hashlib.sha256()
+                got = reader.body(min(size, int(reply_headers["content-length"])), digest.update)
+                ok = status == 200 and got == size and digest.hexdigest() == expected
+                if not ok:
+                    error = f"HTTP {status}, received {got} of {size} bytes, sha256 {'ok' if digest.hexdigest() == expected else 'differs'}"
+    except (OSError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    seconds = time.perf_counter() - started
+    return {
+        "op": op, "bytes": size, "received_or_acknowledged": got, "seconds": seconds,
+        "mib_per_s": size / seconds / 2**20 if ok else 0.0, "ok": ok, "error": error, "server": server,
+        "client_cpu_seconds": cpu_seconds() - cpu0,
+    }  # fmt: skip
+
+
+def http_latency(
+    host: str,
+    port: int,
+    *,
+    mode: str,
+    count: int,
+    size: int,
+    warmup: int,
+    timeout: float,
+    headers: dict[str, str],
+    path: str = "/echo",
+    expect_server: str | None = None,
+) -> dict[str, Any]:
+    """Like :func:`latency`, over HTTP/1.1: POST ``size`` bytes to ``path``, which echoes them.
+
+    ``expect_server``: every reply must carry this ``X-Bench-Server`` (which side answered), else
+    it counts as an error; a server without that header (the sample app) is named ``-``.
+    """
+    payload = random.Random(7).randbytes(size)
+    request = _http_request_head("POST", path, headers, size) + payload
+    samples: list[float] = []
+    errors: list[str] = []
+    servers: dict[str, int] = {}
+
+    def round_trip(sock: socket.socket, reader: _Reader) -> None:
+        sock.sendall(request)
+        status, reply_headers = _http_response(reader)
+        parts: list[bytes] = []
+        reader.body(int(reply_headers["content-length"]), lambda view: parts.append(bytes(view)))
+        server = reply_headers.get("x-bench-server", "-")
+        servers[server] = servers.get(server, 0) + 1
+        if status != 200 or b"".join(parts) != payload:
+            raise ValueError(f"HTTP {status}: reply differs from the request")
+        if expect_server is not None and server != expect_server:
+            raise ValueError(f"answered by {server!r}, not {expect_server!r}")
+
+    if mode == "keepalive":
+        try:
+            with _connect(host, port, timeout) as sock:
+                sock.settimeout(timeout)
+                reader = _Reader(sock)
+                for i in range(warmup + count):
+                    started = time.perf_counter_ns()
+                    round_trip(sock, reader)
+                    if i >= warmup:
+                        samples.append((time.perf_counter_ns() - started) / 1e6)
+        except (OSError, ValueError) as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    else:
+        for i in range(warmup + count):
+            started = time.perf_counter_ns()
+            try:
+                with _connect(host, port, timeout) as sock:
+                    sock.settimeout(timeout)
+                    round_trip(sock, _Reader(sock))
+            except (OSError, ValueError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if i >= warmup:
+                samples.append((time.perf_counter_ns() - started) / 1e6)
+    ordered = sorted(samples)
+    return {
+        "mode": mode, "size": size, "count": len(samples), "errors": len(errors), "first_errors": errors[:3],
+        "servers": servers, "p50_ms": _percentile(ordered, 50), "p90_ms": _percentile(ordered, 90),
+        "p99_ms": _percentile(ordered, 99), "max_ms": ordered[-1] if ordered else float("nan"),
+        "ok": not errors and len(samples) == count,
+    }  # fmt: skip
+
+
 async def _concurrency(
     host: str, port: int, *, connections: int, size: int, seed: int, limit_s: float
 ) -> dict[str, Any]:
@@ -406,17 +675,23 @@ def main(argv: list[str] | None = None) -> int:
     server.add_argument("--host", default="0.0.0.0")
     server.add_argument("--port", type=int, default=9000)
     server.add_argument("--fd", type=int, help="serve on this inherited, bound socket instead")
-    for name in ("throughput", "latency", "concurrency"):
+    server.add_argument("--name", help="X-Bench-Server of HTTP answers (default: $BENCH_SERVER_NAME or loadtool)")
+    for name in ("throughput", "latency", "concurrency", "http-throughput", "http-latency"):
         p = sub.add_parser(name)
         p.add_argument("--host", required=True)
         p.add_argument("--port", type=int, required=True)
         p.add_argument("--timeout", type=float, default=120.0)
         p.add_argument("--seed", type=int, default=1)
-        if name == "throughput":
+        if name.startswith("http-"):
+            p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE")
+        if name == "http-latency":
+            p.add_argument("--path", default="/echo")
+            p.add_argument("--expect-server", help="every reply must carry this X-Bench-Server")
+        if name in ("throughput", "http-throughput"):
             p.add_argument("--op", choices=("sink", "source"), required=True)
             p.add_argument("--bytes", type=int, required=True)
             p.add_argument("--expect", help="sha256 of the stream, if known (see pattern_digest)")
-        elif name == "latency":
+        elif name in ("latency", "http-latency"):
             p.add_argument("--mode", choices=("keepalive", "newconn"), required=True)
             p.add_argument("--count", type=int, default=1000)
             p.add_argument("--size", type=int, default=100)
@@ -426,9 +701,22 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--bytes", type=int, default=32 * 1024)
     args = parser.parse_args(argv)
     if args.command == "server":
+        global SERVER_NAME  # noqa: PLW0603 - the one setting of this process's HTTP answers
+        SERVER_NAME = args.name or SERVER_NAME
         serve(args.host, args.port, args.fd)
         return 0
-    if args.command == "throughput":
+    headers = dict(h.split(":", 1) for h in getattr(args, "header", []))
+    if args.command == "http-throughput":
+        result = http_throughput(
+            args.host, args.port, op=args.op, size=args.bytes, seed=args.seed, timeout=args.timeout,
+            headers=headers, expected=args.expect,
+        )  # fmt: skip
+    elif args.command == "http-latency":
+        result = http_latency(
+            args.host, args.port, mode=args.mode, count=args.count, size=args.size, warmup=args.warmup,
+            timeout=args.timeout, headers=headers, path=args.path, expect_server=args.expect_server,
+        )  # fmt: skip
+    elif args.command == "throughput":
         result = throughput(
             args.host,
             args.port,

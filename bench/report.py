@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .stats import Summary
+from .stats import Summary, summarize
 
 __all__ = ["evaluate", "render"]
 
@@ -14,6 +14,7 @@ BASELINES = {"bridge in": "kubectl pf pod", "bridge out": "kubectl pf svc"}
 THROUGHPUT_SHARE = 0.90
 ADDED_P50_MS = 1.0
 WARM_CONNECT_S = 5.0
+PER_TEST_ROUTE_S = 2.0
 GIB = 2**30
 
 
@@ -82,6 +83,12 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             "measured": f"{errors} errors, {lost} bytes lost, {corrupt} corrupt ({len(runs)} runs)",
             "met": errors == 0 and lost == 0 and corrupt == 0,
         })  # fmt: skip
+    warm = _median(results.get("isolated_route", {}).get("warm", {}).get("summary", {}).get("route_live_s"))
+    targets.append({
+        "target": f"per-test isolated route live <= {PER_TEST_ROUTE_S:g} s (median, warm: manager and router running)",
+        "measured": f"{warm:.2f} s" if warm is not None else "not measured",
+        "met": None if warm is None else warm <= PER_TEST_ROUTE_S,
+    })  # fmt: skip
     return targets
 
 
@@ -107,6 +114,10 @@ def render(results: dict[str, Any]) -> str:
     out += _cpu(results)
     out += _latency(results)
     out += _concurrency(results)
+    out += _isolated(results)
+    out += _router(results)
+    out += _scale(results)
+    out += _smoke(results)
     targets = results.get("targets") or evaluate(results)
     out += ["**Targets**", ""]
     out += _table(
@@ -252,3 +263,158 @@ def _concurrency(results: dict[str, Any]) -> list[str]:
     )
     header = ["path", "N", "errors", "bytes lost", "corrupt", "seconds", "slowest connect ms", "listen drops", "RSS"]
     return [title, "", *_table(header, rows), ""]
+
+
+def _isolated(results: dict[str, Any]) -> list[str]:
+    data = results.get("isolated_route")
+    if not data:
+        return []
+    cold, warm = data["cold"]["summary"], data["warm"]["summary"]
+    rows: list[list[str]] = []
+    labels_cold = {
+        "connect_s": "`BridgeSession(isolate=True).connect()`, no routing manager in the namespace (cold)",
+        "route_pod_ready_s": "… route pod serving (running, containers started)",
+        "route_live_s": "… route live (canary with the header back through the router)",
+        "close_s": "`close()`",
+        "restored_s": "… until the manager restored the Service and deleted the routers",
+        "manager_gone_s": f"… until the manager removed itself (routing_idle {data['routing_idle_s']:g} s)",
+    }
+    labels_warm = {
+        "route_live_s": "per-test `open_route(per_test=True)`, manager and router running (warm): route live",
+        "route_pod_ready_s": "… route pod serving",
+        "open_s": "… `open_route` returned (live + env/file import)",
+        "close_s": "`close_route()`",
+    }
+    for summary, labels in ((cold, labels_cold), (warm, labels_warm)):
+        for key, label in labels.items():
+            if key in summary:
+                rows.append([label, _summary(summary[key]).fmt(2, " s")])
+    out = [f"**Isolated route time**, service `{data['service']}` (median (min-max, n))", ""]
+    out += [*_table(["what", "time"], rows), ""]
+    phases = sorted(
+        set(cold.get("breakdown", {})) | set(warm.get("breakdown", {})),
+        key=lambda k: (not k.startswith("at:"), _median(warm.get("breakdown", {}).get(k)) or 99.0),
+    )
+
+    def step(key: str) -> str:
+        if key.startswith("at: "):
+            return key.removeprefix("at: ")
+        if key.startswith("close: "):
+            return f"`close_route`: time in {key.removeprefix('close: ')}"
+        return f"time in {key.removeprefix('in: ')}"
+
+    prows = [
+        [step(k), _summary(warm.get("breakdown", {}).get(k)).fmt(3), _summary(cold.get("breakdown", {}).get(k)).fmt(3)]
+        for k in phases
+    ]
+    out += [
+        "**Where a route's time goes**: seconds from the start of `open_route` until each step was seen "
+        "(plugin calls timed in the bench process; pod status by a watch; router config by a ConfigMap "
+        "watch and the router's `/healthz` polled every 20 ms), then time spent in each plugin call",
+        "",
+        *_table(["step", "per-test (warm)", "first route (cold)"], prows),
+        "",
+    ]
+    return out
+
+
+def _router(results: dict[str, Any]) -> list[str]:
+    data = results.get("router")
+    if not data or not data.get("latency"):
+        return []
+    paths = data["paths"]
+    rows = []
+    for name, modes in data["latency"].items():
+        row = [name]
+        base = paths.get(name, {}).get("baseline")
+        for mode in ("keepalive", "newconn"):
+            entry = modes.get(mode, {})
+            row += [_summary(entry.get("p50_ms")).fmt(3), _summary(entry.get("p99_ms")).fmt(3)]
+            ours = _median(entry.get("p50_ms"))
+            theirs = _median(data["latency"].get(base, {}).get(mode, {}).get("p50_ms")) if base else None
+            row.append(f"{ours - theirs:+.3f}" if ours is not None and theirs is not None else "")
+        row.append(str(sum(int(modes.get(m, {}).get("errors", 0)) for m in ("keepalive", "newconn"))))
+        rows.append(row)
+    counts = data.get("counts", {})
+    out = [
+        f"**Router latency**, ms, HTTP/1.1 POST of 100 bytes echoed; kept-alive: {counts.get('keepalive')} requests, "
+        f"new connection: {counts.get('newconn')} per run; median of {data.get('latency_reps')} runs' percentiles; "
+        "added: over the same server without the router",
+        "",
+        *_table(["path", "kept-alive p50", "p99", "added p50", "new conn p50", "p99", "added p50", "errors"], rows),
+        "",
+    ]
+    trows = []
+    for name, directions in data.get("throughput", {}).items():
+        row = [name]
+        base = paths.get(name, {}).get("baseline")
+        for direction in ("to server", "from server"):
+            entry = directions.get(direction, {})
+            text = _summary(entry.get("summary")).fmt(1)
+            ours = _median(entry.get("summary"))
+            theirs = _median(data["throughput"].get(base, {}).get(direction, {}).get("summary")) if base else None
+            if ours is not None and theirs:
+                text += f" = {ours / theirs:.0%}"
+            if entry.get("errors"):
+                text += f" ({len(entry['errors'])} failed)"
+            row.append(text)
+        trows.append(row)
+    if trows:
+        out += [
+            f"**Router throughput**, MiB/s, one {data['bytes'] / 2**20:.0f} MiB HTTP body each way (POST /sink, "
+            f"GET /source), sha256-checked, {data.get('transfer_reps')} runs; % of the same path without the router",
+            "",
+            *_table(["path", "to server (upload)", "from server (download)"], trows),
+            "",
+        ]
+    return out
+
+
+def _scale(results: dict[str, Any]) -> list[str]:
+    data = results.get("route_scale")
+    if not data:
+        return []
+    samples = data.get("samples", [])
+    rows = []
+    wanted = sorted({1, 10, 50, len(samples)} & {s["n"] for s in samples})
+    for n in wanted:
+        sample = samples[n - 1]
+        rows.append([str(n), f"{sample['live_s']:.2f}", f"{sample['pod_ready_s']:.2f}", f"{sample['open_s']:.2f}"])
+    out = [
+        f"**Scale**: routes of `{data['service']}` opened one after another and kept open ({data['opened']} of "
+        f"{data['wanted']}); seconds for the Nth route (from its `open_route`)",
+        "",
+        *_table(["N", "route live", "pod serving", "open_route returned"], rows),
+        "",
+    ]
+    if samples:
+        decades = []
+        for start in range(0, len(samples), 10):
+            chunk = samples[start : start + 10]
+            live = _summary(summarize([s["live_s"] for s in chunk]))
+            decades.append([f"{chunk[0]['n']}-{chunk[-1]['n']}", live.fmt(2, " s")])
+        out += ["Route live, median per block of ten:", "", *_table(["routes", "live"], decades), ""]
+    memory = data.get("memory", {})
+    if memory:
+        out += [*_table(["with all routes open", "value"], [[k, str(v)] for k, v in memory.items()]), ""]
+    out += [
+        f"Closing all: {data.get('close_all_s')} s; Service restored after {data.get('restored_s')} s, "
+        f"manager gone after {data.get('manager_gone_s')} s."
+        + (f" Stopped early: {data['error']}" if data.get("error") else ""),
+        "",
+    ]
+    return out
+
+
+def _smoke(results: dict[str, Any]) -> list[str]:
+    data = results.get("route_smoke")
+    if not data:
+        return []
+    routed = data.get("with header", {}).get("x-bench-server", "?")
+    default = "cluster pod" if "x-bench-server" not in data.get("without header", {}) else "?"
+    return [
+        f"**Route smoke**: `connect(isolate=True)` {data.get('connect_s')} s (route live {data.get('route_live_s')} s); "
+        f"with the header → {routed} server, without → {default}; `close()` {data.get('close_s')} s, Service restored "
+        f"after {data.get('restored_s')} s, manager gone after {data.get('manager_gone_s')} s",
+        "",
+    ]

@@ -42,9 +42,10 @@ from .procstat import (
     reset_peak_rss,
     system_cpu,
 )
+from .routes import Routes
 from .stats import summarize
 
-__all__ = ["BENCHMARKS", "FULL", "PENDING", "QUICK", "Bench", "Profile"]
+__all__ = ["BENCHMARKS", "FULL", "QUICK", "ROUTING", "Bench", "Profile"]
 
 log = logging.getLogger("bench")
 
@@ -52,12 +53,9 @@ REPO = Path(__file__).resolve().parent.parent
 SERVICE = "orders"
 TARGET_PORT = 8080  # orders' Service port 80 -> targetPort `http` -> containerPort 8080 (fixtures/manifests)
 AGENT_STATUS_PORT = 47101
-PENDING = {
-    "isolated-route": "pending routing manager: per-test isolated route set-up time (issue 5, item 1b)",
-    "router": "pending routing manager: router overhead and scale (issue 5, items 4 and 5)",
-}
-BENCHMARKS = ("connect", "pytest", "throughput", "latency", "concurrency", *PENDING)
+BENCHMARKS = ("connect", "pytest", "throughput", "latency", "concurrency", "isolated-route", "router", "route-scale")
 TRANSPORT = ("throughput", "latency", "concurrency")
+ROUTING = ("isolated-route", "router", "route-scale")  # bench/routes.py; --quick: the route smoke only
 
 
 @dataclass(frozen=True)
@@ -76,6 +74,11 @@ class Profile:
     baseline_concurrency: bool  # also load the baselines with N connections
     diagnostics: bool  # the python port-forward (no mux) path
     quiet_wait_s: float  # before each transfer, wait up to this long for other processes to go quiet
+    route_cold_reps: int = 3  # sessions with isolate=True, each deploying the routing manager afresh
+    route_warm_reps: int = 5  # per-test routes opened and closed in each of those sessions
+    router_transfer_bytes: int = 256 * 2**20
+    router_transfer_reps: int = 3
+    route_scale: tuple[int, ...] = (1, 10, 50)  # the Nth route's time to live is reported for these N
 
 
 FULL = Profile(
@@ -196,10 +199,7 @@ class Bench:
             quick_connect = self.selected("connect") and not self.profile.connect_reps
             if any(self.selected(name) for name in TRANSPORT) or quick_connect:
                 self._transport(time_connect=quick_connect)
-            for name, reason in PENDING.items():
-                if self.selected(name):
-                    self.progress(f"{name}: skipped ({reason})")
-                    self.results.setdefault("pending", {})[name] = reason
+            self._routing()
         finally:
             self.cleanup()
             if self._cluster is not None:
@@ -207,8 +207,27 @@ class Bench:
             self.results["duration_s"] = round(time.monotonic() - started, 1)
         return self.results
 
+    def _routing(self) -> None:
+        routes = Routes(self)
+        if self.profile.name == "quick":
+            if self.selected("isolated-route"):
+                routes.smoke()
+            for name in ("router", "route-scale"):
+                if self.only and name in self.only:
+                    self.progress(f"{name}: not run in --quick (the route smoke is)")
+            return
+        if self.selected("isolated-route"):
+            routes.isolated_route()
+        if self.selected("router"):
+            routes.router()
+        if self.selected("route-scale"):
+            routes.scale()
+
     def _setup(self) -> None:
         c = self.cluster
+        if any(self.selected(name) for name in ROUTING):
+            # Re-applying the sample app would reset a routed Service's selector under the manager.
+            Routes(self).ensure_clean_before()
         self.progress(f"sample app in namespace {self.namespace}: applying and waiting until Available")
         self.results["setup"] = {
             "sample_app_ready_s": round(kc.ensure_sample_app(c), 2),
