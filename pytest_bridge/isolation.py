@@ -552,9 +552,13 @@ def _delete(k: kube.Kube, namespace: str, created: list[tuple[str, str]]) -> Non
 
 
 def close_route(k: kube.Kube, route: Route) -> None:
-    """Disconnect and delete the route pod and its token; the manager restores the service."""
+    """Disconnect, then delete the route pod and its token; the manager restores the service.
+
+    The pod is deleted right after, so the tunnel does not wait for the agent's goodbye (which
+    does not come back through the port-forward in time anyway): about 1 s saved per route.
+    """
     if route.tunnel is not None:
-        route.tunnel.stop()
+        route.tunnel.stop(grace=0.05)
         route.tunnel = None
     _delete(k, route.namespace, [("secret", route_secret_name(route.service, route.name)), ("pod", route.pod)])
     shutil.rmtree(route.bridged.session_dir, ignore_errors=True)

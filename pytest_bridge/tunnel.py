@@ -154,14 +154,15 @@ class Tunnel:
         self._mux = await self._open_mux()
         self._supervisor = asyncio.create_task(self._supervise(), name="pytest-bridge-tunnel-supervisor")
 
-    async def close(self) -> None:
+    async def close(self, grace: float = 1.0) -> None:
+        """Stop listening and close the connection, giving the agent ``grace`` seconds to agree."""
         self._closing = True
         for server in self._servers:
             server.close()
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self._mux is not None:
-            await self._mux.aclose("tunnel closed by the client")
+            await self._mux.aclose("tunnel closed by the client", grace=grace)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

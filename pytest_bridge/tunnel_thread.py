@@ -56,12 +56,12 @@ class BackgroundTunnel:
             self._stop_loop()
             raise
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 15.0, grace: float = 1.0) -> None:
         if self._loop is None:
             return
         try:
             if self._tunnel is not None:
-                self._call(self._tunnel.close(), timeout)
+                self._call(self._tunnel.close(grace), timeout)
         finally:
             self._tunnel = None
             self._stop_loop()
