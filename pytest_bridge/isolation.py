@@ -485,7 +485,9 @@ def open_route(
     plan = bs._plan(k, service)
     if free_ports:
         plan = replace(plan, port_bindings=tuple(replace(b, local_port=_free_port()) for b in plan.port_bindings))
-    required_permissions_check(k, required_permissions(), what="isolated routes")
+    if not bs.route_permissions_checked:  # once per session: 19 reviews, ~30 ms
+        required_permissions_check(k, required_permissions(), what="isolated routes")
+        bs.route_permissions_checked = True
     ingresses: Any = kube.call("list ingresses", k.networking.list_namespaced_ingress, ns)
     hosts = tuple(ro.ingress_hosts(k.to_dict(i) for i in ingresses.items if not ro.is_ours(k.to_dict(i))))
     try:

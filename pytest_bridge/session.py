@@ -142,6 +142,7 @@ class BridgeSession:
         self.routes: dict[str, isolation.Route] = {}  # --bridge-isolate: the session's route per service
         self._open_routes: list[isolation.Route] = []  # every route still open (session and per-test)
         self._swept = False
+        self.route_permissions_checked = False
         self.attached_to: str | None = None  # set by attach(): who holds the connection
 
     # ------------------------------------------------------------------ connect
