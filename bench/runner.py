@@ -154,6 +154,8 @@ class Bench:
             kubeconfig=Path(self.kubeconfig),
             name_mapping=NameMappingMode.IN_PROCESS,  # never the system hosts file from a benchmark
             connect_timeout=120.0,
+            # PYTEST_BRIDGE_TRANSPORT=kubectl measures the tunnel over `kubectl port-forward`.
+            transport=os.environ.get("PYTEST_BRIDGE_TRANSPORT", "websocket"),
         )
 
     def _defer(self, what: str, fn: Callable[[], None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -305,3 +306,24 @@ def test_unpullable_agent_image_fails_fast_and_restores(
     assert took < 45, f"reported after {took:.0f}s: should be seconds, not the connect timeout"
     assert _deployment(apps_v1) == before
     assert _managed_objects(core_v1) == []
+
+
+def test_bridge_over_the_kubectl_transport(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
+    """--bridge-transport=kubectl: the tunnel rides `kubectl port-forward`; same behaviour, same restore."""
+    from e2e.cluster.layout import Layout  # noqa: PLC0415
+
+    embedded = Layout.default().bin / "kubectl"
+    kubectl = str(embedded) if embedded.exists() else shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("no kubectl binary")
+    before = _deployment(apps_v1)
+    run = _pytest(
+        suite, "--bridge-transport=kubectl", "-k", "frontend or env_and_volume", PYTEST_BRIDGE_KUBECTL=kubectl
+    )
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "2 passed" in out, out
+    assert _deployment(apps_v1) == before
+    assert _managed_objects(core_v1) == []
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"port-forward" in _read(p / "cmdline")]
+    assert not leftover, "a kubectl port-forward process outlived the session"

@@ -37,6 +37,7 @@ from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
 from .handoff import Handoff
+from .kubectl_forward import KubectlForward
 from .localproc import PortInUseError
 from .patch import (
     AGENT_CONTROL_PORT,
@@ -475,14 +476,22 @@ class BridgeSession:
             )
 
     def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
-        endpoint = ApiEndpoint.from_configuration(k.configuration)
-
-        async def connect() -> Any:
-            forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
-            return forward.reader, forward.writer
-
         local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
-        tunnel = BackgroundTunnel(connect, self._token, local_ports)
+        if self.settings.transport == "kubectl":
+            forward = KubectlForward(
+                pod, ns, AGENT_CONTROL_PORT, kubeconfig=str(self.settings.kubeconfig) if self.settings.kubeconfig else None,
+                context=k.context, timeout=self.settings.connect_timeout,
+            )  # fmt: skip
+            tunnel = BackgroundTunnel(forward.connect, self._token, local_ports)
+            tunnel.cleanups.append(forward.stop)
+        else:
+            endpoint = ApiEndpoint.from_configuration(k.configuration)
+
+            async def connect() -> Any:
+                forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
+                return forward.reader, forward.writer
+
+            tunnel = BackgroundTunnel(connect, self._token, local_ports)
         tunnel.start(timeout=self.settings.connect_timeout)
         return tunnel
 

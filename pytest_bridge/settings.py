@@ -83,6 +83,7 @@ class BridgeSettings:
     route_prefix: str | None = None
     routing_image: str = DEFAULT_ROUTING_IMAGE
     routing_idle: float = 300.0
+    transport: str = "websocket"
     # Where each non-default value came from ("--bridge-service", "PYTEST_BRIDGE_SERVICE", ...),
     # for the report header and for errors raised later (e.g. by the plan).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -181,6 +182,16 @@ def _parse_mode(raw: str, origin: str) -> NameMappingMode:
         return NameMappingMode(raw.strip().lower())
     except ValueError:
         raise _fail(raw, origin, "one of " + ", ".join(repr(m.value) for m in NameMappingMode)) from None
+
+
+TRANSPORTS = ("websocket", "kubectl")
+
+
+def _parse_transport(raw: str, origin: str) -> str:
+    text = raw.strip().lower()
+    if text not in TRANSPORTS:
+        raise _fail(raw, origin, "one of " + ", ".join(repr(t) for t in TRANSPORTS))
+    return text
 
 
 def _parse_seconds(raw: str, origin: str) -> float:
@@ -320,6 +331,13 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
         f"Image of the routing manager and routers (default: {DEFAULT_ROUTING_IMAGE}).",
         _parse_nonempty,
         metavar="IMAGE",
+    ),
+    _Setting(
+        "transport",
+        "How the tunnel reaches the agent: websocket (the API server's port-forward, no extra binary) or "
+        "kubectl (kubectl port-forward; less CPU in the container runtime, needs kubectl) (default: websocket).",
+        _parse_transport,
+        metavar="NAME",
     ),
     _Setting(
         "routing_idle",

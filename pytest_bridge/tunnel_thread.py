@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
-from collections.abc import Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
 from .tunnel import Connector, Tunnel, TunnelError, TunnelStats
@@ -36,6 +36,7 @@ class BackgroundTunnel:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._tunnel: Tunnel | None = None
+        self.cleanups: list[Callable[[], None]] = []  # run by stop(), e.g. a kubectl transport process
 
     def start(self, timeout: float = 60.0) -> None:
         if self._thread is not None:
@@ -54,6 +55,8 @@ class BackgroundTunnel:
             self._tunnel = self._call(start(), timeout)
         except BaseException:
             self._stop_loop()
+            for cleanup in self.cleanups:
+                cleanup()
             raise
 
     def stop(self, timeout: float = 15.0, grace: float = 1.0) -> None:
@@ -65,6 +68,8 @@ class BackgroundTunnel:
         finally:
             self._tunnel = None
             self._stop_loop()
+            for cleanup in self.cleanups:
+                cleanup()
 
     def __enter__(self) -> BackgroundTunnel:
         self.start()

@@ -64,6 +64,8 @@ class AgentConfig:
     keepalive_timeout: float = 30.0
     stream_idle_timeout: float = 3600.0
     drain_seconds: float = 10.0
+    max_window: int = 8 * 1024 * 1024  # receive windows may grow to this while drained...
+    window_budget: int = 32 * 1024 * 1024  # ...by at most this much per client in total
     exit_when_idle: float = 0.0  # seconds without a client before the process exits (0: never)
 
 
@@ -192,6 +194,10 @@ class Agent:
             keepalive_timeout=self.config.keepalive_timeout,
             stats=self.stats,
             name=name,
+            # Local -> cluster: streams whose in-cluster peer keeps reading grow their window up
+            # to 8 MiB, within a 32 MiB budget per client (bounded memory in the pod).
+            max_window=self.config.max_window,
+            window_budget=self.config.window_budget,
         )
         self._sessions.append(mux)
         self.sessions_total += 1

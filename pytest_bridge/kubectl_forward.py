@@ -1,0 +1,114 @@
+"""The ``kubectl`` transport: the tunnel rides ``kubectl port-forward`` instead of our WebSocket.
+
+``--bridge-transport=kubectl`` starts one ``kubectl port-forward pod/<agent> :<control port>``
+per tunnel and connects to the local port it reports. kubectl (≥ 1.31) speaks the newer
+port-forward protocol, which costs containerd a third of the CPU per byte of the
+``v4.channel.k8s.io`` WebSocket protocol our own client uses (BENCHMARKS.md), at the price of
+a kubectl binary and a process per tunnel. The process gets SIGTERM when pytest dies
+(``PR_SET_PDEATHSIG`` via ``setpriv``, when available) and is stopped with the tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import threading
+
+from .errors import ConnectError
+
+__all__ = ["KubectlForward", "parse_forwarding_port"]
+
+_FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) ->")
+
+
+def parse_forwarding_port(line: bytes) -> int | None:
+    """The local port from kubectl's "Forwarding from 127.0.0.1:PORT -> REMOTE" line."""
+    match = _FORWARDING.search(line)
+    return int(match.group(1)) if match else None
+
+
+def find_kubectl() -> str:
+    found = os.environ.get("PYTEST_BRIDGE_KUBECTL") or shutil.which("kubectl")
+    if not found:
+        raise ConnectError(
+            "--bridge-transport=kubectl needs a kubectl binary: put it on PATH or set PYTEST_BRIDGE_KUBECTL"
+        )
+    return found
+
+
+class KubectlForward:
+    """One ``kubectl port-forward`` process; :meth:`connect` opens a connection through it."""
+
+    def __init__(
+        self, pod: str, namespace: str, port: int, *, kubeconfig: str | None, context: str | None, timeout: float
+    ) -> None:
+        argv = [find_kubectl()]
+        if kubeconfig:
+            argv += ["--kubeconfig", kubeconfig]
+        if context:
+            argv += ["--context", context]
+        argv += ["-n", namespace, "port-forward", "--address", "127.0.0.1", f"pod/{pod}", f":{port}"]
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        self._argv = argv
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen[bytes] | None = None
+        self._port: int | None = None
+        self.what = f"kubectl port-forward to pod {namespace}/{pod}:{port}"
+
+    def _ensure(self) -> int:
+        """The local port of a running kubectl, started if needed (blocking; called in a thread)."""
+        with self._lock:
+            if self._process is not None and self._process.poll() is None and self._port is not None:
+                return self._port
+            self._stop_locked()
+            process = subprocess.Popen(
+                self._argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
+            )
+            self._process = process
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            port = parse_forwarding_port(line)
+            if port is None:
+                self._stop_locked()
+                err = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+                raise ConnectError(f"{self.what} did not start: {(line.decode(errors='replace') + err).strip()}")
+            # Keep draining stdout (one line per handled connection) so kubectl never blocks on it.
+            threading.Thread(target=_drain, args=(process.stdout,), daemon=True).start()
+            self._port = port
+            return port
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
+        return await asyncio.open_connection("127.0.0.1", port, limit=1024 * 1024)
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def _stop_locked(self) -> None:
+        process, self._process, self._port = self._process, None, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _drain(stream: object) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        for _ in stream:  # type: ignore[attr-defined]
+            pass
