@@ -105,17 +105,7 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
     poll = float(env.get("GUARD_POLL_SECONDS") or 1.0)
     if not (ttl >= 0 and poll > 0 and 0 < port < 65536):
         raise ValueError("GUARD_TTL_SECONDS must be >= 0, GUARD_POLL_SECONDS > 0, GUARD_STATUS_PORT a port")
-    ca_file = env.get("GUARD_CA_FILE")
-    if ca_file is None:
-        ca_file = f"{SA_DIR}/ca.crt"
-    api_url = env.get("GUARD_API_URL", "")
-    if not api_url:
-        host, api_port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise ValueError("no API server: neither GUARD_API_URL nor KUBERNETES_SERVICE_HOST is set")
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        api_url = f"{'https' if ca_file else 'http'}://{host}:{api_port}"
+    endpoint = endpoint_from_env(env, "GUARD_")
     return GuardConfig(
         session=env["GUARD_SESSION"],
         namespace=env["GUARD_NAMESPACE"],
@@ -124,9 +114,9 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
         job=env["GUARD_JOB"],
         session_label=env["GUARD_SESSION_LABEL"],
         status_port=port,
-        api_url=api_url.rstrip("/"),
-        token_file=env.get("GUARD_TOKEN_FILE") or f"{SA_DIR}/token",
-        ca_file=ca_file,
+        api_url=endpoint.api_url,
+        token_file=endpoint.token_file,
+        ca_file=endpoint.ca_file,
         poll_interval=poll,
         own_pod=env.get("HOSTNAME", ""),
     )
@@ -325,18 +315,22 @@ class ApiClient:
         except OSError:
             return None
 
-    def send(self, request: Request, timeout: float | None = None) -> Response:
-        """One request; OSError (including ssl and http.client errors) if there is no HTTP answer."""
-        timeout = self._config.api_timeout if timeout is None else timeout
-        conn: http.client.HTTPConnection
+    def _connect(self, timeout: float) -> http.client.HTTPConnection:
         if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context())
+        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
+
+    def _headers(self) -> dict[str, str]:
         headers = {"Accept": "application/json", "User-Agent": "pytest-bridge-guard"}
         token = self._token()
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        return headers
+
+    def send(self, request: Request, timeout: float | None = None) -> Response:
+        """One request; OSError (including ssl and http.client errors) if there is no HTTP answer."""
+        conn = self._connect(self._config.api_timeout if timeout is None else timeout)
+        headers = self._headers()
         if request.content_type:
             headers["Content-Type"] = request.content_type
         try:
@@ -358,15 +352,8 @@ class ApiClient:
 
         ``timeout`` bounds each read; OSError when the connection fails.
         """
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context())
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-        headers = {"Accept": "application/json", "User-Agent": "pytest-bridge"}
-        token = self._token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
+        conn = self._connect(timeout)
+        headers = self._headers()
         try:
             conn.request("GET", self._prefix + path, headers=headers)
             response = conn.getresponse()

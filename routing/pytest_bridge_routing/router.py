@@ -55,7 +55,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, BinaryIO
 
-from pytest_bridge_agent.guard import ApiClient, GuardConfig, Request, Response
+from pytest_bridge_agent.guard import ApiClient, Request, Response, endpoint_from_env
 
 from . import nginxconf
 
@@ -147,23 +147,13 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
     runtime_dir = env.get("ROUTER_RUNTIME_DIR") or nginxconf.DEFAULT_RUNTIME_DIR
     if not os.path.isabs(runtime_dir):
         raise ValueError(f"ROUTER_RUNTIME_DIR {runtime_dir!r} is not an absolute path")
-    ca_file = env.get("ROUTER_CA_FILE")
-    if ca_file is None:
-        ca_file = f"{SA_DIR}/ca.crt"
-    api_url = env.get("ROUTER_API_URL", "")
-    if not api_url:
-        host, api_port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise ValueError("no API server: neither ROUTER_API_URL nor KUBERNETES_SERVICE_HOST is set")
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        api_url = f"{'https' if ca_file else 'http'}://{host}:{api_port}"
+    endpoint = endpoint_from_env(env, "ROUTER_")
     return RouterConfig(
         configmap=configmap,
         namespace=namespace,
-        api_url=api_url.rstrip("/"),
-        token_file=env.get("ROUTER_TOKEN_FILE") or f"{SA_DIR}/token",
-        ca_file=ca_file,
+        api_url=endpoint.api_url,
+        token_file=endpoint.token_file,
+        ca_file=endpoint.ca_file,
         stats_port=port,
         stats_host=env.get("ROUTER_STATS_HOST", ""),
         poll_interval=poll,
@@ -175,13 +165,8 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
 
 
 def api_client(config: RouterConfig) -> ApiClient:
-    """The guard's API client, configured for the router (only its connection fields matter)."""
-    guard_config = GuardConfig(
-        session="", namespace=config.namespace, ttl=0.0, record_secret="", job="", session_label="",
-        status_port=1, api_url=config.api_url, token_file=config.token_file, ca_file=config.ca_file,
-        api_timeout=config.api_timeout,
-    )  # fmt: skip
-    return ApiClient(guard_config)
+    """The guard's API client, pointed where the router's configuration says."""
+    return ApiClient(config)
 
 
 def configmap_request(config: RouterConfig) -> Request:
