@@ -55,8 +55,6 @@ __all__ = [
 ]
 
 ROUTE_HEADER = ro.ROUTE_HEADER
-_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
-_START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
 _PREFIX_ENV = ("PYTEST_BRIDGE_ROUTE_PREFIX", "CI_JOB_NAME", "GITHUB_JOB", "BUILD_TAG")
 MAX_HOST = 253
 STALE_AFTER = 300.0  # seconds: a route pod this old without a client has outlived any restore TTL we set
@@ -382,6 +380,9 @@ def _age(obj: Any) -> float:
 
 def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
+    from .session import AgentStartCheck  # noqa: PLC0415 - session imports this module
+
+    start_check = AgentStartCheck(image, f"the route pod {name}")
     last = "not created yet"
     while time.monotonic() < deadline:
         try:
@@ -389,15 +390,7 @@ def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: 
         except NotFoundError:
             time.sleep(0.1)
             continue
-        for status in pod.status.container_statuses or []:
-            waiting = status.state.waiting if status.state else None
-            if waiting and waiting.reason in _PULL_FAILURES:
-                raise ConnectError(
-                    f"the agent image {image!r} cannot be pulled ({waiting.reason}: {waiting.message or ''}); "
-                    "load it into the cluster or pass --bridge-agent-image"
-                )
-            if waiting and waiting.reason in _START_FAILURES:
-                raise ConnectError(f"the route pod {name} cannot start ({waiting.reason}: {waiting.message or ''})")
+        start_check.check(pod)
         if pod.status.phase in ("Succeeded", "Failed"):
             raise ConnectError(f"the route pod {name} ended ({pod.status.phase}) before it was ready")
         if ro.is_serving(k.to_dict(pod)):

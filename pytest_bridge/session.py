@@ -75,6 +75,31 @@ def new_session_id(prefix: str | None = None) -> str:
     return f"{clean}-{secrets.token_hex(3)}"
 
 
+class AgentStartCheck:
+    """Fails fast when an agent pod cannot start: at once if its image cannot be pulled, and after
+    a grace if the container cannot start (some of those are transient, e.g. the kubelet's
+    "failed to sync secret cache" right after the token Secret was created)."""
+
+    def __init__(self, image: str, what: str) -> None:
+        self.image = image
+        self.what = what
+        self._failing_since: float | None = None
+
+    def check(self, pod: Any) -> None:
+        """ConnectError if ``pod`` (a client V1Pod) shows a pull error, or a start error that lasts."""
+        for status in pod.status.container_statuses or []:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason in _PULL_FAILURES:
+                raise ConnectError(
+                    f"the agent image {self.image!r} cannot be pulled ({waiting.reason}: "
+                    f"{waiting.message or ''}); load it into the cluster or pass --bridge-agent-image"
+                )
+            if waiting and waiting.reason in _START_FAILURES:
+                self._failing_since = self._failing_since or time.monotonic()
+                if time.monotonic() - self._failing_since > _START_FAILURE_GRACE:
+                    raise ConnectError(f"{self.what} cannot start ({waiting.reason}: {waiting.message or ''})")
+
+
 @dataclass
 class BridgedService:
     """What a test sees of one bridged service (the ``bridged_service`` fixture's value)."""
@@ -393,27 +418,13 @@ class BridgeSession:
         deadline = time.monotonic() + self.settings.connect_timeout
         selector = f"{SESSION_LABEL}={key}"
         last = "no agent pod yet"
-        failing_since: float | None = None
+        start_check = AgentStartCheck(self.settings.agent_image, "the agent container")
         while time.monotonic() < deadline:
             pods: Any = kube.call("list agent pods", k.core.list_namespaced_pod, ns, label_selector=selector).items
             for pod in pods:
                 if pod.metadata.deletion_timestamp or (pod.metadata.labels or {}).get("pytest-bridge.io/role"):
                     continue
-                for status in pod.status.container_statuses or []:
-                    waiting = status.state.waiting if status.state else None
-                    if waiting and waiting.reason in _PULL_FAILURES:
-                        raise ConnectError(
-                            f"the agent image {self.settings.agent_image!r} cannot be pulled ({waiting.reason}: "
-                            f"{waiting.message or ''}); load it into the cluster or pass --bridge-agent-image"
-                        )
-                    if waiting and waiting.reason in _START_FAILURES:
-                        # Some are transient (the kubelet's "failed to sync secret cache" right after
-                        # the token Secret was created): fail only if it lasts.
-                        failing_since = failing_since or time.monotonic()
-                        if time.monotonic() - failing_since > _START_FAILURE_GRACE:
-                            raise ConnectError(
-                                f"the agent container cannot start ({waiting.reason}: {waiting.message or ''})"
-                            )
+                start_check.check(pod)
                 conditions = {c.type: c.status for c in pod.status.conditions or []}
                 if conditions.get("Ready") == "True":
                     return str(pod.metadata.name)
