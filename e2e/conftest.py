@@ -10,6 +10,7 @@ suites share it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -280,3 +281,44 @@ def _component_logs(lines: int = 30) -> list[tuple[str, str]]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # Tests that stop and restart the cluster go last, so they can't pull it from under others.
     items.sort(key=lambda item: item.get_closest_marker("cluster_cycle") is not None)
+
+
+# --- a user with only a given Role --------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def role_user_kubeconfig(api: client.ApiClient, name: str, role: dict[str, Any], path: Path) -> Iterator[Path]:
+    """A kubeconfig at ``path`` for a ServiceAccount ``name`` bound only to ``role`` in NAMESPACE.
+
+    The ServiceAccount, Role and RoleBinding exist while the context is open; the token is a
+    10-minute one from the TokenRequest API (a token kubeconfig, as CI users have).
+    """
+    core, rbac = client.CoreV1Api(api), client.RbacAuthorizationV1Api(api)
+    named: Any = {**role, "metadata": {"name": name}}
+    binding: Any = {
+        "metadata": {"name": name},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}],
+    }
+    account: Any = {"metadata": {"name": name}}
+    core.create_namespaced_service_account(NAMESPACE, account)
+    rbac.create_namespaced_role(NAMESPACE, named)
+    rbac.create_namespaced_role_binding(NAMESPACE, binding)
+    try:
+        request: Any = {"spec": {"expirationSeconds": 600}}
+        token: Any = core.create_namespaced_service_account_token(name, NAMESPACE, request)
+        configuration = api.configuration
+        path.write_text(
+            yaml.safe_dump({
+                "apiVersion": "v1", "kind": "Config", "current-context": "user",
+                "clusters": [{"name": "c", "cluster": {"server": configuration.host,
+                                                       "certificate-authority": configuration.ssl_ca_cert}}],
+                "users": [{"name": "u", "user": {"token": token.status.token}}],
+                "contexts": [{"name": "user", "context": {"cluster": "c", "user": "u", "namespace": NAMESPACE}}],
+            })
+        )  # fmt: skip
+        yield path
+    finally:
+        rbac.delete_namespaced_role_binding(name, NAMESPACE)
+        rbac.delete_namespaced_role(name, NAMESPACE)
+        core.delete_namespaced_service_account(name, NAMESPACE)

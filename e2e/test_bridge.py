@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from e2e.conftest import NAMESPACE, pod_is_ready
+from e2e.conftest import NAMESPACE, pod_is_ready, role_user_kubeconfig
 from e2e.test_smoke import exec_in_pod_json
 from pytest_bridge.patch import strip_server_fields
 
@@ -242,37 +242,14 @@ def test_missing_rbac_names_verb_and_resource_and_changes_nothing(
 ) -> None:
     import yaml  # noqa: PLC0415
 
-    rbac = client.RbacAuthorizationV1Api(core_v1.api_client)
     role_doc = next(yaml.safe_load_all((REPO / "deploy" / "rbac" / "bridge-user.yaml").read_text()))
     # The shipped least-privilege Role, less one verb: patching deployments.
     for rule in role_doc["rules"]:
         if "deployments" in rule["resources"]:
             rule["verbs"] = ["get"]
-    name = "pytest-bridge-e2e-limited"
-    role_doc["metadata"] = {"name": name}
-    binding: Any = {
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}],
-    }
-    account: Any = {"metadata": {"name": name}}
-    core_v1.create_namespaced_service_account(NAMESPACE, account)
-    rbac.create_namespaced_role(NAMESPACE, role_doc)
-    rbac.create_namespaced_role_binding(NAMESPACE, binding)
-    try:
-        request: Any = {"spec": {"expirationSeconds": 600}}
-        token: Any = core_v1.create_namespaced_service_account_token(name, NAMESPACE, request)
-        configuration = core_v1.api_client.configuration
-        kubeconfig = tmp_path / "limited.kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "limited",
-                "clusters": [{"name": "c", "cluster": {"server": configuration.host,
-                                                       "certificate-authority": configuration.ssl_ca_cert}}],
-                "users": [{"name": "u", "user": {"token": token.status.token}}],
-                "contexts": [{"name": "limited", "context": {"cluster": "c", "user": "u", "namespace": NAMESPACE}}],
-            })
-        )  # fmt: skip
+    with role_user_kubeconfig(
+        core_v1.api_client, "pytest-bridge-e2e-limited", role_doc, tmp_path / "limited.kubeconfig"
+    ) as kubeconfig:
         before = _deployment(apps_v1)
         run = subprocess.run(
             [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", str(suite), "--bridge-service=orders",
@@ -284,10 +261,6 @@ def test_missing_rbac_names_verb_and_resource_and_changes_nothing(
         assert "nothing was changed" in run.stderr
         assert _deployment(apps_v1) == before
         assert _managed_objects(core_v1) == []
-    finally:
-        rbac.delete_namespaced_role_binding(name, NAMESPACE)
-        rbac.delete_namespaced_role(name, NAMESPACE)
-        core_v1.delete_namespaced_service_account(name, NAMESPACE)
 
 
 def test_unpullable_agent_image_fails_fast_and_restores(

@@ -24,7 +24,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
-from e2e.conftest import NAMESPACE
+from e2e.conftest import NAMESPACE, role_user_kubeconfig
 
 pytestmark = pytest.mark.e2e
 
@@ -342,45 +342,18 @@ def test_the_shipped_least_privilege_role_is_enough_for_isolated_routes(
     suite: Path, tmp_path: Path, kube_api_client: client.ApiClient, settled: dict[str, Any]
 ) -> None:
     """A user bound only to deploy/rbac/bridge-user.yaml can deploy the manager and route."""
-    core, rbac = client.CoreV1Api(kube_api_client), client.RbacAuthorizationV1Api(kube_api_client)
     role: Any = next(yaml.safe_load_all((REPO / "deploy" / "rbac" / "bridge-user.yaml").read_text()))
-    name = "pytest-bridge-e2e-route-user"
-    role["metadata"] = {"name": name}
-    binding: Any = {
-        "metadata": {"name": name},
-        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE}],
-    }
-    account: Any = {"metadata": {"name": name}}
-    core.create_namespaced_service_account(NAMESPACE, account)
-    rbac.create_namespaced_role(NAMESPACE, role)
-    rbac.create_namespaced_role_binding(NAMESPACE, binding)
-    try:
-        request: Any = {"spec": {"expirationSeconds": 600}}
-        token: Any = core.create_namespaced_service_account_token(name, NAMESPACE, request)
-        configuration = kube_api_client.configuration
-        kubeconfig = tmp_path / "route-user.kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump({
-                "apiVersion": "v1", "kind": "Config", "current-context": "user",
-                "clusters": [{"name": "c", "cluster": {"server": configuration.host,
-                                                       "certificate-authority": configuration.ssl_ca_cert}}],
-                "users": [{"name": "u", "user": {"token": token.status.token}}],
-                "contexts": [{"name": "user", "context": {"cluster": "c", "user": "u", "namespace": NAMESPACE}}],
-            })
-        )  # fmt: skip
+    with role_user_kubeconfig(
+        kube_api_client, "pytest-bridge-e2e-route-user", role, tmp_path / "user.kubeconfig"
+    ) as kc:
         before = namespace_state(kube_api_client)
         (suite / "shared" / "go").write_text("single")
-        run = _pytest(suite, f"--bridge-kubeconfig={kubeconfig}", "-k", "session_route")
+        run = _pytest(suite, f"--bridge-kubeconfig={kc}", "-k", "session_route")
         out, _ = run.communicate(timeout=300)
         assert run.returncode == 0, out
         assert "1 passed" in out, out
         assert "deploying the routing manager" in out, out
         wait_for_state(kube_api_client, before)
-    finally:
-        rbac.delete_namespaced_role_binding(name, NAMESPACE)
-        rbac.delete_namespaced_role(name, NAMESPACE)
-        core.delete_namespaced_service_account(name, NAMESPACE)
 
 
 def test_cleanup_cli_removes_what_a_killed_session_left_at_once(
