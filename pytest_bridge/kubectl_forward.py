@@ -4,7 +4,9 @@
 per tunnel and connects to the local port it reports. kubectl (≥ 1.31) speaks the newer
 port-forward protocol, which costs containerd a third of the CPU per byte of the
 ``v4.channel.k8s.io`` WebSocket protocol our own client uses (BENCHMARKS.md), at the price of
-a kubectl binary and a process per tunnel. The process gets SIGTERM when pytest dies
+a kubectl binary and a process per tunnel. Each connection to kubectl's local port becomes a
+new stream of its one connection to the node, so bridged connections ride lanes of their own
+(``pytest_bridge_agent.lanes``) instead of sharing the multiplexed connection. The process gets SIGTERM when pytest dies
 (``PR_SET_PDEATHSIG`` via ``setpriv``, when available) and is stopped with the tunnel.
 """
 
@@ -15,12 +17,16 @@ import contextlib
 import os
 import re
 import shutil
+import socket
 import subprocess
 import threading
 
-from .errors import ConnectError
+from pytest_bridge_agent.lanes import LANE_POOL
 
-__all__ = ["KubectlForward", "parse_forwarding_port"]
+from .errors import ConnectError
+from .tunnel import tcp_socket_connector
+
+__all__ = ["KubectlForward", "lane_pool", "parse_forwarding_port"]
 
 _FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
@@ -29,6 +35,20 @@ def parse_forwarding_port(line: bytes) -> int | None:
     """The local port from kubectl's "Forwarding from 127.0.0.1:PORT -> REMOTE" line."""
     match = _FORWARDING.search(line)
     return int(match.group(1)) if match else None
+
+
+def lane_pool() -> int:
+    """Idle lanes of each direction to keep open (``PYTEST_BRIDGE_LANES``; 0: streams only)."""
+    raw = os.environ.get("PYTEST_BRIDGE_LANES", "").strip()
+    if not raw:
+        return LANE_POOL
+    try:
+        count = int(raw)
+    except ValueError:
+        raise ConnectError(f"PYTEST_BRIDGE_LANES={raw!r}: expected a whole number (0 turns lanes off)") from None
+    if not 0 <= count <= 64:
+        raise ConnectError(f"PYTEST_BRIDGE_LANES={raw!r}: expected 0 to 64")
+    return count
 
 
 def find_kubectl() -> str:
@@ -87,6 +107,11 @@ class KubectlForward:
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
         return await asyncio.open_connection("127.0.0.1", port, limit=1024 * 1024)
+
+    async def connect_socket(self) -> socket.socket:
+        """A plain connection through the same kubectl (a lane: kubectl opens a new stream for it)."""
+        port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
+        return await tcp_socket_connector("127.0.0.1", port)()
 
     def stop(self) -> None:
         with self._lock:

@@ -37,7 +37,7 @@ from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
 from .handoff import Handoff
-from .kubectl_forward import KubectlForward
+from .kubectl_forward import KubectlForward, lane_pool
 from .localproc import PortInUseError
 from .patch import (
     AGENT_CONTROL_PORT,
@@ -493,7 +493,9 @@ class BridgeSession:
                 pod, ns, AGENT_CONTROL_PORT, kubeconfig=str(self.settings.kubeconfig) if self.settings.kubeconfig else None,
                 context=k.context, timeout=self.settings.connect_timeout,
             )  # fmt: skip
-            tunnel = BackgroundTunnel(forward.connect, self._token, local_ports)
+            tunnel = BackgroundTunnel(
+                forward.connect, self._token, local_ports, lane_connect=forward.connect_socket, lanes=lane_pool()
+            )
             tunnel.cleanups.append(forward.stop)
         else:
             endpoint = ApiEndpoint.from_configuration(k.configuration)

@@ -4,12 +4,18 @@ Serves reverse streams (cluster -> local app), opens outbound streams (local -> 
 agent for its env and files, and reconnects with backoff when the transport drops. The transport
 itself (API-server port-forward, plain TCP in tests) comes from a ``connect`` factory; this module
 does no Kubernetes calls and must stay usable without pytest.
+
+When the transport can also open plain connections cheaply (``lane_connect``: kubectl
+port-forward, loopback in tests), bridged connections ride their own connection -- a lane --
+instead of a stream of the multiplexed one (``pytest_bridge_agent.lanes``): a few idle lanes of
+each direction are kept open, and a connection falls back to a stream when none is ready.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -18,6 +24,16 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from pytest_bridge_agent.lanes import (
+    LANE_POOL,
+    SocketServer,
+    abort_socket,
+    open_on_lane,
+    prepare,
+    recv_frame,
+    relay,
+    send_frame,
+)
 from pytest_bridge_agent.mux import ConnectionLost, Mux, MuxStats, MuxStream, OpenFailed, StreamReset
 from pytest_bridge_agent.pipes import abort, connection_handler, pipe
 from pytest_bridge_agent.wire import (
@@ -37,17 +53,21 @@ __all__ = [
     "Connector",
     "MuxStream",
     "OpenFailed",
+    "SocketConnector",
     "StreamReset",
     "Tunnel",
     "TunnelError",
     "TunnelStats",
     "socket_connector",
     "tcp_connector",
+    "tcp_socket_connector",
 ]
 
 log = logging.getLogger(__name__)
 
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+# A connected, non-blocking socket to the agent's control port (for lanes).
+SocketConnector = Callable[[], Awaitable[socket.socket]]
 
 # StreamReader buffer for the transport: big enough that a 64 KiB frame never waits on a pause.
 TRANSPORT_READ_LIMIT = 1024 * 1024
@@ -88,6 +108,19 @@ def tcp_connector(host: str, port: int) -> Connector:
     return connect
 
 
+def tcp_socket_connector(host: str, port: int) -> SocketConnector:
+    async def connect() -> socket.socket:
+        sock = prepare(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    return connect
+
+
 def socket_connector(make_socket: Callable[[], socket.socket]) -> Connector:
     """A connector for blocking transports that hand out a connected socket.
 
@@ -122,6 +155,8 @@ class Tunnel:
         stream_idle_timeout: float | None = 3600.0,
         reconnect: bool = True,
         reconnect_max_delay: float = 5.0,
+        lane_connect: SocketConnector | None = None,
+        lanes: int = LANE_POOL,
     ) -> None:
         self._connect = connect
         self._token = token
@@ -142,7 +177,14 @@ class Tunnel:
         self._connected = asyncio.Event()
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[SocketServer] = []
+        self._lane_connect = lane_connect if lanes > 0 else None
+        self._lane_pool = lanes
+        self._lane_session: str | None = None
+        self._lane_tasks: set[asyncio.Task[Any]] = set()
+        self._out_lanes: list[socket.socket] = []
+        self._out_lanes_wanted = asyncio.Event()
+        self.lanes_used = 0  # connections carried on a lane (the rest went as streams)
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connects = 0
         self.agent_info: dict[str, Any] = {}
@@ -159,6 +201,7 @@ class Tunnel:
         self._closing = True
         for server in self._servers:
             server.close()
+        self._stop_lanes()
         if self._supervisor is not None:
             self._supervisor.cancel()
         if self._mux is not None:
@@ -244,8 +287,30 @@ class Tunnel:
         """Listen locally; every accepted connection is forwarded to remote_host:remote_port in-cluster."""
         target = f"{remote_host}:{remote_port}"
 
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        async def handle(sock: socket.socket) -> None:
             self._track()
+            try:
+                while lane := self._take_out_lane():
+                    request = {"kind": "tcp", "host": remote_host, "port": remote_port}
+                    answer = await open_on_lane(lane, request, self._open_timeout)
+                    if answer is None:
+                        self.lanes_used += 1
+                        result = await relay(sock, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
+                        if result.error:
+                            log.info("outbound %s lane aborted: %s", target, result.error)
+                        return
+                    if answer:
+                        log.warning("outbound %s: %s", target, answer)
+                        abort_socket(sock)
+                        return
+                    log.debug("outbound %s: an idle lane had died, trying another", target)
+            except asyncio.CancelledError:
+                abort_socket(sock)
+                raise
+            reader, writer = await asyncio.open_connection(sock=sock)
+            await connection_handler(functools.partial(outbound_stream, target))(reader, writer)
+
+        async def outbound_stream(target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             try:
                 stream = await self._open({"kind": "tcp", "host": remote_host, "port": remote_port})
             except (OpenFailed, ConnectionError, TimeoutError, TunnelError) as e:
@@ -257,15 +322,163 @@ class Tunnel:
                 log.info("outbound %s stream %d aborted: %s", target, stream.id, result.error)
 
         # A deep backlog: bursts of connects (a pool opening hundreds) must queue, not be refused.
-        server = await asyncio.start_server(connection_handler(handle), bind_host, bind_port, backlog=LISTEN_BACKLOG)
+        server = await SocketServer.start(handle, bind_host, bind_port, backlog=LISTEN_BACKLOG)
         self._servers.append(server)
-        host, port = server.sockets[0].getsockname()[:2]
+        host, port = server.address
         log.info("outbound %s:%d -> %s", host, port, target)
-        return str(host), int(port)
+        return host, port
 
     async def _open(self, request: dict[str, Any]) -> MuxStream:
         mux = await self.wait_connected(self._connect_timeout)
         return await mux.open(request, self._open_timeout)
+
+    # ---- lanes ----
+    def _start_lanes(self, session: str) -> None:
+        self._stop_lanes()
+        if self._lane_connect is None:
+            return
+        self._lane_session = session
+        self._out_lanes_wanted.set()
+        for i in range(self._lane_pool):
+            self._spawn_lane_task(self._in_lane_worker(session), f"pytest-bridge-in-lane-{i}")
+        self._spawn_lane_task(self._out_lane_filler(session), "pytest-bridge-out-lanes")
+
+    def _spawn_lane_task(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._lane_tasks.add(task)
+        task.add_done_callback(self._lane_tasks.discard)
+
+    def _stop_lanes(self) -> None:
+        self._lane_session = None
+        for task in list(self._lane_tasks):
+            task.cancel()
+        while self._out_lanes:
+            self._out_lanes.pop().close()
+
+    async def _open_lane(self, session: str, role: str) -> socket.socket:
+        assert self._lane_connect is not None
+        async with asyncio.timeout(self._connect_timeout):
+            sock = await self._lane_connect()
+        try:
+            hello = {"protocol": "pytest-bridge", "version": PROTOCOL_VERSION, "token": self._token}
+            await send_frame(sock, FrameType.LANE, {**hello, "session": session, "role": role}, stream_id=0)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def _lane_backoff(self, failures: int, error: object) -> bool:
+        """Sleep before the next try; False once lanes have failed too often in a row (streams remain)."""
+        if failures >= 8:
+            log.info("lanes unavailable (%s): using streams", error)
+            return False
+        await asyncio.sleep(min(0.05 * 2**failures, 2.0))
+        return True
+
+    async def _in_lane_worker(self, session: str) -> None:
+        """Keep one idle "in" lane at the agent; serve the connection it brings, open the next."""
+        failures = 0
+        while self._lane_session == session:
+            try:
+                lane = await self._open_lane(session, "in")
+            except (OSError, TimeoutError) as e:
+                failures += 1
+                if not await self._lane_backoff(failures, e):
+                    return
+                continue
+            try:
+                frame = await recv_frame(lane)  # idle until the agent has a connection for us
+                if frame.type is FrameType.ERROR:
+                    log.info("agent refused a lane: %s", decode_json(frame.payload).get("reason"))
+                    lane.close()
+                    return
+                request = decode_json(frame.payload) if frame.type is FrameType.OPEN else {}
+            except (OSError, asyncio.IncompleteReadError, ProtocolError) as e:
+                lane.close()
+                failures += 1
+                if not await self._lane_backoff(failures, e):
+                    return
+                continue
+            except asyncio.CancelledError:
+                lane.close()
+                raise
+            failures = 0
+            task = asyncio.create_task(self._serve_in_lane(lane, request))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve_in_lane(self, lane: socket.socket, request: dict[str, Any]) -> None:
+        target_port = request.get("port")
+        if request.get("kind") == "reverse":
+            self.reverse_total += 1
+        try:
+            local, reason = await self._dial_local(target_port if request.get("kind") == "reverse" else None)
+            if local is None:
+                await send_frame(lane, FrameType.OPEN_FAIL, {"reason": reason})
+                lane.close()
+                return
+            await send_frame(lane, FrameType.OPEN_OK, {})
+        except OSError:
+            abort_socket(lane)
+            return
+        except asyncio.CancelledError:
+            abort_socket(lane)
+            raise
+        self.lanes_used += 1
+        result = await relay(local, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
+        if result.error:
+            log.info("reverse :%s lane aborted: %s", target_port, result.error)
+
+    async def _out_lane_filler(self, session: str) -> None:
+        """Keep ``lanes`` idle "out" lanes ready for outbound connections."""
+        failures = 0
+        while self._lane_session == session:
+            if len(self._out_lanes) >= self._lane_pool:
+                self._out_lanes_wanted.clear()
+                await self._out_lanes_wanted.wait()
+                continue
+            try:
+                lane = await self._open_lane(session, "out")
+            except (OSError, TimeoutError) as e:
+                failures += 1
+                if not await self._lane_backoff(failures, e):
+                    return
+                continue
+            failures = 0
+            if self._lane_session != session:
+                lane.close()
+                return
+            self._out_lanes.append(lane)
+
+    def _take_out_lane(self) -> socket.socket | None:
+        if not self._out_lanes:
+            return None
+        self._out_lanes_wanted.set()
+        return self._out_lanes.pop(0)
+
+    async def _dial_local(self, target_port: object) -> tuple[socket.socket | None, str]:
+        """A connection to the local app for a service target port, or None and why not."""
+        local_port = self.reverse_ports.get(target_port) if isinstance(target_port, int) else None
+        if local_port is None:
+            return None, f"no local port mapped for target port {target_port}"
+        sock = prepare(socket.socket(socket.AF_INET6 if ":" in self.local_host else socket.AF_INET))
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                await asyncio.get_running_loop().sock_connect(sock, (self.local_host, local_port))
+        except TimeoutError:
+            sock.close()
+            reason = f"local app not reachable at {self.local_host}:{local_port}: connect timed out"
+        except OSError as e:
+            sock.close()
+            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
+            reason = f"local app not reachable at {self.local_host}:{local_port}: {detail}"
+        except BaseException:
+            sock.close()
+            raise
+        else:
+            return sock, ""
+        log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
+        return None, reason
 
     # ---- reverse streams from the agent ----
     async def _on_stream(self, stream: MuxStream) -> None:
@@ -276,23 +489,15 @@ class Tunnel:
             stream.reject(f"unsupported stream kind {request.get('kind')!r}")
             return
         target_port = request.get("port")
-        local_port = self.reverse_ports.get(target_port) if isinstance(target_port, int) else None
-        if local_port is None:
-            stream.reject(f"no local port mapped for target port {target_port}")
+        local, reason = await self._dial_local(target_port)
+        if local is None:
+            stream.reject(reason)
             return
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                reader, writer = await asyncio.open_connection(self.local_host, local_port)
-        except TimeoutError:
-            reason = f"local app not reachable at {self.local_host}:{local_port}: connect timed out"
-            log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
-            stream.reject(reason)
-            return
+            reader, writer = await asyncio.open_connection(sock=local)
         except OSError as e:
-            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
-            reason = f"local app not reachable at {self.local_host}:{local_port}: {detail}"
-            log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
-            stream.reject(reason)
+            abort_socket(local)
+            stream.reject(f"local app connection failed: {e}")
             return
         stream.accept()
         result = await pipe(stream, reader, writer, idle_timeout=self._stream_idle_timeout)
@@ -330,6 +535,9 @@ class Tunnel:
         )
         mux.start()
         self.connects += 1
+        session = hello_ok.get("session")
+        if hello_ok.get("lanes") is True and isinstance(session, str):
+            self._start_lanes(session)
         self._connected.set()
         log.info("tunnel connected (agent listen ports %s)", hello_ok.get("listen_ports"))
         return mux
@@ -365,6 +573,7 @@ class Tunnel:
             assert mux is not None
             await mux.wait_closed()
             self._connected.clear()
+            self._stop_lanes()
             if self._closing:
                 return
             self.last_error = mux.close_reason

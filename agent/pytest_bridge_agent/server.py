@@ -1,8 +1,9 @@
 """The in-cluster agent: runs in the bridged container's place and serves the tunnel client.
 
-- control port: token-authenticated multiplexed connections from the local tunnel client;
-- listen ports (the Service's target ports): each accepted connection becomes a stream toward the
-  most recently connected client (cluster -> local);
+- control port: token-authenticated multiplexed connections from the local tunnel client, and
+  the lanes of a connected client (one plain connection per bridged connection, ``lanes.py``);
+- listen ports (the Service's target ports): each accepted connection goes to the most recently
+  connected client, on one of its idle lanes or else as a stream (cluster -> local);
 - streams opened by the client: outbound TCP in-cluster, the container's env, files as tar.gz;
 - status port: ``GET /status`` (JSON) and ``GET /healthz`` for the restore guard and readiness.
 
@@ -22,20 +23,22 @@ import os
 import socket
 import tarfile
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .lanes import SocketServer, abort_socket, dial, open_on_lane, recv_frame, relay, send_frame
 from .mux import Mux, MuxStats, MuxStream
 from .pipes import abort, connection_handler, pipe
 from .wire import (
     DEFAULT_WINDOW,
     MAX_HANDSHAKE_PAYLOAD,
     PROTOCOL_VERSION,
+    Frame,
     FrameType,
     ProtocolError,
     decode_json,
     encode_json_frame,
-    read_frame,
 )
 
 __all__ = ["Agent", "AgentConfig", "agent_env", "tar_path"]
@@ -44,6 +47,7 @@ log = logging.getLogger("pytest_bridge_agent")
 
 ENV_PREFIX = "PYTEST_BRIDGE_"
 LISTEN_BACKLOG = 4096  # listen(2) backlog for the service ports: connect bursts queue instead of failing
+MAX_IDLE_LANES = 64  # idle "in" lanes kept per session; older ones are closed beyond this
 
 
 @dataclass
@@ -67,6 +71,20 @@ class AgentConfig:
     max_window: int = 8 * 1024 * 1024  # receive windows may grow to this while drained...
     window_budget: int = 32 * 1024 * 1024  # ...by at most this much per client in total
     exit_when_idle: float = 0.0  # seconds without a client before the process exits (0: never)
+
+
+@dataclass
+class _SessionLanes:
+    """The lanes of one client session: idle "in" lanes, and "out" lanes waiting for a request."""
+
+    idle_in: deque[socket.socket] = field(default_factory=deque)
+    waiting_out: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def close(self) -> None:
+        while self.idle_in:
+            self.idle_in.popleft().close()
+        for task in self.waiting_out:
+            task.cancel()
 
 
 def agent_env() -> dict[str, str]:
@@ -105,7 +123,8 @@ class Agent:
         self.sessions_total = 0
         self._idle_since = time.monotonic()
         self._client_available = asyncio.Event()
-        self._servers: list[asyncio.Server] = []
+        self._servers: list[SocketServer] = []
+        self._lanes: dict[str, _SessionLanes] = {}
         self._status_server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[Any]] = set()
         self._connections: set[asyncio.Task[Any]] = set()
@@ -115,17 +134,12 @@ class Agent:
     # ---- lifecycle ----
     async def start(self) -> None:
         cfg = self.config
-        control = await asyncio.start_server(
-            connection_handler(self._on_control), cfg.bind_host, cfg.control_port, limit=1024 * 1024
-        )
+        control = await SocketServer.start(self._on_control, cfg.bind_host, cfg.control_port)
         self._servers.append(control)
-        self.control_address = control.sockets[0].getsockname()[:2]
+        self.control_address = control.address
         for port in cfg.listen_ports:
-            server = await asyncio.start_server(
-                connection_handler(functools.partial(self._on_listen, port)),
-                cfg.bind_host,
-                port,
-                backlog=LISTEN_BACKLOG,
+            server = await SocketServer.start(
+                functools.partial(self._on_listen, port), cfg.bind_host, port, backlog=LISTEN_BACKLOG
             )
             self._servers.append(server)
         self._status_server = await asyncio.start_server(
@@ -145,6 +159,8 @@ class Agent:
             server.close()
         for mux in self._sessions:
             mux.send_goaway("agent shutting down")
+        for lanes in self._lanes.values():
+            lanes.close()
         if self._pipes:
             log.info("shutdown: draining %d open stream(s) for up to %gs", len(self._pipes), self.config.drain_seconds)
             _, pending = await asyncio.wait(set(self._pipes), timeout=self.config.drain_seconds)
@@ -169,20 +185,53 @@ class Agent:
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
-    # ---- control connections ----
-    async def _on_control(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    # ---- control connections and lanes ----
+    async def _on_control(self, sock: socket.socket) -> None:
         self._track(self._connections)
-        peer = _peer(writer)
+        peer = _sock_peer(sock)
+        first: Frame | Exception
         try:
-            hello = await self._handshake(reader, writer, peer)
-        except Exception as e:
-            log.info("control %s: refused: %s", peer, e)
-            abort(writer)
+            async with asyncio.timeout(self.config.handshake_timeout):
+                first = await recv_frame(sock, MAX_HANDSHAKE_PAYLOAD)
+        except asyncio.CancelledError:
+            abort_socket(sock)
+            raise
+        except (TimeoutError, asyncio.IncompleteReadError, ProtocolError, OSError) as e:
+            first = e
+        if isinstance(first, Frame) and first.type is FrameType.LANE:
+            await self._on_lane(sock, first, peer)
             return
-        if hello is None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock, limit=1024 * 1024)
+        except OSError:
+            abort_socket(sock)
             return
+        await connection_handler(functools.partial(self._on_session, first, peer))(reader, writer)
+
+    async def _on_session(
+        self, first: Frame | Exception, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self._session_ids += 1
         name = f"session-{self._session_ids}"
+        # Registered before HELLO_OK: the client opens lanes as soon as it has the answer.
+        lanes = self._lanes[name] = _SessionLanes()
+        try:
+            try:
+                hello = await self._handshake(first, reader, writer, peer, name)
+            except Exception as e:
+                log.info("control %s: refused: %s", peer, e)
+                abort(writer)
+                return
+            if hello is None:
+                return
+            await self._run_session(name, hello, peer, reader, writer)
+        finally:
+            del self._lanes[name]
+            lanes.close()
+
+    async def _run_session(
+        self, name: str, hello: dict[str, Any], peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         mux = Mux(
             reader,
             writer,
@@ -212,45 +261,61 @@ class Agent:
                 self._idle_since = time.monotonic()
             log.info("%s: client %s disconnected: %s", name, peer, mux.close_reason)
 
+    def _credentials_problem(self, hello: dict[str, Any], what: str) -> str | None:
+        """Why a HELLO or LANE may not proceed (None: it may)."""
+        if hello.get("protocol") != "pytest-bridge":
+            return f"not a pytest-bridge {what}"
+        if hello.get("version") != PROTOCOL_VERSION:
+            return f"protocol version mismatch: agent speaks {PROTOCOL_VERSION}, client sent {hello.get('version')}"
+        token = hello.get("token")
+        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.config.token.encode()):
+            return "authentication failed: wrong session token"
+        return None
+
     async def _handshake(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: str
+        self,
+        first: Frame | Exception,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        name: str,
     ) -> dict[str, Any] | None:
         async def refuse(reason: str) -> None:
             log.warning("control %s: refused: %s", peer, reason)
             writer.write(encode_json_frame(FrameType.ERROR, 0, {"reason": reason}))
-            with contextlib.suppress(OSError, TimeoutError):
+            # Then FIN, and read what the peer still sends until it closes: closing with unread
+            # bytes would reset the connection and could destroy the ERROR before it is read.
+            with contextlib.suppress(OSError, TimeoutError, asyncio.LimitOverrunError):
                 async with asyncio.timeout(2):
                     await writer.drain()
+                    writer.write_eof()
+                    while await reader.read(65536):
+                        pass
             writer.close()
 
-        try:
-            async with asyncio.timeout(self.config.handshake_timeout):
-                frame = await read_frame(reader, MAX_HANDSHAKE_PAYLOAD)
-            hello = decode_json(frame.payload) if frame.type is FrameType.HELLO else None
-        except TimeoutError:
+        if isinstance(first, TimeoutError):
             await refuse("no HELLO within the handshake timeout")
             return None
-        except asyncio.IncompleteReadError:
+        if isinstance(first, asyncio.IncompleteReadError):
             log.info("control %s: closed before HELLO", peer)
             writer.close()
             return None
+        if isinstance(first, ProtocolError):
+            await refuse(f"not a pytest-bridge HELLO: {first}")
+            return None
+        if isinstance(first, Exception):
+            raise first
+        if first.type is not FrameType.HELLO:
+            await refuse(f"not a pytest-bridge HELLO: got {first.type.name} first")
+            return None
+        try:
+            hello = decode_json(first.payload)
         except ProtocolError as e:
             await refuse(f"not a pytest-bridge HELLO: {e}")
             return None
-        if hello is None:
-            await refuse(f"not a pytest-bridge HELLO: got {frame.type.name} first")
-            return None
-        if hello.get("protocol") != "pytest-bridge":
-            await refuse("not a pytest-bridge HELLO")
-            return None
-        if hello.get("version") != PROTOCOL_VERSION:
-            await refuse(
-                f"protocol version mismatch: agent speaks {PROTOCOL_VERSION}, client sent {hello.get('version')}"
-            )
-            return None
-        token = hello.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.config.token.encode()):
-            await refuse("authentication failed: wrong session token")
+        problem = self._credentials_problem(hello, "HELLO")
+        if problem:
+            await refuse(problem)
             return None
         window = hello.get("window")
         if not isinstance(window, int) or not 0 < window <= 2**31 - 1:
@@ -266,11 +331,94 @@ class Agent:
                     "listen_ports": self.config.listen_ports,
                     "agent": "pytest-bridge-agent",
                     "pid": os.getpid(),
+                    "session": name,
+                    "lanes": True,
                 },
             )
         )
         await writer.drain()
         return hello
+
+    async def _on_lane(self, sock: socket.socket, first: Frame, peer: str) -> None:
+        problem: str | None
+        try:
+            hello = decode_json(first.payload)
+        except ProtocolError as e:
+            hello, problem = {}, f"malformed LANE: {e}"
+        else:
+            problem = self._credentials_problem(hello, "LANE")
+        lanes = self._lanes.get(str(hello.get("session")))
+        role = hello.get("role")
+        if problem is None and lanes is None:
+            problem = f"no session {hello.get('session')!r} (it ended)"
+        if problem is None and role not in ("in", "out"):
+            problem = f"unknown lane role {role!r}"
+        if problem is not None or lanes is None:
+            log.info("lane %s: refused: %s", peer, problem)
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(2):
+                    await send_frame(sock, FrameType.ERROR, {"reason": problem}, stream_id=0)
+            sock.close()
+            return
+        if role == "in":
+            lanes.idle_in.append(sock)
+            while len(lanes.idle_in) > MAX_IDLE_LANES:
+                lanes.idle_in.popleft().close()
+            return
+        await self._serve_out_lane(sock, lanes)
+
+    async def _serve_out_lane(self, sock: socket.socket, lanes: _SessionLanes) -> None:
+        """An "out" lane: wait (idle) for the client's OPEN, dial, answer, relay."""
+        task = asyncio.current_task()
+        assert task is not None
+        lanes.waiting_out.add(task)
+        try:
+            frame = await recv_frame(sock, MAX_HANDSHAKE_PAYLOAD)
+            request = decode_json(frame.payload) if frame.type is FrameType.OPEN else {}
+        except (asyncio.IncompleteReadError, OSError, ProtocolError, asyncio.CancelledError):
+            sock.close()  # the client closed it, or its session ended while it was idle
+            return
+        finally:
+            lanes.waiting_out.discard(task)
+        host, port = request.get("host"), request.get("port")
+        if (
+            request.get("kind") != "tcp"
+            or not isinstance(host, str)
+            or not isinstance(port, int)
+            or not 0 < port < 65536
+        ):
+            await self._answer_lane(sock, f"invalid request on an out lane: {request!r}")
+            return
+        target = f"{host}:{port}"
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                upstream = await dial(host, port)
+        except (OSError, TimeoutError) as e:
+            reason = _dial_failure(target, e, self.config.connect_timeout)
+            log.info("outbound lane: %s", reason)
+            await self._answer_lane(sock, reason)
+            return
+        if not await self._answer_lane(sock, None):
+            upstream.close()
+            return
+        await self._relay(upstream, sock, f"outbound lane -> {target}")
+
+    async def _answer_lane(self, sock: socket.socket, reason: str | None) -> bool:
+        try:
+            if reason is None:
+                await send_frame(sock, FrameType.OPEN_OK, {})
+                return True
+            await send_frame(sock, FrameType.OPEN_FAIL, {"reason": reason})
+        except OSError:
+            pass
+        sock.close()
+        return False
+
+    async def _relay(self, near: socket.socket, lane: socket.socket, what: str) -> None:
+        self._track(self._pipes)
+        result = await relay(near, lane, stats=self.stats, idle_timeout=self.config.stream_idle_timeout)
+        if result.error:
+            log.info("%s: aborted after %d/%d bytes: %s", what, result.bytes_ab, result.bytes_ba, result.error)
 
     # ---- streams opened by a client ----
     async def _on_stream(self, stream: MuxStream) -> None:
@@ -296,19 +444,8 @@ class Agent:
         try:
             async with asyncio.timeout(self.config.connect_timeout):
                 reader, writer = await asyncio.open_connection(host, port)
-        except TimeoutError:
-            reason = f"connect to {target} timed out after {self.config.connect_timeout:g}s"
-            log.info("outbound stream %d: %s", stream.id, reason)
-            stream.reject(reason)
-            return
-        except socket.gaierror as e:
-            reason = f"connect to {target} failed: cannot resolve {host}: {e.strerror}"
-            log.info("outbound stream %d: %s", stream.id, reason)
-            stream.reject(reason)
-            return
-        except OSError as e:
-            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
-            reason = f"connect to {target} failed: {detail}"
+        except (OSError, TimeoutError) as e:
+            reason = _dial_failure(target, e, self.config.connect_timeout)
             log.info("outbound stream %d: %s", stream.id, reason)
             stream.reject(reason)
             return
@@ -351,20 +488,43 @@ class Agent:
                 return mux
         return None
 
-    async def _on_listen(self, port: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_listen(self, port: int, sock: socket.socket) -> None:
         self._track(self._connections)
-        peer = _peer(writer)
-        mux = self._current_session()
-        if mux is None and self.config.hold_seconds > 0:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.hold_seconds):
-                    while (mux := self._current_session()) is None:
-                        await self._client_available.wait()
-                        await asyncio.sleep(0.05)  # a client going away still sets the event
-        if mux is None:
-            log.info("listen :%d: refused %s: no client connected", port, peer)
-            abort(writer)
-            return
+        peer = _sock_peer(sock)
+        try:
+            mux = self._current_session()
+            if mux is None and self.config.hold_seconds > 0:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.hold_seconds):
+                        while (mux := self._current_session()) is None:
+                            await self._client_available.wait()
+                            await asyncio.sleep(0.05)  # a client going away still sets the event
+            if mux is None:
+                log.info("listen :%d: refused %s: no client connected", port, peer)
+                abort_socket(sock)
+                return
+            lanes = self._lanes.get(mux.name)
+            while lanes is not None and lanes.idle_in:
+                lane = lanes.idle_in.popleft()
+                request = {"kind": "reverse", "port": port, "peer": peer}
+                answer = await open_on_lane(lane, request, self.config.open_timeout)
+                if answer is None:
+                    await self._relay(sock, lane, f"reverse lane :{port} from {peer}")
+                    return
+                if answer:  # the client refused (local app not reachable): as with a stream
+                    log.info("listen :%d: refused %s: %s", port, peer, answer)
+                    abort_socket(sock)
+                    return
+                # "": the lane died while idle; try the next one, then a stream
+        except asyncio.CancelledError:
+            abort_socket(sock)
+            raise
+        reader, writer = await asyncio.open_connection(sock=sock)
+        await connection_handler(functools.partial(self._reverse_stream, mux, port, peer))(reader, writer)
+
+    async def _reverse_stream(
+        self, mux: Mux, port: int, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         try:
             stream = await mux.open({"kind": "reverse", "port": port, "peer": peer}, self.config.open_timeout)
         except ConnectionError as e:
@@ -384,6 +544,7 @@ class Agent:
             "streams_total": self.stats.streams_total,
             "bytes_to_clients": self.stats.bytes_sent,
             "bytes_from_clients": self.stats.bytes_received,
+            "idle_lanes": sum(len(lanes.idle_in) + len(lanes.waiting_out) for lanes in self._lanes.values()),
             "listen_ports": self.config.listen_ports,
         }
 
@@ -412,6 +573,23 @@ class Agent:
             pass
         finally:
             writer.close()
+
+
+def _dial_failure(target: str, error: OSError | TimeoutError, timeout: float) -> str:
+    if isinstance(error, TimeoutError):
+        return f"connect to {target} timed out after {timeout:g}s"
+    if isinstance(error, socket.gaierror):
+        return f"connect to {target} failed: cannot resolve {target.rsplit(':', 1)[0]}: {error.strerror}"
+    detail = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else str(error)
+    return f"connect to {target} failed: {detail}"
+
+
+def _sock_peer(sock: socket.socket) -> str:
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
 
 
 def _peer(writer: asyncio.StreamWriter) -> str:

@@ -68,6 +68,9 @@ class FrameType(enum.IntEnum):
     GOAWAY = 0x04  # stream 0, JSON {reason}; no new streams, existing ones may finish
     PING = 0x05  # stream 0, opaque payload echoed by PONG
     PONG = 0x06
+    # First frame of a lane (pytest_bridge_agent.lanes) instead of HELLO: JSON {protocol, version,
+    # token, session, role: in|out}; then OPEN / OPEN_OK / OPEN_FAIL on stream 1 and raw bytes.
+    LANE = 0x07
     OPEN = 0x10  # JSON request: {kind: tcp|reverse|env|files, ...}
     OPEN_OK = 0x11  # JSON (may be empty)
     OPEN_FAIL = 0x12  # JSON {reason}; the stream id is dead afterwards
@@ -78,7 +81,15 @@ class FrameType(enum.IntEnum):
 
 
 _CONNECTION_TYPES = frozenset(
-    {FrameType.HELLO, FrameType.HELLO_OK, FrameType.ERROR, FrameType.GOAWAY, FrameType.PING, FrameType.PONG}
+    {
+        FrameType.HELLO,
+        FrameType.HELLO_OK,
+        FrameType.ERROR,
+        FrameType.GOAWAY,
+        FrameType.PING,
+        FrameType.PONG,
+        FrameType.LANE,
+    }
 )
 
 

@@ -31,7 +31,14 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
-from pytest_bridge.tunnel import AuthenticationError, OpenFailed, Tunnel, socket_connector, tcp_connector
+from pytest_bridge.tunnel import (
+    AuthenticationError,
+    OpenFailed,
+    Tunnel,
+    socket_connector,
+    tcp_connector,
+    tcp_socket_connector,
+)
 from pytest_bridge.tunnel_thread import BackgroundTunnel
 
 TOKEN = "test-token-0123456789"
@@ -52,6 +59,7 @@ class AgentProcess:
     listen_ports: list[int]
     env: dict[str, str]
     logs: list[str] = field(default_factory=list)
+    lanes: bool = False  # whether tunnels to this agent open lanes (the test runs once each way)
 
     def wait_for_log(self, pattern: str, timeout: float = 5.0) -> str:
         deadline = time.monotonic() + timeout
@@ -67,16 +75,25 @@ class AgentProcess:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout)
 
+    def lane_options(self, port: int | None = None) -> dict[str, object]:
+        """Tunnel keyword arguments for lanes through ``port`` (default: the control port), if on."""
+        return {"lane_connect": tcp_socket_connector(LOOPBACK, port or self.control_port)} if self.lanes else {}
+
     def tunnel(self, reverse_ports: dict[int, int] | None = None, token: str = TOKEN, **kw: object) -> Tunnel:
-        return Tunnel(tcp_connector(LOOPBACK, self.control_port), token, reverse_ports or {}, **kw)  # type: ignore[arg-type]
+        options = {**self.lane_options(), **kw}
+        return Tunnel(tcp_connector(LOOPBACK, self.control_port), token, reverse_ports or {}, **options)  # type: ignore[arg-type]
 
 
 StartAgent = Callable[..., AgentProcess]
 
 
-@pytest.fixture
-def start_agent() -> Iterator[StartAgent]:
-    """Start `python -m pytest_bridge_agent` on loopback; stopped (SIGKILL if needed) at teardown."""
+@pytest.fixture(params=["streams", "lanes"])
+def start_agent(request: pytest.FixtureRequest) -> Iterator[StartAgent]:
+    """Start `python -m pytest_bridge_agent` on loopback; stopped (SIGKILL if needed) at teardown.
+
+    Every test runs twice: with tunnels carrying connections as streams of the multiplexed
+    connection, and with lanes (one connection each, falling back to streams).
+    """
     agents: list[AgentProcess] = []
 
     def start(listen_ports: list[int] | None = None, extra_env: dict[str, str] | None = None) -> AgentProcess:
@@ -100,6 +117,7 @@ def start_agent() -> Iterator[StartAgent]:
             proc.kill()
             raise AssertionError(f"agent did not start: {first}{proc.stderr.read().decode()}")
         agent = AgentProcess(proc, int(match.group(1)), int(match.group(2)), ports, env, [first])
+        agent.lanes = request.param == "lanes"
         stderr = proc.stderr
 
         def drain() -> None:
@@ -554,10 +572,15 @@ class Relay:
         self.thawed.set()
         self._writers: list[asyncio.StreamWriter] = []
         self.connections = 0
+        self.lane_options: dict[str, object] = {}
+        self.pairs: list[list[asyncio.StreamWriter]] = []
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        pair = [writer]
+        self.pairs.append(pair)  # in accept order
         up_reader, up_writer = await asyncio.open_connection(LOOPBACK, self.target_port)
+        pair.append(up_writer)
         self._writers += [writer, up_writer]
 
         async def copy(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
@@ -566,12 +589,18 @@ class Relay:
                     await self.thawed.wait()
                     dst.write(data)
                     await dst.drain()
-            except ConnectionError:
-                pass
-            finally:
+                if not dst.is_closing():
+                    dst.write_eof()  # half-close, as a port-forward does
+            except (ConnectionError, OSError):
                 dst.close()
 
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        try:
+            await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))
+        except asyncio.CancelledError:
+            pass  # the test is over: close below (an idle lane's agent side may never close first)
+        finally:
+            writer.close()
+            up_writer.close()
 
     def drop_all(self) -> None:
         for writer in self._writers:
@@ -585,6 +614,7 @@ async def relay_agent(start_agent: StartAgent) -> AsyncIterator[tuple[Relay, int
     agent = start_agent([listen])
     relay = Relay(agent.control_port)
     async with serve(relay.handle) as relay_port:
+        relay.lane_options = agent.lane_options(relay_port)
         yield relay, relay_port, listen
 
 
@@ -593,7 +623,7 @@ async def test_reconnect_after_transport_drop(relay_agent: tuple[Relay, int, int
     relay, relay_port, listen = relay_agent
     async with (
         serve(echo_handler) as local,
-        Tunnel(tcp_connector(LOOPBACK, relay_port), TOKEN, {listen: local}) as tunnel,
+        Tunnel(tcp_connector(LOOPBACK, relay_port), TOKEN, {listen: local}, **relay.lane_options) as tunnel,  # type: ignore[arg-type]
     ):
         assert await echo_roundtrip(LOOPBACK, listen, b"before") == b"before"
         relay.drop_all()
@@ -602,13 +632,21 @@ async def test_reconnect_after_transport_drop(relay_agent: tuple[Relay, int, int
         # Reverse traffic resumes; a connection arriving mid-reconnect is held by the agent.
         assert await echo_roundtrip(LOOPBACK, listen, b"after") == b"after"
         assert tunnel.connects == 2
-        assert relay.connections == 2
+        if not relay.lane_options:
+            assert relay.connections == 2
 
 
 @pytest.mark.asyncio
 async def test_keepalive_detects_dead_transport(relay_agent: tuple[Relay, int, int]) -> None:
     relay, relay_port, _ = relay_agent
-    tunnel = Tunnel(tcp_connector(LOOPBACK, relay_port), TOKEN, {}, keepalive_interval=0.2, keepalive_timeout=1.0)
+    tunnel = Tunnel(
+        tcp_connector(LOOPBACK, relay_port),
+        TOKEN,
+        {},
+        keepalive_interval=0.2,
+        keepalive_timeout=1.0,
+        **relay.lane_options,  # type: ignore[arg-type]
+    )
     async with tunnel:
         relay.thawed.clear()  # the port-forward hangs without closing
         await asyncio.wait_for(tunnel.wait_disconnected(), 5)
@@ -635,7 +673,7 @@ def test_background_tunnel_sync_facade(start_agent: StartAgent) -> None:
         threading.Thread(target=echo.serve_forever, daemon=True).start()
         # The socket factory stands in for a blocking port-forward client handing out a socket.
         connect = socket_connector(lambda: socket.create_connection((LOOPBACK, agent.control_port)))
-        tunnel = BackgroundTunnel(connect, TOKEN, {})
+        tunnel = BackgroundTunnel(connect, TOKEN, {}, **agent.lane_options())
         tunnel.start()
         try:
             assert tunnel.connected
@@ -667,7 +705,9 @@ def test_canary_burst_passes_only_when_every_connection_reaches_the_agent(start_
     with socketserver.ThreadingTCPServer((LOOPBACK, 0), socketserver.BaseRequestHandler) as old_pod:
         old_pod.daemon_threads = True
         threading.Thread(target=old_pod.serve_forever, daemon=True).start()
-        tunnel = BackgroundTunnel(tcp_connector(LOOPBACK, agent.control_port), TOKEN, {listen: free_port()})
+        tunnel = BackgroundTunnel(
+            tcp_connector(LOOPBACK, agent.control_port), TOKEN, {listen: free_port()}, **agent.lane_options()
+        )
         tunnel.start()
         try:
             assert tunnel.canary(LOOPBACK, listen, timeout=5, count=16)
@@ -678,3 +718,85 @@ def test_canary_burst_passes_only_when_every_connection_reaches_the_agent(start_
         finally:
             tunnel.stop()
             old_pod.shutdown()
+
+
+# ---------------------------------------------------------------- lanes
+
+
+async def wait_idle_lanes(agent: AgentProcess, count: int, within: float = 5.0) -> None:
+    """Until the agent holds ``count`` idle lanes (in + out) of the tunnel's session."""
+    deadline = time.monotonic() + within
+    while (idle := status(agent.status_port)["idle_lanes"]) != count:
+        assert time.monotonic() < deadline, f"agent holds {idle} idle lanes, expected {count}"
+        await asyncio.sleep(0.02)
+
+
+def lane_frame(obj: dict[str, object]) -> bytes:
+    payload = json.dumps(obj).encode()
+    return bytes([0x07]) + (0).to_bytes(4, "big") + len(payload).to_bytes(4, "big") + payload
+
+
+@pytest.mark.parametrize("start_agent", ["lanes"], indirect=True)
+@pytest.mark.asyncio
+async def test_lanes_carry_connections_both_ways_byte_exact(start_agent: StartAgent) -> None:
+    listen = free_port()
+    agent = start_agent([listen])
+    payloads = [os.urandom(n) for n in (1, 65_537, 3 * 1024 * 1024)]
+    async with serve(echo_handler) as local, agent.tunnel({listen: local}, lanes=2) as tunnel:
+        await wait_idle_lanes(agent, 4)  # 2 "in" waiting in the agent, 2 "out" waiting for us
+        for payload in payloads:
+            assert sha256(await echo_roundtrip(LOOPBACK, listen, payload)) == sha256(payload)
+        host, port = await tunnel.serve_outbound(LOOPBACK, 0, LOOPBACK, local)
+        for payload in payloads:
+            assert sha256(await echo_roundtrip(host, port, payload)) == sha256(payload)
+        assert tunnel.lanes_used == 6
+        stats = tunnel.stats
+        assert stats.streams_total == 6 and stats.bytes_to_agent == stats.bytes_from_agent == 2 * sum(
+            map(len, payloads)
+        )
+        await wait_streams_closed(tunnel)
+        await wait_idle_lanes(agent, 4)  # every used lane was replaced
+        assert status(agent.status_port)["bytes_to_clients"] == 2 * sum(map(len, payloads))
+
+
+@pytest.mark.parametrize("start_agent", ["lanes"], indirect=True)
+@pytest.mark.asyncio
+async def test_dead_idle_lanes_fall_back_to_streams(relay_agent: tuple[Relay, int, int]) -> None:
+    """Lanes that die while idle (the transport dropped them, not the tunnel) cost nothing but a retry."""
+    relay, relay_port, listen = relay_agent
+    async with (
+        serve(echo_handler) as local,
+        Tunnel(tcp_connector(LOOPBACK, relay_port), TOKEN, {listen: local}, lanes=2, **relay.lane_options) as tunnel,  # type: ignore[arg-type]
+    ):
+        async with asyncio.timeout(5):
+            while relay.connections < 5:  # noqa: ASYNC110 - the control connection, then 2 + 2 lanes
+                await asyncio.sleep(0.02)
+        for pair in relay.pairs[1:]:  # every lane, not the multiplexed connection
+            for writer in pair:
+                writer.transport.abort()
+        for _ in range(3):
+            assert await echo_roundtrip(LOOPBACK, listen, b"reverse") == b"reverse"
+        host, port = await tunnel.serve_outbound(LOOPBACK, 0, LOOPBACK, local)
+        for _ in range(3):
+            assert await echo_roundtrip(host, port, b"outbound") == b"outbound"
+        assert tunnel.connects == 1  # the multiplexed connection never noticed
+
+
+@pytest.mark.parametrize("start_agent", ["lanes"], indirect=True)
+@pytest.mark.asyncio
+async def test_lane_with_wrong_token_or_unknown_session_is_refused(start_agent: StartAgent) -> None:
+    agent = start_agent()
+    async with agent.tunnel() as tunnel:
+        session = tunnel.agent_info["session"]
+        hello = {"protocol": "pytest-bridge", "version": 1, "token": TOKEN, "session": session, "role": "in"}
+        for bad, reason in (
+            ({"token": "nope"}, b"wrong session token"),
+            ({"session": "session-999"}, b"no session 'session-999'"),
+            ({"role": "sideways"}, b"unknown lane role"),
+        ):
+            reader, writer = await asyncio.open_connection(LOOPBACK, agent.control_port)
+            writer.write(lane_frame({**hello, **bad}))
+            answer = await asyncio.wait_for(reader.read(), 5)
+            assert answer[0] == 0x03 and reason in answer  # ERROR, then closed
+            writer.close()
+        assert tunnel.connected
