@@ -41,6 +41,20 @@ LOG_TAIL_LINES = 50
 _API_CLIENT = pytest.StashKey[client.ApiClient]()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """The kubectl the harness built, for the kubectl transport (what scripts/test.sh exports too).
+
+    With it, bridges in these tests (and the pytest runs they start) use --bridge-transport=auto's
+    first choice; the websocket transport has its own test.
+    """
+    if not os.environ.get("PYTEST_BRIDGE_KUBECTL"):
+        from e2e.cluster.layout import Layout  # noqa: PLC0415 - only the harness layout, no cluster
+
+        built = Layout.default().bin / "kubectl"
+        if built.exists():
+            os.environ["PYTEST_BRIDGE_KUBECTL"] = str(built)
+
+
 def _cluster_unavailable(reason: str) -> None:
     if os.environ.get(REQUIRE_CLUSTER_ENV) == "1":
         pytest.fail(f"{reason} ({REQUIRE_CLUSTER_ENV}=1, so this is an error, not a skip)", pytrace=False)

@@ -159,8 +159,12 @@ def test_bridge_end_to_end_and_exact_restore(suite: Path, apps_v1: client.AppsV1
     assert "3 passed" in out, out
     assert "bridge: orders (container app of Deployment orders)" in out
     assert "connect" in out and "disconnect" in out
+    transport = "kubectl" if os.environ.get("PYTEST_BRIDGE_KUBECTL") or shutil.which("kubectl") else "websocket"
+    assert f"bridge: transport: {transport}" in out, out
     assert _deployment(apps_v1) == before
     assert _managed_objects(core_v1) == []
+    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"port-forward" in _read(p / "cmdline")]
+    assert not leftover, "a kubectl port-forward process outlived the session"
 
 
 def _wait_local_orders_gone(timeout: float = 10) -> None:
@@ -281,22 +285,13 @@ def test_unpullable_agent_image_fails_fast_and_restores(
     assert _managed_objects(core_v1) == []
 
 
-def test_bridge_over_the_kubectl_transport(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
-    """--bridge-transport=kubectl: the tunnel rides `kubectl port-forward`; same behaviour, same restore."""
-    from e2e.cluster.layout import Layout  # noqa: PLC0415
-
-    embedded = Layout.default().bin / "kubectl"
-    kubectl = str(embedded) if embedded.exists() else shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("no kubectl binary")
+def test_bridge_over_the_websocket_transport(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
+    """--bridge-transport=websocket: our own port-forward client, one multiplexed connection, no kubectl."""
     before = _deployment(apps_v1)
-    run = _pytest(
-        suite, "--bridge-transport=kubectl", "-k", "frontend or env_and_volume", PYTEST_BRIDGE_KUBECTL=kubectl
-    )
+    run = _pytest(suite, "--bridge-transport=websocket", "-k", "frontend or env_and_volume")
     out, _ = run.communicate(timeout=300)
     assert run.returncode == 0, out
     assert "2 passed" in out, out
+    assert "bridge: transport: websocket" in out, out
     assert _deployment(apps_v1) == before
     assert _managed_objects(core_v1) == []
-    leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and b"port-forward" in _read(p / "cmdline")]
-    assert not leftover, "a kubectl port-forward process outlived the session"

@@ -26,7 +26,7 @@ from pytest_bridge_agent.lanes import LANE_POOL
 from .errors import ConnectError
 from .tunnel import tcp_socket_connector
 
-__all__ = ["KubectlForward", "lane_pool", "parse_forwarding_port"]
+__all__ = ["KubectlForward", "kubectl_or_none", "lane_pool", "parse_forwarding_port"]
 
 _FORWARDING = re.compile(rb"Forwarding from 127\.0\.0\.1:(\d+) ->")
 
@@ -51,8 +51,13 @@ def lane_pool() -> int:
     return count
 
 
+def kubectl_or_none() -> str | None:
+    """``PYTEST_BRIDGE_KUBECTL``, else kubectl on PATH, else None."""
+    return os.environ.get("PYTEST_BRIDGE_KUBECTL") or shutil.which("kubectl")
+
+
 def find_kubectl() -> str:
-    found = os.environ.get("PYTEST_BRIDGE_KUBECTL") or shutil.which("kubectl")
+    found = kubectl_or_none()
     if not found:
         raise ConnectError(
             "--bridge-transport=kubectl needs a kubectl binary: put it on PATH or set PYTEST_BRIDGE_KUBECTL"
@@ -110,7 +115,9 @@ class KubectlForward:
 
     async def connect_socket(self) -> socket.socket:
         """A plain connection through the same kubectl (a lane: kubectl opens a new stream for it)."""
-        port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
+        process, port = self._process, self._port
+        if process is None or port is None or process.poll() is not None:
+            port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
         return await tcp_socket_connector("127.0.0.1", port)()
 
     def stop(self) -> None:

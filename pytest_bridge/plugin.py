@@ -160,6 +160,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     for name, route in bridge.routes.items():
         lines.append(f"bridge: {name} isolated on route {route.name} (send header {ROUTE_HEADER}: {route.name})")
     lines.append(f"bridge: names: {bridge.name_mapping_description()}")
+    lines.append(f"bridge: transport: {bridge.transport}")
     return lines
 
 

@@ -37,7 +37,7 @@ from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
 from .handoff import Handoff
-from .kubectl_forward import KubectlForward, lane_pool
+from .kubectl_forward import KubectlForward, kubectl_or_none, lane_pool
 from .localproc import PortInUseError
 from .patch import (
     AGENT_CONTROL_PORT,
@@ -157,6 +157,7 @@ class BridgeSession:
         self._kube: kube.Kube | None = None
         self._config: LocalProcessConfig | None = None
         self._token = secrets.token_urlsafe(32)
+        self._transport_fallback: str | None = None  # "auto" resolved once per session
         self._lock = threading.Lock()
         self._closed = False
         self.session_dir = Path(tempfile.mkdtemp(prefix=f"pytest-bridge-{self.session_id}-"))
@@ -486,9 +487,18 @@ class BridgeSession:
                 "(kube-proxy lagging, or a network policy?)"
             )
 
+    @property
+    def transport(self) -> str:
+        """The tunnel transport in use: the setting, with ``auto`` resolved (kubectl when found)."""
+        if self.settings.transport != "auto":
+            return self.settings.transport
+        if self._transport_fallback is None:
+            self._transport_fallback = "kubectl" if kubectl_or_none() else "websocket"
+        return self._transport_fallback
+
     def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
         local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
-        if self.settings.transport == "kubectl":
+        if self.transport == "kubectl":
             forward = KubectlForward(
                 pod, ns, AGENT_CONTROL_PORT, kubeconfig=str(self.settings.kubeconfig) if self.settings.kubeconfig else None,
                 context=k.context, timeout=self.settings.connect_timeout,
@@ -497,14 +507,24 @@ class BridgeSession:
                 forward.connect, self._token, local_ports, lane_connect=forward.connect_socket, lanes=lane_pool()
             )
             tunnel.cleanups.append(forward.stop)
-        else:
-            endpoint = ApiEndpoint.from_configuration(k.configuration)
+            try:
+                tunnel.start(timeout=self.settings.connect_timeout)
+            except ConnectError as e:
+                if self.settings.transport != "auto" or "did not start" not in str(e):
+                    raise
+                # auto: a kubectl that cannot port-forward (old, or without this kubeconfig's auth
+                # plugin) must not fail the session; our own WebSocket client needs neither.
+                log.warning("%s; using the websocket transport instead", e)
+                self._transport_fallback = "websocket"
+            else:
+                return tunnel
+        endpoint = ApiEndpoint.from_configuration(k.configuration)
 
-            async def connect() -> Any:
-                forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
-                return forward.reader, forward.writer
+        async def connect() -> Any:
+            forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
+            return forward.reader, forward.writer
 
-            tunnel = BackgroundTunnel(connect, self._token, local_ports)
+        tunnel = BackgroundTunnel(connect, self._token, local_ports)
         tunnel.start(timeout=self.settings.connect_timeout)
         return tunnel
 

@@ -83,7 +83,7 @@ class BridgeSettings:
     route_prefix: str | None = None
     routing_image: str = DEFAULT_ROUTING_IMAGE
     routing_idle: float = 300.0
-    transport: str = "websocket"
+    transport: str = "auto"
     # Where each non-default value came from ("--bridge-service", "PYTEST_BRIDGE_SERVICE", ...),
     # for the report header and for errors raised later (e.g. by the plan).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -184,7 +184,7 @@ def _parse_mode(raw: str, origin: str) -> NameMappingMode:
         raise _fail(raw, origin, "one of " + ", ".join(repr(m.value) for m in NameMappingMode)) from None
 
 
-TRANSPORTS = ("websocket", "kubectl")
+TRANSPORTS = ("auto", "kubectl", "websocket")
 
 
 def _parse_transport(raw: str, origin: str) -> str:
@@ -334,8 +334,9 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
     ),
     _Setting(
         "transport",
-        "How the tunnel reaches the agent: websocket (the API server's port-forward, no extra binary) or "
-        "kubectl (kubectl port-forward; less CPU in the container runtime, needs kubectl) (default: websocket).",
+        "How the tunnel reaches the agent: kubectl (kubectl port-forward, a lane per connection: fastest), "
+        "websocket (the API server's port-forward spoken by the plugin, no binary needed), or auto: kubectl "
+        "when a kubectl binary is found (PYTEST_BRIDGE_KUBECTL or PATH), else websocket (default: auto).",
         _parse_transport,
         metavar="NAME",
     ),

@@ -78,6 +78,13 @@ TRANSPORT_READ_LIMIT = 1024 * 1024
 MAX_STREAM_WINDOW = 8 * 1024 * 1024
 WINDOW_GROWTH_BUDGET = 64 * 1024 * 1024
 LISTEN_BACKLOG = 4096  # listen(2) backlog of the outbound listeners (connect bursts queue, not fail)
+# A used lane is replaced only once no new connection (lane or stream) has come for this long.
+# Opening a lane costs a new port-forward stream (kubectl, API server, kubelet, container
+# runtime), which during a burst of short connections competes with the connections themselves
+# on a small machine, while a stream of the multiplexed connection costs nothing to open. So a
+# burst rides streams once the idle lanes are taken, and the lanes -- which pay off for bulk
+# transfers -- are back for the first connections after a pause.
+LANE_REFILL_QUIET = 0.05
 
 
 class TunnelError(Exception):
@@ -185,6 +192,7 @@ class Tunnel:
         self._out_lanes: list[socket.socket] = []
         self._out_lanes_wanted = asyncio.Event()
         self.lanes_used = 0  # connections carried on a lane (the rest went as streams)
+        self._connection_at = 0.0  # loop time of the last new bridged connection, either way
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connects = 0
         self.agent_info: dict[str, Any] = {}
@@ -289,6 +297,7 @@ class Tunnel:
 
         async def handle(sock: socket.socket) -> None:
             self._track()
+            self._connection_at = asyncio.get_running_loop().time()
             try:
                 while lane := self._take_out_lane():
                     request = {"kind": "tcp", "host": remote_host, "port": remote_port}
@@ -403,9 +412,11 @@ class Tunnel:
                 lane.close()
                 raise
             failures = 0
+            self._connection_at = asyncio.get_running_loop().time()
             task = asyncio.create_task(self._serve_in_lane(lane, request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            await self._lanes_quiet()
 
     async def _serve_in_lane(self, lane: socket.socket, request: dict[str, Any]) -> None:
         target_port = request.get("port")
@@ -437,6 +448,7 @@ class Tunnel:
                 self._out_lanes_wanted.clear()
                 await self._out_lanes_wanted.wait()
                 continue
+            await self._lanes_quiet()
             try:
                 lane = await self._open_lane(session, "out")
             except (OSError, TimeoutError) as e:
@@ -449,6 +461,12 @@ class Tunnel:
                 lane.close()
                 return
             self._out_lanes.append(lane)
+
+    async def _lanes_quiet(self) -> None:
+        """Until no new connection has come for LANE_REFILL_QUIET seconds."""
+        loop = asyncio.get_running_loop()
+        while (delay := self._connection_at + LANE_REFILL_QUIET - loop.time()) > 0:  # noqa: ASYNC110 - a deadline that moves
+            await asyncio.sleep(delay)
 
     def _take_out_lane(self) -> socket.socket | None:
         if not self._out_lanes:
@@ -485,6 +503,7 @@ class Tunnel:
         request = stream.request
         if request.get("kind") == "reverse":
             self.reverse_total += 1
+            self._connection_at = asyncio.get_running_loop().time()
         if request.get("kind") != "reverse":
             stream.reject(f"unsupported stream kind {request.get('kind')!r}")
             return

@@ -15,6 +15,8 @@ pytest tests -p no:cacheprovider "$@"
 echo "== cluster" >&2
 kubeconfig_line=$(python -m e2e.cluster up | tail -n 1)
 export "${kubeconfig_line?}"
+# The tunnel rides `kubectl port-forward` when a kubectl is found (--bridge-transport=auto).
+if kubectl_bin=$(python -m e2e.cluster kubectl); then export PYTEST_BRIDGE_KUBECTL="$kubectl_bin"; fi
 export PYTEST_BRIDGE_REQUIRE_CLUSTER=1
 
 echo "== end-to-end" >&2

@@ -1,12 +1,15 @@
-"""CLI of the cluster harness: ``python -m e2e.cluster up|down|status|kubeconfig|logs``.
+"""CLI of the cluster harness: ``python -m e2e.cluster up|down|status|kubeconfig|kubectl|logs``.
 
-``up`` prints ``KUBECONFIG=<path>`` as its last line so scripts can ``eval`` it.
+``up`` prints ``KUBECONFIG=<path>`` as its last line so scripts can ``eval`` it; ``kubectl``
+prints the kubectl binary to use (the one built with the embedded cluster, else PATH's), so
+the scripts can hand it to the plugin's kubectl transport (``PYTEST_BRIDGE_KUBECTL``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,7 +51,7 @@ def _up(layout: Layout, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m e2e.cluster", description=__doc__)
-    parser.add_argument("command", choices=["up", "down", "status", "kubeconfig", "logs"])
+    parser.add_argument("command", choices=["up", "down", "status", "kubeconfig", "kubectl", "logs"])
     parser.add_argument("--kubeconfig", help="use this existing cluster instead of starting one")
     parser.add_argument("--embedded", action="store_true", help="use the embedded cluster even if kind is available")
     parser.add_argument("--no-sample-app", action="store_true", help="don't deploy fixtures/manifests")
@@ -66,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             for name, state in embedded.status(layout).items():
                 print(f"{name:25} {state}")
             return 0 if all(s.startswith("running") for s in embedded.status(layout).values()) else 1
+        if args.command == "kubectl":
+            embedded_kubectl = layout.bin / "kubectl"
+            found = str(embedded_kubectl) if embedded_kubectl.exists() else shutil.which("kubectl")
+            if found:
+                print(found)
+            return 0 if found else 1
         if args.command == "kubeconfig":
             print(layout.admin_kubeconfig)
             return 0 if layout.admin_kubeconfig.exists() else 1

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from pytest_bridge_agent.lanes import LANE_POOL
 
 from pytest_bridge.errors import ConnectError
-from pytest_bridge.kubectl_forward import find_kubectl, parse_forwarding_port
+from pytest_bridge.kubectl_forward import find_kubectl, lane_pool, parse_forwarding_port
+from pytest_bridge.session import BridgeSession
+from pytest_bridge.settings import BridgeSettings
 
 
 def test_the_local_port_is_read_from_kubectls_first_line() -> None:
@@ -19,3 +24,31 @@ def test_a_missing_kubectl_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(ConnectError, match="PYTEST_BRIDGE_KUBECTL"):
         find_kubectl()
+
+
+def test_lane_pool_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_BRIDGE_LANES", raising=False)
+    assert lane_pool() == LANE_POOL
+    monkeypatch.setenv("PYTEST_BRIDGE_LANES", "0")
+    assert lane_pool() == 0  # streams only
+    monkeypatch.setenv("PYTEST_BRIDGE_LANES", " 12 ")
+    assert lane_pool() == 12
+    for bad in ("many", "-1", "65"):
+        monkeypatch.setenv("PYTEST_BRIDGE_LANES", bad)
+        with pytest.raises(ConnectError, match="PYTEST_BRIDGE_LANES"):
+            lane_pool()
+
+
+def test_auto_transport_is_kubectl_when_one_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.delenv("PYTEST_BRIDGE_KUBECTL", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert BridgeSession(BridgeSettings()).transport == "websocket"
+    assert BridgeSession(BridgeSettings(transport="kubectl")).transport == "kubectl"  # fails at connect, clearly
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text("#!/bin/sh\n")
+    kubectl.chmod(0o755)
+    assert BridgeSession(BridgeSettings()).transport == "kubectl"
+    assert BridgeSession(BridgeSettings(transport="websocket")).transport == "websocket"
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("PYTEST_BRIDGE_KUBECTL", str(kubectl))
+    assert BridgeSession(BridgeSettings()).transport == "kubectl"

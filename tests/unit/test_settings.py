@@ -277,6 +277,7 @@ def test_explicitly_empty_list_overrides_lower_sources(parse) -> None:  # type: 
 def test_transport_and_routing_settings(parse) -> None:  # type: ignore[no-untyped-def]
     s = resolve(parse("--bridge-transport=KUBECTL", "--bridge-routing-idle=30", "--bridge-routing-image=r:1"), env={})
     assert (s.transport, s.routing_idle, s.routing_image) == ("kubectl", 30.0, "r:1")
-    assert resolve(parse(), env={}).transport == "websocket"
+    assert resolve(parse(), env={}).transport == "auto"
+    assert resolve(parse("--bridge-transport=websocket"), env={}).transport == "websocket"
     with pytest.raises(pytest.UsageError, match="--bridge-transport"):
         resolve(parse("--bridge-transport=spdy"), env={})
