@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
+from pytest_bridge.session import BridgeSession
+
 from .cluster import default_kubectl
 from .loadtool import raise_nofile
 from .procstat import machine_info
@@ -72,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)  # so every session and forwarder is cleaned up
     nofile = raise_nofile()
+    if args.kubectl and Path(args.kubectl).exists():
+        os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", args.kubectl)  # the bridge's auto transport uses it
     bench = Bench(
         QUICK if args.quick else FULL,
         args.only,
@@ -83,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["machine"] = {**machine_info(args.kubectl, args.kubeconfig), "RLIMIT_NOFILE": nofile}
+    results["machine"]["bridge transport"] = BridgeSession(bench.settings()).transport
+    results["machine"]["bridge lanes"] = os.environ.get("PYTEST_BRIDGE_LANES", "default (4 each way)")
     status = 0
     try:
         bench.run()

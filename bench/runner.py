@@ -154,8 +154,9 @@ class Bench:
             kubeconfig=Path(self.kubeconfig),
             name_mapping=NameMappingMode.IN_PROCESS,  # never the system hosts file from a benchmark
             connect_timeout=120.0,
-            # PYTEST_BRIDGE_TRANSPORT=kubectl measures the tunnel over `kubectl port-forward`.
-            transport=os.environ.get("PYTEST_BRIDGE_TRANSPORT", "websocket"),
+            # The plugin's default (auto: kubectl port-forward with lanes, as the bench's kubectl is
+            # handed to it); PYTEST_BRIDGE_TRANSPORT=websocket measures our own port-forward client.
+            transport=os.environ.get("PYTEST_BRIDGE_TRANSPORT", "auto"),
         )
 
     def _defer(self, what: str, fn: Callable[[], None]) -> None:

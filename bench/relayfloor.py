@@ -1,0 +1,116 @@
+"""``python -m bench.relayfloor [--gib N]``: what one relay hop costs, ours against socat's.
+
+A lane adds two relays to a ``kubectl port-forward`` path (the agent's and the tunnel
+client's). This measures one relay alone, on loopback, as CPU seconds per GiB of the relay
+process: our ``pytest_bridge_agent.lanes.relay`` (asyncio, ``recv_into``/``sendall``, 256 KiB
+chunks) against socat (C, 256 KiB buffer) and against no relay at all. When ours costs what
+socat costs, the rest of a relay's price is the kernel's work for the extra TCP hop, not Python.
+No cluster needed; loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MIB = 2**20
+REPO = Path(__file__).resolve().parent.parent
+
+_OUR_RELAY = """
+import asyncio, socket, sys
+from pytest_bridge_agent.lanes import prepare, relay
+
+async def main(listen_port, target_port):
+    loop = asyncio.get_running_loop()
+    server = socket.create_server(("127.0.0.1", listen_port))
+    server.setblocking(False)
+    near, _ = await loop.sock_accept(server)
+    far = prepare(socket.socket())
+    await loop.sock_connect(far, ("127.0.0.1", target_port))
+    await relay(prepare(near), far)
+
+asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def measure(mode: str, size: int) -> dict[str, float | str | bool]:
+    sink = socket.create_server(("127.0.0.1", 0))
+    sink_port = sink.getsockname()[1]
+    received = [0]
+
+    def drain() -> None:
+        conn, _ = sink.accept()
+        with conn:
+            while data := conn.recv(MIB):
+                received[0] += len(data)
+
+    port, process = sink_port, None
+    if mode == "socat":
+        port = _free_port()
+        argv = ["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", f"TCP:127.0.0.1:{sink_port}"]
+        process = subprocess.Popen(argv)
+    elif mode == "lanes relay":
+        port = _free_port()
+        env = {**os.environ, "PYTHONPATH": str(REPO / "agent")}
+        process = subprocess.Popen([sys.executable, "-c", _OUR_RELAY, str(port), str(sink_port)], env=env)
+    if process is not None:
+        # Both relays serve exactly one connection, so no probe: give them a moment to listen.
+        time.sleep(0.5)
+    drainer = threading.Thread(target=drain)
+    drainer.start()
+    chunk = b"\x5a" * MIB
+    with socket.create_connection(("127.0.0.1", port)) as out:
+        started, cpu_before = time.monotonic(), _cpu_seconds(process.pid) if process else 0.0
+        for _ in range(size // MIB):
+            out.sendall(chunk)
+        out.shutdown(socket.SHUT_WR)
+        drainer.join()
+        elapsed = time.monotonic() - started
+        cpu = (_cpu_seconds(process.pid) - cpu_before) if process else 0.0
+    if process is not None:
+        process.terminate()
+        process.wait(5)
+    sink.close()
+    return {
+        "relay": mode,
+        "MiB/s": round(size / MIB / elapsed, 1),
+        "relay CPU-s/GiB": round(cpu / (size / 2**30), 3),
+        "bytes intact": received[0] == size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.relayfloor", description=__doc__)
+    parser.add_argument("--gib", type=float, default=2.0, help="GiB per transfer (default 2)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    size = int(args.gib * 1024) * MIB
+    modes = ["no relay", "lanes relay"] + (["socat"] if shutil.which("socat") else [])
+    print("| relay | MiB/s | relay process, CPU-s/GiB | bytes intact |\n|---|---|---|---|")
+    for _ in range(args.rounds):
+        for mode in modes:
+            row = measure(mode, size)
+            print(f"| {row['relay']} | {row['MiB/s']} | {row['relay CPU-s/GiB']} | {row['bytes intact']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
