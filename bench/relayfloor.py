@@ -3,7 +3,8 @@
 A lane adds two relays to a ``kubectl port-forward`` path (the agent's and the tunnel
 client's). This measures one relay alone, on loopback, as CPU seconds per GiB of the relay
 process: our ``pytest_bridge_agent.lanes.relay`` (asyncio, ``recv_into``/``sendall``, 256 KiB
-chunks) against socat (C, 256 KiB buffer) and against no relay at all. When ours costs what
+chunks) against socat (C, 256 KiB buffer), a ``splice(2)`` relay (through a pipe, no copy to
+user space) and no relay at all. When ours costs what
 socat costs, the rest of a relay's price is the kernel's work for the extra TCP hop, not Python.
 No cluster needed; loopback only.
 """
@@ -39,10 +40,29 @@ async def main(listen_port, target_port):
 asyncio.run(main(int(sys.argv[1]), int(sys.argv[2])))
 """
 
+_SPLICE_RELAY = """
+import fcntl, os, socket, sys
+server = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+near, _ = server.accept()
+far = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+r, w = os.pipe()
+fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ
+while n := os.splice(near.fileno(), w, 1 << 20, flags=os.SPLICE_F_MOVE):
+    while n:
+        n -= os.splice(r, far.fileno(), n, flags=os.SPLICE_F_MOVE)
+far.shutdown(socket.SHUT_WR)
+"""
+
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """CPU time of the whole machine, all cores, that was not idle (from /proc/stat)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -67,10 +87,11 @@ def measure(mode: str, size: int) -> dict[str, float | str | bool]:
         port = _free_port()
         argv = ["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", f"TCP:127.0.0.1:{sink_port}"]
         process = subprocess.Popen(argv)
-    elif mode == "lanes relay":
+    elif mode in ("lanes relay", "splice relay"):
         port = _free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO / "agent")}
-        process = subprocess.Popen([sys.executable, "-c", _OUR_RELAY, str(port), str(sink_port)], env=env)
+        code = _OUR_RELAY if mode == "lanes relay" else _SPLICE_RELAY
+        process = subprocess.Popen([sys.executable, "-c", code, str(port), str(sink_port)], env=env)
     if process is not None:
         # Both relays serve exactly one connection, so no probe: give them a moment to listen.
         time.sleep(0.5)
@@ -79,12 +100,14 @@ def measure(mode: str, size: int) -> dict[str, float | str | bool]:
     chunk = b"\x5a" * MIB
     with socket.create_connection(("127.0.0.1", port)) as out:
         started, cpu_before = time.monotonic(), _cpu_seconds(process.pid) if process else 0.0
+        machine_before = _machine_busy_seconds()
         for _ in range(size // MIB):
             out.sendall(chunk)
         out.shutdown(socket.SHUT_WR)
         drainer.join()
         elapsed = time.monotonic() - started
         cpu = (_cpu_seconds(process.pid) - cpu_before) if process else 0.0
+        machine = _machine_busy_seconds() - machine_before
     if process is not None:
         process.terminate()
         process.wait(5)
@@ -93,6 +116,7 @@ def measure(mode: str, size: int) -> dict[str, float | str | bool]:
         "relay": mode,
         "MiB/s": round(size / MIB / elapsed, 1),
         "relay CPU-s/GiB": round(cpu / (size / 2**30), 3),
+        "machine CPU-s/GiB": round(machine / (size / 2**30), 3),
         "bytes intact": received[0] == size,
     }
 
@@ -103,12 +127,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args(argv)
     size = int(args.gib * 1024) * MIB
-    modes = ["no relay", "lanes relay"] + (["socat"] if shutil.which("socat") else [])
-    print("| relay | MiB/s | relay process, CPU-s/GiB | bytes intact |\n|---|---|---|---|")
+    modes = ["no relay", "lanes relay", "splice relay"] + (["socat"] if shutil.which("socat") else [])
+    print("| relay | MiB/s | relay process, CPU-s/GiB | whole machine, CPU-s/GiB | bytes intact |")
+    print("|---|---|---|---|---|")
     for _ in range(args.rounds):
         for mode in modes:
             row = measure(mode, size)
-            print(f"| {row['relay']} | {row['MiB/s']} | {row['relay CPU-s/GiB']} | {row['bytes intact']} |")
+            print(
+                f"| {row['relay']} | {row['MiB/s']} | {row['relay CPU-s/GiB']} | {row['machine CPU-s/GiB']} "
+                f"| {row['bytes intact']} |"
+            )
     return 0
 
 
