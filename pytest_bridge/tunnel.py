@@ -26,6 +26,7 @@ from typing import Any
 
 from pytest_bridge_agent.lanes import (
     LANE_POOL,
+    RelayResult,
     SocketServer,
     abort_socket,
     open_on_lane,
@@ -85,6 +86,9 @@ LISTEN_BACKLOG = 4096  # listen(2) backlog of the outbound listeners (connect bu
 # burst rides streams once the idle lanes are taken, and the lanes -- which pay off for bulk
 # transfers -- are back for the first connections after a pause.
 LANE_REFILL_QUIET = 0.05
+# Lanes in use at once, at most; beyond, used lanes are not replaced (new connections ride
+# streams) until some finish, which bounds relay buffers here and in the agent.
+MAX_ACTIVE_LANES = 64
 
 
 class TunnelError(Exception):
@@ -193,6 +197,8 @@ class Tunnel:
         self._out_lanes_wanted = asyncio.Event()
         self.lanes_used = 0  # connections carried on a lane (the rest went as streams)
         self._connection_at = 0.0  # loop time of the last new bridged connection, either way
+        self.lanes_active = 0  # lanes taken for a connection and not finished yet
+        self._lane_finished = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.connects = 0
         self.agent_info: dict[str, Any] = {}
@@ -300,19 +306,21 @@ class Tunnel:
             self._connection_at = asyncio.get_running_loop().time()
             try:
                 while lane := self._take_out_lane():
-                    request = {"kind": "tcp", "host": remote_host, "port": remote_port}
-                    answer = await open_on_lane(lane, request, self._open_timeout)
-                    if answer is None:
-                        self.lanes_used += 1
-                        result = await relay(sock, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
-                        if result.error:
-                            log.info("outbound %s lane aborted: %s", target, result.error)
-                        return
-                    if answer:
-                        log.warning("outbound %s: %s", target, answer)
-                        abort_socket(sock)
-                        return
-                    log.debug("outbound %s: an idle lane had died, trying another", target)
+                    try:
+                        request = {"kind": "tcp", "host": remote_host, "port": remote_port}
+                        answer = await open_on_lane(lane, request, self._open_timeout)
+                        if answer is None:
+                            result = await self._relay_lane(sock, lane)
+                            if result.error:
+                                log.info("outbound %s lane aborted: %s", target, result.error)
+                            return
+                        if answer:
+                            log.warning("outbound %s: %s", target, answer)
+                            abort_socket(sock)
+                            return
+                        log.debug("outbound %s: an idle lane had died, trying another", target)
+                    finally:
+                        self._lane_released()
             except asyncio.CancelledError:
                 abort_socket(sock)
                 raise
@@ -413,12 +421,19 @@ class Tunnel:
                 raise
             failures = 0
             self._connection_at = asyncio.get_running_loop().time()
+            self.lanes_active += 1  # released when _serve_in_lane ends
             task = asyncio.create_task(self._serve_in_lane(lane, request))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             await self._lanes_quiet()
 
     async def _serve_in_lane(self, lane: socket.socket, request: dict[str, Any]) -> None:
+        try:
+            await self._serve_in_lane_request(lane, request)
+        finally:
+            self._lane_released()
+
+    async def _serve_in_lane_request(self, lane: socket.socket, request: dict[str, Any]) -> None:
         target_port = request.get("port")
         if request.get("kind") == "reverse":
             self.reverse_total += 1
@@ -435,8 +450,7 @@ class Tunnel:
         except asyncio.CancelledError:
             abort_socket(lane)
             raise
-        self.lanes_used += 1
-        result = await relay(local, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
+        result = await self._relay_lane(local, lane)
         if result.error:
             log.info("reverse :%s lane aborted: %s", target_port, result.error)
 
@@ -462,15 +476,30 @@ class Tunnel:
                 return
             self._out_lanes.append(lane)
 
+    async def _relay_lane(self, near: socket.socket, lane: socket.socket) -> RelayResult:
+        self.lanes_used += 1
+        return await relay(near, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
+
+    def _lane_released(self) -> None:
+        self.lanes_active -= 1
+        self._lane_finished.set()
+
     async def _lanes_quiet(self) -> None:
-        """Until no new connection has come for LANE_REFILL_QUIET seconds."""
+        """Until fewer than MAX_ACTIVE_LANES lanes are taken and no new connection came for a lull."""
         loop = asyncio.get_running_loop()
-        while (delay := self._connection_at + LANE_REFILL_QUIET - loop.time()) > 0:  # noqa: ASYNC110 - a deadline that moves
-            await asyncio.sleep(delay)
+        while True:
+            if self.lanes_active >= MAX_ACTIVE_LANES:
+                self._lane_finished.clear()
+                await self._lane_finished.wait()
+            elif (delay := self._connection_at + LANE_REFILL_QUIET - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            else:
+                return
 
     def _take_out_lane(self) -> socket.socket | None:
         if not self._out_lanes:
             return None
+        self.lanes_active += 1  # released by the caller
         self._out_lanes_wanted.set()
         return self._out_lanes.pop(0)
 

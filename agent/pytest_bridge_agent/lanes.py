@@ -60,6 +60,7 @@ __all__ = [
 
 LANE_POOL = 4  # idle lanes of each role the client keeps open
 RELAY_CHUNK = 256 * 1024  # one recv_into per chunk: fewer system calls than the mux's 64 KiB frames
+RELAY_FIRST_CHUNK = 16 * 1024  # a direction starts small and grows to RELAY_CHUNK once reads fill it
 
 SocketHandler = Callable[[socket.socket], Coroutine[Any, Any, None]]
 
@@ -172,11 +173,15 @@ async def relay(
     last = [loop.time()]
 
     async def copy(src: socket.socket, dst: socket.socket, forward: bool) -> None:
-        buffer = bytearray(RELAY_CHUNK)
+        # Idle or chatty connections keep 16 KiB per direction; bulk ones grow to 256 KiB.
+        buffer = bytearray(RELAY_FIRST_CHUNK)
         view = memoryview(buffer)
         while n := await loop.sock_recv_into(src, buffer):
             last[0] = loop.time()
             await loop.sock_sendall(dst, view[:n])
+            if n == len(buffer) < RELAY_CHUNK:
+                buffer = bytearray(min(4 * n, RELAY_CHUNK))
+                view = memoryview(buffer)
             if forward:
                 result.bytes_ab += n
                 if stats is not None:

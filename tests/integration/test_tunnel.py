@@ -802,3 +802,27 @@ async def test_lane_with_wrong_token_or_unknown_session_is_refused(start_agent: 
             assert answer[0] == 0x03 and reason in answer  # ERROR, then closed
             writer.close()
         assert tunnel.connected
+
+
+@pytest.mark.parametrize("start_agent", ["lanes"], indirect=True)
+@pytest.mark.asyncio
+async def test_lanes_in_use_are_capped_and_replaced_when_they_finish(
+    start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("pytest_bridge.tunnel.MAX_ACTIVE_LANES", 1)
+    listen = free_port()
+    agent = start_agent([listen])
+    async with serve(echo_handler) as local, agent.tunnel({listen: local}, lanes=1) as tunnel:
+        await wait_idle_lanes(agent, 2)
+        reader, writer = await asyncio.open_connection(LOOPBACK, listen)  # a long-lived connection: the lane
+        writer.write(b"held")
+        assert await reader.readexactly(4) == b"held"
+        await asyncio.sleep(0.3)  # well past the refill lull: only the cap holds the "in" lane back
+        assert status(agent.status_port)["idle_lanes"] == 1  # the "out" lane; no new "in" lane
+        assert await echo_roundtrip(LOOPBACK, listen, b"beside it") == b"beside it"  # as a stream
+        assert tunnel.lanes_used == 1 and tunnel.lanes_active == 1
+        writer.write_eof()
+        assert await reader.read() == b""
+        writer.close()
+        await wait_idle_lanes(agent, 2)  # the finished lane made room: replaced
+        assert tunnel.lanes_active == 0
