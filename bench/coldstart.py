@@ -1,0 +1,715 @@
+"""``python -m bench.coldstart [--reps N] [--out results.json]``: cold connect, the agent image pulled by the node.
+
+``BridgeSession.connect()`` when the agent image is not on the node and kubelet must pull it
+(``IfNotPresent``), against a warm connect with the image present. The embedded cluster has no
+registry and its images are imported, never pulled, so this brings its own: go-containerregistry's
+in-memory ``registry`` and ``crane`` (``go install``\\ ed once into :data:`TOOLS`), the registry on
+``localhost:5000`` (or a free port) as a child process for the run's length.
+
+The agent image is exported from the harness's dockerd (``docker save``) and pushed under a new
+name, ``localhost:<port>/pytest-bridge/agent-cold:<run>-<rep>``; the default
+``localhost/pytest-bridge/agent:0.1.0`` is never touched. Each repetition pushes its own image
+whose bottom layer carries one extra file (a salt): containerd skips fetching every layer whose
+chain id it already has a snapshot of, and the unsalted layers are exactly those of the imported
+agent and sample-app images, so an unsalted "cold" pull would fetch the manifest and config only.
+The earlier repetitions' images are removed before each one too (``ctr images rm --sync``): the
+upper layers are byte-identical across repetitions, and containerd fetches no blob its content
+store has. The registry's request log tells how many layers each pull really fetched; a
+repetition that fetched fewer than all is a failure (exit 1; 2 when the run itself failed).
+
+Per repetition: the cold image absent from containerd's ``k8s.io`` namespace, a bridge of
+``orders`` in ``bridge-bench-cold`` (the sample app applied there, as ``python -m bench`` does in
+``bridge-bench``) with ``agent_image`` set to it, timed; the session's report timeline; kubelet's
+``Pulled`` events (``Successfully pulled image ... in Xs``) of the agent pod and of the restore
+guard's pod, which runs the agent image too and starts pulling first; then the session closed and
+the Deployment waited for until it is restored. The plugin's steps of connect() are timed by
+wrapping them on the session object. One warm connect with the last image follows.
+At the end the registry is stopped and the cold images are removed from containerd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+from e2e.cluster.images import AGENT_IMAGE, ensure_dockerd
+from e2e.cluster.layout import Layout
+from pytest_bridge.patch import SESSION_ANNOTATION
+from pytest_bridge.session import BridgeSession
+from pytest_bridge.settings import BridgeSettings, NameMappingMode
+
+from . import cluster as kc
+
+log = logging.getLogger("bench.coldstart")
+
+DEFAULT_NAMESPACE = "bridge-bench-cold"
+SERVICE = "orders"
+TOOLS = Path("/var/cache/pytest-bridge/bench-tools")
+GCR_MODULE = "github.com/google/go-containerregistry"
+GCR_VERSION = "v0.22.1"
+REGISTRY_PORT = 5000
+COLD_REPO = "pytest-bridge/agent-cold"
+SALT_FILE = ".pytest-bridge-bench-cold"
+# A cold image ref in containerd, on any port of this machine's registry.
+COLD_REF = re.compile(rf"^(?:localhost|127\.0\.0\.1):\d+/{re.escape(COLD_REPO)}[:@]")
+_PULLED = re.compile(
+    r'Successfully pulled image "(?P<image>[^"]+)" in (?P<took>\S+) \((?P<waiting>\S+) including waiting\)'
+    r"(?:\. Image size: (?P<size>\d+) bytes)?"
+)
+_GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def go_duration(text: str) -> float:
+    """Seconds in a Go duration as kubelet prints it (``850ms``, ``2.31s``, ``1m4.2s``)."""
+    return sum(float(n) * _GO_UNITS[unit] for n, unit in _GO_DURATION.findall(text))
+
+
+# ----------------------------------------------------------------------------- tools and registry
+
+
+def ensure_tools() -> dict[str, Path]:
+    """``registry`` and ``crane`` from the Go module proxy, built once into :data:`TOOLS`."""
+    tools = {name: TOOLS / name for name in ("registry", "crane")}
+    missing = [name for name, path in tools.items() if not path.exists()]
+    if missing:
+        go = shutil.which("go") or "/usr/local/go/bin/go"
+        started = time.monotonic()
+        done = subprocess.run(
+            [go, "install", *(f"{GCR_MODULE}/cmd/{name}@{GCR_VERSION}" for name in missing)],
+            env={**os.environ, "GOBIN": str(TOOLS)}, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"go install {', '.join(missing)} failed: {done.stderr.strip()[-1000:]}")
+        log.info("built %s (%s) in %.0fs", ", ".join(missing), GCR_VERSION, time.monotonic() - started)
+    return tools
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the registry's listener: TIME_WAIT is no obstacle
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class Registry:
+    """The in-memory registry as a child process; its request log says which blobs were fetched."""
+
+    def __init__(self, binary: Path, workdir: Path, port: int = REGISTRY_PORT, timeout: float = 15.0) -> None:
+        self.log_path = workdir / "registry.log"
+        # Port 0: the registry takes a free one and prints it.
+        wanted = port if _port_free(port) else 0
+        self._log = self.log_path.open("wb")
+        self.process = subprocess.Popen(
+            [str(binary), "-port", str(wanted)], stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(r"serving on port (\d+)", self.log_path.read_text(errors="replace"))
+            if match:
+                self.port = int(match.group(1))
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the registry did not start: {self.log_path.read_text(errors='replace')[-500:]}")
+            time.sleep(0.05)
+        self.host = f"localhost:{self.port}"
+
+    def mark(self) -> int:
+        """Where the request log is now (pass to :meth:`blobs_fetched`)."""
+        return self.log_path.stat().st_size
+
+    def blobs_fetched(self, since: int, digests: list[str]) -> int:
+        """How many of ``digests`` were downloaded (``GET .../blobs/<digest>``) after ``since``."""
+        with self.log_path.open("rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        got = set(re.findall(rf"GET /v2/{re.escape(COLD_REPO)}/blobs/(sha256:[0-9a-f]{{64}})", text))
+        return len(got & set(digests))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(timeout=10)
+        self._log.close()
+
+
+# ----------------------------------------------------------------------------- the cold images
+
+
+@dataclass
+class SavedImage:
+    """The agent image as ``docker save`` wrote it: config and layer tarballs (uncompressed) in a folder."""
+
+    config: dict[str, Any]
+    layers: list[Path]
+
+    @property
+    def size(self) -> int:
+        return sum(p.stat().st_size for p in self.layers)
+
+
+def save_agent(layout: Layout, workdir: Path) -> SavedImage:
+    """``docker save`` the agent image from the harness's dockerd and unpack what a push needs."""
+    client = ensure_dockerd(layout)
+    archive = workdir / "agent-save.tar"
+    try:
+        with archive.open("wb") as out:
+            for chunk in client.images.get(AGENT_IMAGE).save(named=True):
+                out.write(chunk)
+    finally:
+        client.close()
+    folder = workdir / "agent"
+    folder.mkdir()
+    with tarfile.open(archive) as tar:
+        manifest = json.load(_member(tar, "manifest.json"))[0]
+        config = json.load(_member(tar, manifest["Config"]))
+        layers = []
+        for n, name in enumerate(manifest["Layers"]):
+            path = folder / f"layer{n}.tar"
+            with path.open("wb") as out:
+                shutil.copyfileobj(_member(tar, name), out, 1 << 20)
+            layers.append(path)
+    archive.unlink()
+    if len(layers) != len(config["rootfs"]["diff_ids"]):
+        raise RuntimeError(f"docker save of {AGENT_IMAGE}: {len(layers)} layers but {config['rootfs']['diff_ids']}")
+    return SavedImage(config, layers)
+
+
+def _member(tar: tarfile.TarFile, name: str) -> IO[bytes]:
+    f = tar.extractfile(name)
+    if f is None:
+        raise RuntimeError(f"docker save output has no file {name!r}")
+    return f
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def salted_tarball(saved: SavedImage, salt: str, ref: str, workdir: Path) -> Path:
+    """A docker-save tarball of the agent image whose bottom layer has one more file (new chain ids throughout)."""
+    layer0 = workdir / "layer0-salted.tar"
+    shutil.copyfile(saved.layers[0], layer0)
+    with tarfile.open(layer0, "a") as tar:  # appends after the last member, before the end blocks
+        data = f"{salt}\n".encode()
+        info = tarfile.TarInfo(SALT_FILE)
+        info.size, info.mode, info.mtime = len(data), 0o644, 0
+        tar.addfile(info, io.BytesIO(data))
+    config = json.loads(json.dumps(saved.config))
+    config["rootfs"]["diff_ids"][0] = _sha256(layer0)
+    config_path = workdir / "config.json"
+    config_path.write_text(json.dumps(config))
+    layers = [layer0, *saved.layers[1:]]
+    manifest = [{"Config": "config.json", "RepoTags": [ref], "Layers": [f"layer{n}.tar" for n in range(len(layers))]}]
+    out = workdir / "cold.tar"
+    with tarfile.open(out, "w") as tar:
+        data = json.dumps(manifest).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+        tar.add(config_path, arcname="config.json")
+        for n, path in enumerate(layers):
+            tar.add(path, arcname=f"layer{n}.tar")
+    layer0.unlink()
+    return out
+
+
+@dataclass
+class Pushed:
+    ref: str
+    digest: str  # the manifest's
+    config_digest: str
+    layers: list[str]  # compressed layer digests, as pulled
+    compressed_size: int  # layers + config, what a pull downloads
+    push_s: float
+
+
+def crane(tools: dict[str, Path], *args: str) -> str:
+    done = subprocess.run([str(tools["crane"]), "--insecure", *args], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"crane {shlex.join(args)} failed: {done.stderr.strip()[-1000:]}")
+    return done.stdout
+
+
+def push(tools: dict[str, Path], tarball: Path, ref: str) -> Pushed:
+    started = time.monotonic()
+    crane(tools, "push", str(tarball), ref)
+    took = time.monotonic() - started
+    manifest = json.loads(crane(tools, "manifest", ref))
+    layers = [layer["digest"] for layer in manifest["layers"]]
+    size = manifest["config"]["size"] + sum(layer["size"] for layer in manifest["layers"])
+    digest = crane(tools, "digest", ref).strip()
+    return Pushed(ref, digest, manifest["config"]["digest"], layers, size, took)
+
+
+# ----------------------------------------------------------------------------- containerd
+
+
+def ctr(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
+    """``ctr`` on the harness's containerd, in the namespace kubelet uses (as e2e/cluster/images.py does)."""
+    return subprocess.run(
+        ["ctr", "--address", str(layout.containerd_socket), "-n", "k8s.io", *args],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+
+
+def containerd_images(layout: Layout) -> dict[str, str]:
+    """ref -> manifest digest of every image containerd's ``k8s.io`` namespace has."""
+    done = ctr(layout, "images", "ls")
+    if done.returncode != 0:
+        raise RuntimeError(f"ctr images ls failed: {done.stderr.strip()}")
+    images = {}
+    for line in done.stdout.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 3:
+            images[fields[0]] = fields[2]
+    return images
+
+
+def remove_cold_images(layout: Layout) -> list[str]:
+    """Remove every cold image (any run's) and the ``sha256:<id>`` refs CRI added for them; nothing else.
+
+    A ``sha256:`` ref is removed only when its manifest is a cold image's and no other image's.
+    """
+    images = containerd_images(layout)
+    cold = {ref for ref in images if COLD_REF.match(ref)}
+    cold_digests = {images[ref] for ref in cold}
+    kept_digests = {digest for ref, digest in images.items() if ref not in cold and not ref.startswith("sha256:")}
+    ids = {r for r, d in images.items() if r.startswith("sha256:") and d in cold_digests - kept_digests}
+    doomed = sorted(cold | ids)
+    if AGENT_IMAGE in doomed:  # never: it is neither a cold ref nor a sha256: one
+        raise AssertionError(f"refusing to remove {AGENT_IMAGE}")
+    if doomed:
+        done = ctr(layout, "images", "rm", "--sync", *doomed)
+        if done.returncode != 0:
+            raise RuntimeError(f"ctr images rm failed: {done.stderr.strip()}")
+    return doomed
+
+
+# ----------------------------------------------------------------------------- one connect
+
+
+def _pulled_events(cluster: kc.Cluster, image: str, since: float) -> list[dict[str, Any]]:
+    """Kubelet's ``Pulled`` events for ``image`` in the namespace, newer than ``since`` (epoch seconds)."""
+    events: Any = cluster.core.list_namespaced_event(cluster.namespace, field_selector="reason=Pulled")
+    found = []
+    for event in events.items:
+        message = event.message or ""
+        if f'"{image}"' not in message:
+            continue
+        when = event.last_timestamp or event.event_time or event.first_timestamp
+        if when is not None and when.timestamp() < since - 1:  # whole seconds
+            continue
+        entry: dict[str, Any] = {"pod": event.involved_object.name, "message": message}
+        match = _PULLED.search(message)
+        if match:
+            entry["pull_s"] = go_duration(match["took"])
+            entry["pull_including_waiting_s"] = go_duration(match["waiting"])
+            if match["size"]:
+                entry["image_size"] = int(match["size"])
+        found.append(entry)
+    return found
+
+
+# The session's steps of connect() after the workload is swapped, timed by wrapping them on the instance
+# (nothing in the plugin changes; bench/routes.py's PhaseRecorder does the same for routes).
+PHASES = (
+    ("_wait_for_agent", "agent pod Ready (pull + start)"),
+    ("_wait_for_endpoints", "endpoints = agent only"),
+    ("_open_tunnel", "open the tunnel"),
+    ("_prove_routed", "canaries through the Service"),
+    ("_import", "import env and files"),
+)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP wait until the block is done (then raise KeyboardInterrupt)."""
+    received: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    saved = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        if received:
+            raise KeyboardInterrupt(f"signal {received[0]}")
+
+
+def _uninterruptible_close(session: BridgeSession) -> None:
+    """A signal during ``close()`` (connect() calls it too when it fails) must not leave the workload swapped."""
+    original = session.close
+
+    def close() -> None:
+        with _signals_deferred():
+            original()
+
+    session.close = close  # type: ignore[method-assign]
+
+
+def _record_phases(session: BridgeSession, phases: list[tuple[str, float, float]]) -> None:
+    for name, label in PHASES:
+        original = getattr(session, name)
+
+        def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
+            started = time.monotonic()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                phases.append((_label, started, time.monotonic()))
+
+        setattr(session, name, timed)
+
+
+def connect_once(cluster: kc.Cluster, settings: BridgeSettings, wait_events: bool) -> dict[str, Any]:
+    """One connect/close cycle of ``orders`` with ``settings.agent_image``; the Deployment restored after."""
+    settle = kc.wait_settled(cluster, SERVICE)
+    marks: list[tuple[float, str]] = []
+    phases: list[tuple[str, float, float]] = []
+    session = BridgeSession(settings, report=lambda line: marks.append((time.monotonic(), line)))
+    _record_phases(session, phases)
+    _uninterruptible_close(session)
+    wall = time.time()
+    started = time.monotonic()
+    agent_pod = ""
+    try:
+        services = session.connect()
+        connected = time.monotonic()
+        agent_pod = services[SERVICE].agent_pod
+    finally:
+        closing = time.monotonic()
+        session.close()
+        closed = time.monotonic()
+    restored = kc.wait_settled(cluster, SERVICE)
+    sample: dict[str, Any] = {
+        "connect_s": connected - started,
+        "disconnect_s": closed - closing,
+        "restored_s": closed - closing + restored,
+        "waited_before_s": settle,
+        "agent_pod": agent_pod,
+        "timeline": [(round(at - started, 3), line) for at, line in marks],
+        "phases": {label: (round(a - started, 3), round(b - started, 3)) for label, a, b in phases},
+    }
+    wait = sample["phases"].get(PHASES[0][1])
+    if wait:  # the plugin saw the pod Ready (it polls every 0.25 s)
+        sample["agent_ready_polled_s"] = wait[1]
+    for at, line in marks:
+        if re.search(r"agent pod \S+ ready in", line):  # after the endpoints wait too (python -m bench's figure)
+            sample["agent_pod_ready_s"] = at - started
+            break
+    # The events are recorded asynchronously; they outlive the pods.
+    deadline = time.monotonic() + (20 if wait_events else 5)
+    while True:
+        events = _pulled_events(cluster, settings.agent_image, wall)
+        if any(e["pod"] == agent_pod for e in events) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    sample["pulled_events"] = events
+    for event in events:
+        if "pull_s" in event:
+            key = "agent_pull" if event["pod"] == agent_pod else "guard_pull"
+            sample.setdefault(f"{key}_s", event["pull_s"])
+            sample.setdefault(f"{key}_including_waiting_s", event["pull_including_waiting_s"])
+            if "image_size" in event:
+                sample.setdefault("kubelet_image_size", event["image_size"])
+    return sample
+
+
+def wait_unbridged(cluster: kc.Cluster, timeout: float) -> None:
+    """Until no Deployment of the namespace is bridged (an interrupted run's guard restores it after its TTL).
+
+    Re-applying the sample app over a bridged Deployment would make the guard's reverse patch fail.
+    """
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        deployments: Any = cluster.apps.list_namespaced_deployment(cluster.namespace)
+        bridged = sorted(
+            d.metadata.name for d in deployments.items if SESSION_ANNOTATION in (d.metadata.annotations or {})
+        )
+        if not bridged:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{', '.join(bridged)} in {cluster.namespace} still bridged after {timeout:.0f}s")
+        if not logged:
+            log.info("%s still bridged by an earlier session: waiting for its guard to restore it", ", ".join(bridged))
+            logged = True
+        time.sleep(1)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _median(samples: list[dict[str, Any]], key: str) -> float:
+    values = [s[key] for s in samples if isinstance(s.get(key), float | int)]
+    return statistics.median(values) if values else float("nan")
+
+
+def _s(value: Any) -> str:
+    return f"{value:.2f}" if isinstance(value, float | int) else "-"
+
+
+def render(results: dict[str, Any]) -> str:
+    cold: list[dict[str, Any]] = results.get("cold", [])
+    warm: dict[str, Any] = results.get("warm") or {}
+    image = results.get("image", {})
+    lines = [
+        f"### Cold connect ({results.get('namespace')}, service {SERVICE})",
+        "",
+        "| rep | cold connect s | agent pod Ready s | session reports ready s | image pull s (agent pod) "
+        "| image pull s (guard pod) | layers fetched | warm connect s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for n, sample in enumerate(cold, 1):
+        lines.append(
+            f"| {n} | {_s(sample.get('connect_s'))} | {_s(sample.get('agent_ready_polled_s'))} "
+            f"| {_s(sample.get('agent_pod_ready_s'))} "
+            f"| {_s(sample.get('agent_pull_s'))} | {_s(sample.get('guard_pull_s'))} "
+            f"| {sample.get('layers_fetched', '?')}/{sample.get('layers', '?')} "
+            f"| {_s(warm.get('connect_s')) if n == 1 else ''} |"
+        )
+    if cold:
+        lines.append(
+            f"| **median** | **{_s(_median(cold, 'connect_s'))}** | **{_s(_median(cold, 'agent_ready_polled_s'))}** "
+            f"| **{_s(_median(cold, 'agent_pod_ready_s'))}** "
+            f"| **{_s(_median(cold, 'agent_pull_s'))}** | **{_s(_median(cold, 'guard_pull_s'))}** | "
+            f"| **{_s(warm.get('connect_s'))}** |"
+        )
+    lines += [
+        "",
+        "Seconds from the start of connect(). agent pod Ready: the plugin's poll saw it Ready; session reports "
+        "ready: its report line, after the Service's endpoints are the agent only (python -m bench's figure). "
+        "Image pull: kubelet's Pulled event; the restore guard's pod runs the agent image too and pulls it at "
+        "the same time.",
+        "",
+    ]
+    if warm:
+        lines.append(
+            f"Warm connect (same image, present on the node): connect {_s(warm.get('connect_s'))} s, "
+            f"agent pod Ready at {_s(warm.get('agent_ready_polled_s'))} s "
+            f"(session reports it at {_s(warm.get('agent_pod_ready_s'))} s), "
+            f"{warm.get('layers_fetched', '?')} blobs fetched from the registry."
+        )
+    if "compressed_bytes" in image:
+        mib = 2**20
+        lines.append(
+            f"Image: {image['layers']} layers, {image['uncompressed_bytes'] / mib:.1f} MiB uncompressed, "
+            f"{image['compressed_bytes'] / mib:.1f} MiB as pulled (gzip, crane push); "
+            f"kubelet's image size {image.get('kubelet_image_size', '?')} bytes; "
+            f"push {_s(image.get('push_s_median'))} s (median, not part of the connect)."
+        )
+    if cold and warm:
+        lines += ["", "| connect() step | cold s (median) | warm s |", "| --- | ---: | ---: |"]
+        for _, label in PHASES:
+            spans = [s["phases"][label][1] - s["phases"][label][0] for s in cold if label in s.get("phases", {})]
+            span = warm.get("phases", {}).get(label)
+            lines.append(
+                f"| {label} | {_s(statistics.median(spans) if spans else None)} | {_s(span[1] - span[0] if span else None)} |"
+            )
+    for failure in results.get("failures", []):
+        lines.append(f"FAILURE: {failure}")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def _settings(namespace: str, kubeconfig: str, image: str) -> BridgeSettings:
+    return BridgeSettings(
+        services=(SERVICE,),
+        namespace=namespace,
+        kubeconfig=Path(kubeconfig),
+        name_mapping=NameMappingMode.IN_PROCESS,  # never the system hosts file from a benchmark
+        connect_timeout=180.0,
+        transport=os.environ.get("PYTEST_BRIDGE_TRANSPORT", "auto"),
+        agent_image=image,
+    )
+
+
+def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    layout = Layout.default()
+    tools = ensure_tools()
+    cluster = kc.load(args.kubeconfig, args.namespace, args.kubectl)
+    run_id = secrets.token_hex(3)
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.callback(cluster.api.close)
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-coldstart-", dir=layout.cache)))
+        finished = False
+
+        def cleanup_images() -> None:
+            removed = remove_cold_images(layout)
+            # Interrupted mid-pull, kubelet's pull goes on without the pod; one already unpacking stores
+            # the image a moment later: remove what shows up until nothing has for a few seconds.
+            quiet_since = time.monotonic()
+            while not finished and time.monotonic() - quiet_since < 5:
+                time.sleep(0.5)
+                if late := remove_cold_images(layout):
+                    removed += late
+                    quiet_since = time.monotonic()
+            log.info("removed from containerd: %s", ", ".join(removed) or "nothing")
+
+        # Last in, first out: the registry stops first, so a pull still running for an interrupted
+        # connect fails instead of storing the image after it was removed.
+        stack.callback(cleanup_images)
+        registry = Registry(tools["registry"], workdir, args.port)
+        stack.callback(registry.stop)
+        log.info("registry on %s (pid %d); run %s", registry.host, registry.process.pid, run_id)
+        leftovers = remove_cold_images(layout)
+        if leftovers:
+            log.info("removed cold images of earlier runs: %s", ", ".join(leftovers))
+        wait_unbridged(cluster, timeout=BridgeSettings().restore_ttl + 60)
+        log.info("sample app in namespace %s: applying and waiting until Available", args.namespace)
+        results["sample_app_ready_s"] = round(kc.ensure_sample_app(cluster), 2)
+        saved = save_agent(layout, workdir)
+        results["image"] = {
+            "source": AGENT_IMAGE,
+            "layers": len(saved.layers),
+            "uncompressed_bytes": saved.size,
+        }
+        pushes: list[Pushed] = []
+        ref = ""
+        for rep in range(1, args.reps + 1):
+            ref = f"{registry.host}/{COLD_REPO}:{run_id}-{rep}"
+            pushed = push(tools, salted_tarball(saved, f"{run_id}-{rep}", ref, workdir), ref)
+            (workdir / "cold.tar").unlink()
+            pushes.append(pushed)
+            # The earlier reps' images too: their small upper layers are byte-identical to this one's, and
+            # containerd fetches no blob its content store has (the salt only makes every snapshot new).
+            remove_cold_images(layout)
+            if ref in containerd_images(layout):
+                raise RuntimeError(f"{ref} is still in containerd")
+            log.info("rep %d/%d: %s pushed in %.1fs; connecting (cold)", rep, args.reps, ref, pushed.push_s)
+            mark = registry.mark()
+            sample = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=True)
+            sample.update(
+                image=ref, layers=len(pushed.layers), layers_fetched=registry.blobs_fetched(mark, pushed.layers)
+            )
+            results["cold"].append(sample)
+            log.info(
+                "rep %d: connect %.2fs, agent pod Ready at %ss, pull %ss (agent pod) %ss (guard), %d/%d layers fetched",
+                rep, sample["connect_s"], _s(sample.get("agent_ready_polled_s")), _s(sample.get("agent_pull_s")),
+                _s(sample.get("guard_pull_s")), sample["layers_fetched"], sample["layers"],
+            )  # fmt: skip
+            if sample["layers_fetched"] != sample["layers"]:
+                results["failures"].append(
+                    f"rep {rep}: only {sample['layers_fetched']}/{sample['layers']} layers were fetched: not cold"
+                )
+        results["image"].update(
+            compressed_bytes=pushes[-1].compressed_size,
+            push_s_median=statistics.median(p.push_s for p in pushes),
+            kubelet_image_size=next(
+                (s["kubelet_image_size"] for s in results["cold"] if "kubelet_image_size" in s), None
+            ),
+        )
+        log.info("warm connect with %s (present on the node)", ref)
+        mark = registry.mark()
+        warm = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=False)
+        warm.update(image=ref, layers_fetched=registry.blobs_fetched(mark, pushes[-1].layers))
+        results["warm"] = warm
+        finished = True
+        log.info("warm: connect %.2fs, agent pod Ready at %ss", warm["connect_s"], _s(warm.get("agent_ready_polled_s")))
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.coldstart", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--reps", type=int, default=3, help="cold connects, each with a freshly pushed image")
+    parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--port", type=int, default=REGISTRY_PORT, help="registry port (a free one if taken)")
+    parser.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG", ""))
+    parser.add_argument("--kubectl", default=kc.default_kubectl())
+    args = parser.parse_args(argv)
+    if args.namespace in ("bridge-demo", "bridge-bench"):
+        parser.error(f"{args.namespace} is used by the e2e suites or python -m bench; pick another --namespace")
+    if args.reps < 1:
+        parser.error("--reps must be at least 1")
+    if not args.kubeconfig:
+        parser.error("no cluster: set KUBECONFIG (e.g. `export $(python -m e2e.cluster up | tail -n 1)`)")
+    return args
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s coldstart: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)  # so the sessions, the registry and the cold images are cleaned up
+    if args.kubectl and Path(args.kubectl).exists():
+        os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", args.kubectl)  # the bridge's auto transport uses it
+    results: dict[str, Any] = {
+        "command": shlex.join(["python", "-m", "bench.coldstart", *(sys.argv[1:] if argv is None else argv)]),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "namespace": args.namespace,
+        "reps": args.reps,
+        "cold": [],
+        "warm": None,
+        "failures": [],
+    }
+    started = time.monotonic()
+    status = 0
+    try:
+        run(args, results)
+    except KeyboardInterrupt:
+        results["failures"].append("interrupted")
+        status = 2
+    except Exception as exc:
+        log.exception("the benchmark could not run")
+        results["failures"].append(f"the benchmark could not run: {type(exc).__name__}: {exc}")
+        status = 2
+    results["duration_s"] = round(time.monotonic() - started, 1)
+    if status == 0 and results["failures"]:
+        status = 1
+    print(render(results))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
