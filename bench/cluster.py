@@ -8,6 +8,7 @@ and are deleted by :func:`delete_bench_server`; the sample app itself is left in
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import shutil
@@ -24,6 +25,9 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import apply_sample_app
+from pytest_bridge.patch import SESSION_ANNOTATION
+
+log = logging.getLogger("bench")
 
 __all__ = [
     "BENCH_HTTP",
@@ -46,6 +50,7 @@ __all__ = [
     "routing_leftovers",
     "wait_routing_clean",
     "wait_settled",
+    "wait_unbridged",
 ]
 
 SAMPLE_IMAGE = "localhost/pytest-bridge/sample-app:0.1.0"
@@ -145,9 +150,35 @@ def wait_settled(cluster: Cluster, deployment: str, timeout: float = 180.0) -> f
     raise TimeoutError(f"deployment {cluster.namespace}/{deployment} not settled after {timeout:.0f}s ({last})")
 
 
+def wait_unbridged(cluster: Cluster, timeout: float = 360.0) -> None:
+    """Until no Deployment of the namespace is bridged (an interrupted run's guard restores it after its TTL).
+
+    Re-applying the sample app over a bridged Deployment would make the guard's reverse patch fail.
+    """
+    deadline = time.monotonic() + timeout
+    logged = False
+    while True:
+        deployments: Any = cluster.apps.list_namespaced_deployment(cluster.namespace)
+        bridged = sorted(
+            d.metadata.name for d in deployments.items if SESSION_ANNOTATION in (d.metadata.annotations or {})
+        )
+        if not bridged:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{', '.join(bridged)} in {cluster.namespace} still bridged after {timeout:.0f}s")
+        if not logged:
+            log.info("%s still bridged by an earlier session: waiting for its guard to restore it", ", ".join(bridged))
+            logged = True
+        time.sleep(1)
+
+
 def ensure_sample_app(cluster: Cluster) -> float:
-    """Server-side apply the sample app into the bench namespace (idempotent) and wait until it is Available."""
+    """Server-side apply the sample app into the bench namespace (idempotent) and wait until it is Available.
+
+    Waits first for a Deployment an interrupted run left bridged to be restored by its guard.
+    """
     started = time.monotonic()
+    wait_unbridged(cluster)
     apply_sample_app(cluster.api, namespace=cluster.namespace)
     for deployment in SAMPLE_DEPLOYMENTS:
         wait_settled(cluster, deployment)

@@ -56,7 +56,6 @@ from typing import IO, Any
 
 from e2e.cluster.images import AGENT_IMAGE, ensure_dockerd
 from e2e.cluster.layout import Layout
-from pytest_bridge.patch import SESSION_ANNOTATION
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
@@ -454,28 +453,6 @@ def connect_once(cluster: kc.Cluster, settings: BridgeSettings, wait_events: boo
     return sample
 
 
-def wait_unbridged(cluster: kc.Cluster, timeout: float) -> None:
-    """Until no Deployment of the namespace is bridged (an interrupted run's guard restores it after its TTL).
-
-    Re-applying the sample app over a bridged Deployment would make the guard's reverse patch fail.
-    """
-    deadline = time.monotonic() + timeout
-    logged = False
-    while True:
-        deployments: Any = cluster.apps.list_namespaced_deployment(cluster.namespace)
-        bridged = sorted(
-            d.metadata.name for d in deployments.items if SESSION_ANNOTATION in (d.metadata.annotations or {})
-        )
-        if not bridged:
-            return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{', '.join(bridged)} in {cluster.namespace} still bridged after {timeout:.0f}s")
-        if not logged:
-            log.info("%s still bridged by an earlier session: waiting for its guard to restore it", ", ".join(bridged))
-            logged = True
-        time.sleep(1)
-
-
 # ----------------------------------------------------------------------------- report
 
 
@@ -597,7 +574,6 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         leftovers = remove_cold_images(layout)
         if leftovers:
             log.info("removed cold images of earlier runs: %s", ", ".join(leftovers))
-        wait_unbridged(cluster, timeout=BridgeSettings().restore_ttl + 60)
         log.info("sample app in namespace %s: applying and waiting until Available", args.namespace)
         results["sample_app_ready_s"] = round(kc.ensure_sample_app(cluster), 2)
         saved = save_agent(layout, workdir)
