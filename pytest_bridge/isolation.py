@@ -459,6 +459,43 @@ def prove_live(tunnel: BackgroundTunnel, plan: BridgePlan, route: str, timeout: 
     )
 
 
+def endpoints_are_router(k: kube.Kube, service: str) -> bool:
+    """Whether the Service's endpoints are its router pods only (the selector switch has landed)."""
+    from kubernetes import client  # noqa: PLC0415
+
+    slices: Any = kube.call(
+        "list endpoints", client.DiscoveryV1Api(k.api_client).list_namespaced_endpoint_slice, k.namespace,
+        label_selector=f"kubernetes.io/service-name={service}",
+    )  # fmt: skip
+    addresses = {a for item in slices.items for e in item.endpoints or [] for a in e.addresses}
+    pods: Any = kube.call(
+        "list routers", k.core.list_namespaced_pod, k.namespace,
+        label_selector=f"{ro.COMPONENT}=router,{ro.LABEL_ROUTER}={service}",
+    )  # fmt: skip
+    router_ips = {p.status.pod_ip for p in pods.items if p.status.pod_ip}
+    return bool(addresses) and addresses <= router_ips
+
+
+def wait_host_routers(k: kube.Kube, services: Iterable[str], deadline: float) -> list[str]:
+    """Until every Service behind an Ingress answers through its router (header injected for ``<route>.`` hosts).
+
+    The route's own Service is proven by the canary; the others (a frontend behind the Ingress)
+    get their routers at the same time but are switched to them one reconcile later, so a
+    request on ``<route>.<host>`` right after the canary could still reach the frontend's pods
+    directly and lose the route. Only Services that exist and select pods are routed (as the
+    manager does). Returns those still not served by their router at the deadline.
+    """
+    existing: Any = kube.call("list services", k.core.list_namespaced_service, k.namespace)
+    selecting = {s.metadata.name for s in existing.items if s.spec and s.spec.selector}
+    pending = sorted(set(services) & selecting)
+    while pending:
+        pending = [name for name in pending if not endpoints_are_router(k, name)]
+        if not pending or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    return pending
+
+
 def open_route(
     bs: BridgeSession,
     service: str,
@@ -482,7 +519,9 @@ def open_route(
         required_permissions_check(k, required_permissions(), what="isolated routes")
         bs.route_permissions_checked = True
     ingresses: Any = kube.call("list ingresses", k.networking.list_namespaced_ingress, ns)
-    hosts = tuple(ro.ingress_hosts(k.to_dict(i) for i in ingresses.items if not ro.is_ours(k.to_dict(i))))
+    theirs = [k.to_dict(i) for i in ingresses.items if not ro.is_ours(k.to_dict(i))]
+    hosts = tuple(ro.ingress_hosts(theirs))
+    host_backends = set().union(*(ro.ingress_backends(i) for i in theirs)) - {service}
     try:
         check_hosts_fit(route, hosts)
     except ValueError as exc:
@@ -515,6 +554,12 @@ def open_route(
         ready_at = time.monotonic()
         conn.tunnel = _open_tunnel(bs, k, pod_name, plan, settings.connect_timeout)
         prove_live(conn.tunnel, plan, route, settings.connect_timeout)
+        late = wait_host_routers(k, host_backends, time.monotonic() + settings.connect_timeout)
+        if late:  # header routing works; only <route>.<host> requests may still miss the route
+            report(
+                f"{service}: route {route}: {', '.join(late)} behind an Ingress not served by its router yet; "
+                f"`kubectl -n {ns} logs deploy/{ro.MANAGER_NAME}` says why"
+            )
         live_at = time.monotonic()
         original_container = dict(workload_template_container(workload, plan))
         bridged = bs._import(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")

@@ -26,6 +26,7 @@ from pytest_bridge_routing import objects as ro
 
 from . import kube
 from .errors import BridgeError, ConnectError
+from .isolation import endpoints_are_router
 
 if TYPE_CHECKING:
     from .isolation import Route
@@ -173,23 +174,6 @@ def _router_pod(k: kube.Kube, service: str) -> str | None:
     return None
 
 
-def _endpoints_are_router(k: kube.Kube, service: str) -> bool:
-    """Whether the Service's endpoints are its router pods only (the selector switch has landed)."""
-    from kubernetes import client  # noqa: PLC0415
-
-    slices: Any = kube.call(
-        "list endpoints", client.DiscoveryV1Api(k.api_client).list_namespaced_endpoint_slice, k.namespace,
-        label_selector=f"kubernetes.io/service-name={service}",
-    )  # fmt: skip
-    addresses = {a for item in slices.items for e in item.endpoints or [] for a in e.addresses}
-    pods: Any = kube.call(
-        "list routers", k.core.list_namespaced_pod, k.namespace,
-        label_selector=f"{ro.COMPONENT}=router,{ro.LABEL_ROUTER}={service}",
-    )  # fmt: skip
-    router_ips = {p.status.pod_ip for p in pods.items if p.status.pod_ip}
-    return bool(addresses) and addresses <= router_ips
-
-
 def _stats(k: kube.Kube, pod: str) -> dict[StatsKey, int]:
     body = kube.pod_proxy_json(k, pod, ro.STATS_PORT, "stats")
     return counts(body if isinstance(body, dict) else {})
@@ -260,7 +244,7 @@ def check(
             s.metadata.name for s in current.items if (s.spec.selector or {}) == ro.router_selector(s.metadata.name)
         }
         routers = {name: pod for name in watched if name in switched and (pod := _router_pod(k, name))}
-        if set(routers) == set(watched) and all(_endpoints_are_router(k, name) for name in watched):
+        if set(routers) == set(watched) and all(endpoints_are_router(k, name) for name in watched):
             break
         if time.monotonic() > deadline:
             missing = sorted(set(watched) - set(routers))
