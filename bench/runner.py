@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_bridge.kubectl_forward import lane_pool
 from pytest_bridge.plan import LocalPortSpec
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
@@ -447,6 +448,16 @@ class Bench:
             self._latency()
         if self.selected("concurrency"):
             self._concurrency()
+        stats = session.tunnel_stats(SERVICE)
+        if stats is not None:
+            self.results["tunnel"] = {
+                "transport": session.transport, "connections": stats.streams_total, "on lanes": stats.lanes_used,
+            }  # fmt: skip
+            self.progress(
+                f"tunnel ({session.transport}): {stats.lanes_used} of {stats.streams_total} connections on lanes"
+            )
+            if session.transport == "kubectl" and lane_pool() and self.selected("throughput") and not stats.lanes_used:
+                self.fail("the kubectl transport carried no connection on a lane (lanes are broken or off)")
 
     def _cpu_meter(self) -> CpuMeter:
         ctx = self.context

@@ -54,6 +54,7 @@ from .patch import (
 from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
 from .portforward import ApiEndpoint, open_portforward
 from .settings import BridgeSettings
+from .tunnel import TunnelStats
 from .tunnel_thread import BackgroundTunnel
 
 __all__ = ["BridgeSession", "BridgedService", "new_session_id"]
@@ -180,6 +181,13 @@ class BridgeSession:
             s = self.settings
             self._kube = kube.load(str(s.kubeconfig) if s.kubeconfig else None, s.context, s.namespace)
         return self._kube
+
+    def tunnel_stats(self, service: str) -> TunnelStats | None:
+        """Counters of the tunnel carrying ``service`` (None before it is connected)."""
+        for conn in self._connections:
+            if conn.service == service and conn.tunnel is not None:
+                return conn.tunnel.stats
+        return None
 
     def connect(self) -> dict[str, BridgedService]:
         started = time.monotonic()

@@ -108,6 +108,7 @@ class TunnelStats:
     connected: bool
     connects: int
     reverse_total: int = 0  # reverse streams the agent has offered (cluster -> local)
+    lanes_used: int = 0  # connections (of streams_total) carried on a lane of their own
 
 
 def tcp_connector(host: str, port: int) -> Connector:
@@ -251,6 +252,7 @@ class Tunnel:
             connected=self.connected,
             connects=self.connects,
             reverse_total=self.reverse_total,
+            lanes_used=self.lanes_used,
         )
 
     async def wait_connected(self, max_wait: float | None = None) -> Mux:
