@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from pytest_bridge_routing import objects as ro
 
 from e2e.conftest import NAMESPACE, pod_is_ready, role_user_kubeconfig
 from e2e.test_smoke import exec_in_pod_json
@@ -128,6 +129,35 @@ def _wait_restored(apps: client.AppsV1Api, before: dict[str, Any], timeout: floa
         time.sleep(0.5)
     assert _deployment(apps) == before
     return time.monotonic() - started
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_idle_routing_manager(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> None:
+    """Retire a routing manager an earlier run left idling (nothing routed), before these tests.
+
+    A manager stays for --bridge-routing-idle (300 s) after its last route, and the demo suite
+    opens a route: a test run started within 5 minutes of the last one would see the manager's
+    ServiceAccounts as "left behind" by its own bridges. With no route pod and no switched
+    Service it manages nothing, so deleting it is what it would do itself.
+    """
+    try:
+        apps_v1.read_namespaced_deployment(ro.MANAGER_NAME, NAMESPACE)
+    except client.exceptions.ApiException as e:
+        if e.status == 404:
+            return
+        raise
+    routes = core_v1.list_namespaced_pod(NAMESPACE, label_selector=ro.LABEL_ROUTE).items
+    switched = [
+        s
+        for s in core_v1.list_namespaced_service(NAMESPACE).items
+        if ro.is_switched(core_v1.api_client.sanitize_for_serialization(s))
+    ]
+    if routes or switched:
+        return  # a live session routes here: leave it (the checks below will say what they see)
+    apps_v1.delete_namespaced_deployment(ro.MANAGER_NAME, NAMESPACE, propagation_policy="Foreground")
+    deadline = time.monotonic() + 60
+    while [o for o in _managed_objects(core_v1) if o.startswith("sa/")] and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 @pytest.fixture
