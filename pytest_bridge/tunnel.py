@@ -18,7 +18,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -30,13 +29,13 @@ from pytest_bridge_agent.lanes import (
     SocketServer,
     abort_socket,
     open_on_lane,
-    prepare,
     recv_frame,
     relay,
     send_frame,
+    tcp_socket,
 )
 from pytest_bridge_agent.mux import ConnectionLost, Mux, MuxStats, MuxStream, OpenFailed, StreamReset
-from pytest_bridge_agent.pipes import abort, connection_handler, pipe
+from pytest_bridge_agent.pipes import abort, connection_handler, os_error_detail, pipe
 from pytest_bridge_agent.wire import (
     DEFAULT_WINDOW,
     MAX_HANDSHAKE_PAYLOAD,
@@ -122,7 +121,7 @@ def tcp_connector(host: str, port: int) -> Connector:
 
 def tcp_socket_connector(host: str, port: int) -> SocketConnector:
     async def connect() -> socket.socket:
-        sock = prepare(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
+        sock = tcp_socket(host)
         try:
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
         except BaseException:
@@ -510,22 +509,13 @@ class Tunnel:
         local_port = self.reverse_ports.get(target_port) if isinstance(target_port, int) else None
         if local_port is None:
             return None, f"no local port mapped for target port {target_port}"
-        sock = prepare(socket.socket(socket.AF_INET6 if ":" in self.local_host else socket.AF_INET))
         try:
             async with asyncio.timeout(self._connect_timeout):
-                await asyncio.get_running_loop().sock_connect(sock, (self.local_host, local_port))
+                return await tcp_socket_connector(self.local_host, local_port)(), ""
         except TimeoutError:
-            sock.close()
             reason = f"local app not reachable at {self.local_host}:{local_port}: connect timed out"
         except OSError as e:
-            sock.close()
-            detail = os.strerror(e.errno) if isinstance(e.errno, int) and e.errno > 0 else str(e)
-            reason = f"local app not reachable at {self.local_host}:{local_port}: {detail}"
-        except BaseException:
-            sock.close()
-            raise
-        else:
-            return sock, ""
+            reason = f"local app not reachable at {self.local_host}:{local_port}: {os_error_detail(e)}"
         log.log(self._unreachable_level(), "reverse :%s: %s", target_port, reason)
         return None, reason
 

@@ -28,12 +28,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import struct
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from .mux import MuxStats
+from .pipes import describe_error, idle_watchdog, reset_on_close
 from .wire import (
     HEADER_SIZE,
     MAX_HANDSHAKE_PAYLOAD,
@@ -56,6 +56,7 @@ __all__ = [
     "recv_frame",
     "relay",
     "send_frame",
+    "tcp_socket",
 ]
 
 LANE_POOL = 4  # idle lanes of each role the client keeps open
@@ -67,9 +68,13 @@ SocketHandler = Callable[[socket.socket], Coroutine[Any, Any, None]]
 
 def abort_socket(sock: socket.socket) -> None:
     """Close with RST, so the peer cannot mistake a broken transfer for a complete one."""
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset_on_close(sock)
     sock.close()
+
+
+def tcp_socket(host: str) -> socket.socket:
+    """A new non-blocking TCP socket (TCP_NODELAY) of the family ``host`` is written in."""
+    return prepare(socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET))
 
 
 def prepare(sock: socket.socket) -> socket.socket:
@@ -192,15 +197,6 @@ async def relay(
                     stats.bytes_received += n
         dst.shutdown(socket.SHUT_WR)
 
-    async def watchdog(tasks: set[asyncio.Task[None]], idle: float) -> None:
-        while True:
-            delay = last[0] + idle - loop.time()
-            if delay <= 0:
-                raise TimeoutError(f"no traffic for {idle:g}s (idle timeout)")
-            _, pending = await asyncio.wait(tasks, timeout=delay)
-            if not pending:
-                return
-
     if stats is not None:
         stats.streams_open += 1
         stats.streams_total += 1
@@ -209,11 +205,10 @@ async def relay(
         async with asyncio.TaskGroup() as tg:
             tasks = {tg.create_task(copy(a, b, True)), tg.create_task(copy(b, a, False))}
             if idle_timeout:
-                tg.create_task(watchdog(tasks, idle_timeout))
+                tg.create_task(idle_watchdog(tasks, idle_timeout, last))
         clean = True
     except ExceptionGroup as eg:
-        first = eg.exceptions[0]
-        result.error = f"{type(first).__name__}: {first}" if str(first) else type(first).__name__
+        result.error = describe_error(eg.exceptions[0])
     finally:
         if stats is not None:
             stats.streams_open -= 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import struct
 from collections.abc import Awaitable, Callable
@@ -15,18 +16,58 @@ from dataclasses import dataclass
 
 from .mux import MuxStream
 
-__all__ = ["ConnectionHandler", "PipeResult", "abort", "connection_handler", "pipe"]
+__all__ = [
+    "ConnectionHandler",
+    "PipeResult",
+    "abort",
+    "connection_handler",
+    "describe_error",
+    "idle_watchdog",
+    "os_error_detail",
+    "pipe",
+    "reset_on_close",
+]
 
 CHUNK = 64 * 1024
 
 
+def reset_on_close(sock: socket.socket) -> None:
+    """Make closing ``sock`` send RST, so its peer cannot mistake a broken transfer for a complete one."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 def abort(writer: asyncio.StreamWriter) -> None:
-    """Close a socket with RST, so its peer cannot mistake a broken transfer for a complete one."""
+    """Close a stream's socket with RST (see reset_on_close)."""
     sock = writer.get_extra_info("socket")
     if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        reset_on_close(sock)
     writer.transport.abort()
+
+
+def describe_error(exc: BaseException) -> str:
+    """``Type: message`` (just ``Type`` when the message is empty), for logs and results."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def os_error_detail(error: OSError) -> str:
+    """The system's text for an OSError's errno, else the exception's own message."""
+    return os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else str(error)
+
+
+async def idle_watchdog(tasks: set[asyncio.Task[None]], idle: float, last: list[float]) -> None:
+    """Raise TimeoutError once ``last[0]`` (loop time of the last traffic) is ``idle`` seconds old.
+
+    Returns when every task in ``tasks`` is done; run it beside them in their task group.
+    """
+    loop = asyncio.get_running_loop()
+    while True:
+        delay = last[0] + idle - loop.time()
+        if delay <= 0:
+            raise TimeoutError(f"no traffic for {idle:g}s (idle timeout)")
+        _, pending = await asyncio.wait(tasks, timeout=delay)
+        if not pending:
+            return
 
 
 ConnectionHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -88,26 +129,16 @@ async def pipe(
         if writer.can_write_eof():
             writer.write_eof()
 
-    async def watchdog(tasks: set[asyncio.Task[None]], idle: float) -> None:
-        while True:
-            delay = last[0] + idle - loop.time()
-            if delay <= 0:
-                raise TimeoutError(f"no traffic for {idle:g}s (idle timeout)")
-            _, pending = await asyncio.wait(tasks, timeout=delay)
-            if not pending:
-                return
-
     clean = False
     try:
         async with asyncio.TaskGroup() as tg:
             tasks = {tg.create_task(socket_to_stream()), tg.create_task(stream_to_socket())}
             if idle_timeout:
-                tg.create_task(watchdog(tasks, idle_timeout))
+                tg.create_task(idle_watchdog(tasks, idle_timeout, last))
         await stream.wait_closed()
         clean = True
     except ExceptionGroup as eg:
-        first = eg.exceptions[0]
-        result.error = f"{type(first).__name__}: {first}" if str(first) else type(first).__name__
+        result.error = describe_error(eg.exceptions[0])
     finally:
         if clean:
             writer.close()

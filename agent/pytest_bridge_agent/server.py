@@ -29,7 +29,7 @@ from typing import Any
 
 from .lanes import SocketServer, abort_socket, dial, open_on_lane, recv_frame, relay, send_frame
 from .mux import Mux, MuxStats, MuxStream
-from .pipes import abort, connection_handler, pipe
+from .pipes import abort, connection_handler, os_error_detail, pipe
 from .wire import (
     DEFAULT_WINDOW,
     MAX_HANDSHAKE_PAYLOAD,
@@ -580,8 +580,7 @@ def _dial_failure(target: str, error: OSError | TimeoutError, timeout: float) ->
         return f"connect to {target} timed out after {timeout:g}s"
     if isinstance(error, socket.gaierror):
         return f"connect to {target} failed: cannot resolve {target.rsplit(':', 1)[0]}: {error.strerror}"
-    detail = os.strerror(error.errno) if isinstance(error.errno, int) and error.errno > 0 else str(error)
-    return f"connect to {target} failed: {detail}"
+    return f"connect to {target} failed: {os_error_detail(error)}"
 
 
 def _sock_peer(sock: socket.socket) -> str:
@@ -589,9 +588,4 @@ def _sock_peer(sock: socket.socket) -> str:
         peer = sock.getpeername()
     except OSError:
         return "?"
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
     return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
