@@ -109,16 +109,19 @@ class KubectlForward:
             self._port = port
             return port
 
-    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
-        return await asyncio.open_connection("127.0.0.1", port, limit=1024 * 1024)
-
-    async def connect_socket(self) -> socket.socket:
-        """A plain connection through the same kubectl (a lane: kubectl opens a new stream for it)."""
+    async def _local_port(self) -> int:
+        """kubectl's local port: read without a thread while it runs, else (re)started in one."""
         process, port = self._process, self._port
         if process is None or port is None or process.poll() is not None:
             port = await asyncio.wait_for(asyncio.to_thread(self._ensure), self._timeout)
-        return await tcp_socket_connector("127.0.0.1", port)()
+        return port
+
+    async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        return await asyncio.open_connection("127.0.0.1", await self._local_port(), limit=1024 * 1024)
+
+    async def connect_socket(self) -> socket.socket:
+        """A plain connection through the same kubectl (a lane: kubectl opens a new stream for it)."""
+        return await tcp_socket_connector("127.0.0.1", await self._local_port())()
 
     def stop(self) -> None:
         with self._lock:
