@@ -14,16 +14,14 @@ import json
 import logging
 import os
 import shlex
-import signal
 import sys
 import time
 import traceback
 from pathlib import Path
-from types import FrameType
 
 from pytest_bridge.session import BridgeSession
 
-from .cluster import default_kubectl
+from .cluster import default_kubectl, hand_kubectl_to_bridge, interrupt_on_termination
 from .loadtool import raise_nofile
 from .procstat import machine_info
 from .report import evaluate, render
@@ -60,10 +58,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
@@ -71,11 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     # The session's canary makes the tunnel log "local app not reachable" before the load server runs.
     logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)  # so every session and forwarder is cleaned up
+    interrupt_on_termination()  # so every session and forwarder is cleaned up
     nofile = raise_nofile()
-    if args.kubectl and Path(args.kubectl).exists():
-        os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", args.kubectl)  # the bridge's auto transport uses it
+    hand_kubectl_to_bridge(args.kubectl)
     bench = Bench(
         QUICK if args.quick else FULL,
         args.only,

@@ -19,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from kubernetes import client, config
@@ -79,6 +80,35 @@ def default_kubectl() -> str:
     if CLUSTER_KUBECTL.exists():
         return str(CLUSTER_KUBECTL)
     return shutil.which("kubectl") or "kubectl"
+
+
+def hand_kubectl_to_bridge(kubectl: str) -> None:
+    """Let the bridge's auto transport use the bench's kubectl (unless PYTEST_BRIDGE_KUBECTL says otherwise)."""
+    if kubectl and Path(kubectl).exists():
+        os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", kubectl)
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def interrupt_on_termination() -> None:
+    """SIGTERM and SIGHUP raise KeyboardInterrupt like Ctrl-C, so the same clean-up runs."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+
+
+def stop_process_group(process: subprocess.Popen[Any]) -> None:
+    """SIGTERM the process's group, SIGKILL it after 10 s, and reap the process."""
+    if process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
 
 
 @dataclass
@@ -298,15 +328,7 @@ class PortProcess:
         return self.process.pid
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        stop_process_group(self.process)
 
 
 # ----------------------------------------------------------------------------- routing (isolated routes)

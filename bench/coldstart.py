@@ -51,7 +51,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import IO, Any
 
 from e2e.cluster.images import AGENT_IMAGE, ensure_dockerd
@@ -154,15 +153,7 @@ class Registry:
         return len(got & set(digests))
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
+        kc.stop_process_group(self.process)
         self._log.close()
 
 
@@ -644,20 +635,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s coldstart: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
     )
     logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt)  # so the sessions, the registry and the cold images are cleaned up
-    if args.kubectl and Path(args.kubectl).exists():
-        os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", args.kubectl)  # the bridge's auto transport uses it
+    kc.interrupt_on_termination()  # so the sessions, the registry and the cold images are cleaned up
+    kc.hand_kubectl_to_bridge(args.kubectl)
     results: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "bench.coldstart", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
