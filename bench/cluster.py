@@ -223,20 +223,23 @@ def _bench_pod(namespace: str) -> dict[str, Any]:
         "spec": {
             "terminationGracePeriodSeconds": 1,
             "enableServiceLinks": False,
-            "containers": [
-                {
-                    "name": "server",
-                    "image": SAMPLE_IMAGE,
-                    "imagePullPolicy": "IfNotPresent",
-                    # The sample image has a bare python3: the load tool runs from its source.
-                    "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
-                    "args": ["server", "--port", str(BENCH_PORT)],
-                    "ports": [{"name": "bench", "containerPort": BENCH_PORT}],
-                    "readinessProbe": {"tcpSocket": {"port": BENCH_PORT}, "periodSeconds": 1},
-                    "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
-                }
-            ],
+            "containers": [_load_server_container(BENCH_PORT, "bench")],
         },
+    }
+
+
+def _load_server_container(port: int, port_name: str, *args: str) -> dict[str, Any]:
+    """The load tool's server on ``port`` in the sample image."""
+    return {
+        "name": "server",
+        "image": SAMPLE_IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        # The sample image has a bare python3: the load tool runs from its source.
+        "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
+        "args": ["server", "--port", str(port), *args],
+        "ports": [{"name": port_name, "containerPort": port}],
+        "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
     }
 
 
@@ -349,18 +352,7 @@ def _bench_http_objects(namespace: str) -> tuple[dict[str, Any], dict[str, Any]]
                 "spec": {
                     "terminationGracePeriodSeconds": 1,
                     "enableServiceLinks": False,
-                    "containers": [
-                        {
-                            "name": "server",
-                            "image": SAMPLE_IMAGE,
-                            "imagePullPolicy": "IfNotPresent",
-                            "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
-                            "args": ["server", "--port", str(BENCH_HTTP_PORT), "--name", "pod"],
-                            "ports": [{"name": "http", "containerPort": BENCH_HTTP_PORT}],
-                            "readinessProbe": {"tcpSocket": {"port": BENCH_HTTP_PORT}, "periodSeconds": 1},
-                            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
-                        }
-                    ],
+                    "containers": [_load_server_container(BENCH_HTTP_PORT, "http", "--name", "pod")],
                 },
             },
         },
