@@ -26,6 +26,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import NAMESPACE, pod_is_ready
 from pytest_bridge.patch import SESSION_LABEL, strip_server_fields
+from pytest_bridge.ports import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -135,12 +136,6 @@ NOTHING_SUITE = "def test_never_runs():\n    raise AssertionError('the session m
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _deployment(apps: client.AppsV1Api, name: str, namespace: str = NAMESPACE) -> dict[str, Any]:
     obj = apps.api_client.sanitize_for_serialization(apps.read_namespaced_deployment(name, namespace))
     return strip_server_fields(obj)
@@ -217,8 +212,8 @@ def test_two_services_bridged_at_once(
     run = _pytest(
         suite, "--bridge-service=orders", "--bridge-service=inventory", f"--bridge-namespace={NAMESPACE}",
         # Explicit free ports: other sessions on this machine may hold the defaults (8080).
-        f"--bridge-local-port=orders:8080={_free_port()}", f"--bridge-local-port=orders:9091={_free_port()}",
-        f"--bridge-local-port=inventory:8080={_free_port()}",
+        f"--bridge-local-port=orders:8080={free_port()}", f"--bridge-local-port=orders:9091={free_port()}",
+        f"--bridge-local-port=inventory:8080={free_port()}",
     )  # fmt: skip
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
@@ -240,7 +235,7 @@ def test_xdist_workers_share_the_controllers_bridge(
     out_dir.mkdir()
     run = _pytest(
         suite, "-n", "2", "--dist=each", "--bridge-service=orders", f"--bridge-namespace={NAMESPACE}",
-        f"--bridge-local-port=8080={_free_port()}", f"--bridge-local-port=9091={_free_port()}",
+        f"--bridge-local-port=8080={free_port()}", f"--bridge-local-port=9091={free_port()}",
         BRIDGE_E2E_OUT=str(out_dir),
     )  # fmt: skip
     out = run.stdout + run.stderr
@@ -264,7 +259,7 @@ def test_per_test_bridge_is_restored_at_the_tests_teardown(
     _settled(apps_v1, core_v1, "orders")
     before = _deployment(apps_v1, "orders")
     suite = _write_suite(tmp_path, FACTORY_SUITE)
-    run = _pytest(suite, ORDERS_PORT=str(_free_port()), ADMIN_PORT=str(_free_port()))
+    run = _pytest(suite, ORDERS_PORT=str(free_port()), ADMIN_PORT=str(free_port()))
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert "1 passed" in out, out

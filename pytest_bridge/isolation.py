@@ -38,6 +38,7 @@ from . import kube
 from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
 from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, SecretTokenRef, agent_container
 from .plan import BridgePlan, pod_template_spec
+from .ports import free_port
 from .tunnel_thread import BackgroundTunnel
 
 if TYPE_CHECKING:
@@ -506,7 +507,7 @@ def open_route(
     report: Callable[[str], None] = lambda _: None,
 ) -> Route:
     """Create, connect and prove route ``route`` of ``service``; on failure nothing is left."""
-    from .session import _Connection, _free_port, required_permissions_check, workload_template_container  # noqa: PLC0415
+    from .session import _Connection, required_permissions_check, workload_template_container  # noqa: PLC0415
 
     started = time.monotonic()
     k = bs.client
@@ -514,7 +515,7 @@ def open_route(
     settings = bs.settings
     plan = bs._plan(k, service)
     if free_ports:
-        plan = replace(plan, port_bindings=tuple(replace(b, local_port=_free_port()) for b in plan.port_bindings))
+        plan = replace(plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in plan.port_bindings))
     if not bs.route_permissions_checked:  # once per session: 19 reviews, ~30 ms
         required_permissions_check(k, required_permissions(), what="isolated routes")
         bs.route_permissions_checked = True

@@ -53,6 +53,7 @@ from .patch import (
 )
 from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
 from .portforward import ApiEndpoint, open_portforward
+from .ports import free_port, port_free
 from .settings import BridgeSettings
 from .tunnel import TunnelStats
 from .tunnel_thread import BackgroundTunnel
@@ -583,7 +584,7 @@ class BridgeSession:
         first_ip = names.FIRST_LOOPBACK_IP
         for attempt in range(8):
             mapping = names.map_endpoints(
-                endpoints, ns, allocate_port=_loopback_port, address_free=lambda ip, port: _port_free(port, ip),
+                endpoints, ns, allocate_port=_loopback_port, address_free=lambda ip, port: port_free(port, ip),
                 first_ip=first_ip,
             )  # fmt: skip
             try:
@@ -793,27 +794,9 @@ def _wait_gone(k: kube.Kube, name: str, ns: str, timeout: float = 60) -> None:
     raise ConnectError(f"pod {ns}/{name} did not go away within {timeout:.0f}s")
 
 
-def _port_free(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def _free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def _same_or_free_port(target: int, claimed: set[int]) -> int:
     """``target`` if free, else a free port; never one in ``claimed`` (which gets the answer)."""
-    port = target
-    while port in claimed or not _port_free(port):
-        port = _free_port()
+    port = target if target not in claimed and port_free(target) else free_port(exclude=claimed)
     claimed.add(port)
     return port
 
@@ -830,7 +813,7 @@ def _check_local_ports(plans: Iterable[BridgePlan]) -> None:
                     "give each its own with --bridge-local-port=SERVICE:TARGET=LOCAL; nothing was changed"
                 )
             owners[binding.local_port] = owner
-            if not _port_free(binding.local_port):
+            if not port_free(binding.local_port):
                 raise PortInUseError(
                     f"local port {binding.local_port} (for {owner}) is already in use by another process, so "
                     f"bridged traffic would reach it; nothing was changed. Stop it "
@@ -841,7 +824,7 @@ def _check_local_ports(plans: Iterable[BridgePlan]) -> None:
 def _loopback_port(remote: int) -> int:
     # Ports below 1024 need privileges to bind; keep the number only when we have them.
     if remote < 1024 and os.geteuid() != 0:
-        return _free_port()
+        return free_port()
     return remote
 
 

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import pytest
 from pytest_bridge.errors import PatchConflictError
 from pytest_bridge.jsonpatch import apply_patch
 from pytest_bridge.patch import SESSION_LABEL
+from pytest_bridge.ports import free_port
 from pytest_bridge.restore import RestoreRecord, guard_name, record_secret_name
 from pytest_bridge.tunnel import tcp_connector
 from pytest_bridge.tunnel_thread import BackgroundTunnel
@@ -43,12 +43,6 @@ SECRET = record_secret_name(SESSION)
 DEPLOY_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/orders"
 POD_PATH = f"/api/v1/namespaces/{NS}/pods/orders-pod"
 JOB_PATH = f"/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------ fake API server

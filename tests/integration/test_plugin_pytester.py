@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from pytest_bridge.ports import free_port
+
 pytest_plugins = ["pytester"]
 
 # Keep unrelated plugins' start-up warnings out of the inner runs' output.
@@ -98,14 +100,6 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def fake_cluster(pytester: pytest.Pytester) -> pytest.Pytester:
     pytester.makeconftest(FAKE_CONFTEST)
     return pytester
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- options and markers ---------------------------------------------------------------------
@@ -359,7 +353,7 @@ def test_xdist_workers_get_the_controllers_bridge(
     monkeypatch.setenv("FAKE_CONNECT_LOG", str(log))
     monkeypatch.setenv("VIEWS", str(views))
     for worker in ("gw0", "gw1"):
-        monkeypatch.setenv(f"PORT_{worker}", str(_free_port()))
+        monkeypatch.setenv(f"PORT_{worker}", str(free_port()))
     fake_cluster.makepyfile(XDIST_SUITE)
     result = fake_cluster.runpytest_subprocess("-n", "2", "--dist=each", "--bridge-service=orders", *QUIET)
     result.assert_outcomes(passed=2)

@@ -31,6 +31,7 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
+from pytest_bridge.ports import free_port
 from pytest_bridge.tunnel import (
     AuthenticationError,
     OpenFailed,
@@ -43,12 +44,6 @@ from pytest_bridge.tunnel_thread import BackgroundTunnel
 
 TOKEN = "test-token-0123456789"
 LOOPBACK = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from pytest_bridge import ports
 from pytest_bridge.errors import PlanError
 from pytest_bridge.localproc import PortInUseError
 from pytest_bridge.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef
@@ -64,3 +66,31 @@ def test_free_distinct_ports_pass() -> None:
     _check_local_ports(
         [_plan("orders", (8080, _unused_port()), (9091, _unused_port())), _plan("inventory", (8080, _unused_port()))]
     )
+
+
+# --- free_port: below the ephemeral range, so no bind(0) on the machine is handed it meanwhile
+
+
+def test_a_chosen_port_is_free_and_below_the_ephemeral_range() -> None:
+    first, _ = ports.ephemeral_range()
+    chosen = {ports.free_port() for _ in range(20)}
+    assert all(ports.LOWEST_CHOSEN <= port < first and ports.port_free(port) for port in chosen)
+    assert len(chosen) > 1  # at random: two sessions at once rarely meet
+
+
+def test_excluded_ports_are_never_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "ephemeral_range", lambda: (ports.LOWEST_CHOSEN + 1001, 60999))
+    taken = set(range(ports.LOWEST_CHOSEN, ports.LOWEST_CHOSEN + 1000))
+    assert ports.free_port(exclude=taken) == ports.LOWEST_CHOSEN + 1000
+
+
+def test_a_range_starting_low_leaves_the_choice_to_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports, "ephemeral_range", lambda: (1024, 65535))
+    assert ports.port_free(ports.free_port())
+
+
+def test_the_ephemeral_range_is_read_from_proc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ports.sys, "platform", "linux")
+    (tmp_path / "range").write_text("40000\t50000\n")
+    assert ports.ephemeral_range(tmp_path / "range") == (40000, 50000)
+    assert ports.ephemeral_range(tmp_path / "missing") == (49152, 65535)
