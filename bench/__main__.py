@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,6 +42,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--only", action="append", default=[], metavar="NAME",
         help=f"run only these (repeatable or comma-separated): {', '.join(BENCHMARKS)}",
     )  # fmt: skip
+    parser.add_argument(
+        "--transfer-mib", type=int, metavar="MIB",
+        help="MiB per throughput transfer (default: 256 full, 8 quick)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, help="write the full results as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the Markdown tables here (they are printed anyway)")
     parser.add_argument("--namespace", default=os.environ.get("PYTEST_BRIDGE_BENCH_NAMESPACE", DEFAULT_NAMESPACE))
@@ -68,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     interrupt_on_termination()  # so every session and forwarder is cleaned up
     nofile = raise_nofile()
     hand_kubectl_to_bridge(args.kubectl)
+    profile = QUICK if args.quick else FULL
+    if args.transfer_mib:
+        profile = dataclasses.replace(profile, transfer_bytes=args.transfer_mib * 2**20)
     bench = Bench(
-        QUICK if args.quick else FULL,
+        profile,
         args.only,
         kubeconfig=args.kubeconfig,
         namespace=args.namespace,

@@ -13,6 +13,10 @@ cluster -> local streams), so no plugin code is changed to try a variant.
   instead of our websocket port-forward (v4.channel.k8s.io);
 - ``outbound-target``: new-connection latency when the outbound stream names the Service by FQDN
   (what the session does), by FQDN with a trailing dot, or by its ClusterIP.
+- ``hops``: local -> cluster throughput as relays are added to ``kubectl port-forward svc/…``:
+  a relay in the agent pod (the agent's own ``lanes.relay``, run with ``kubectl exec``), then
+  also one on this machine, against the bridge's outbound path. The first is the ceiling of any
+  design whose outbound traffic leaves from the agent; the second the floor of ours.
 """
 
 from __future__ import annotations
@@ -210,6 +214,80 @@ def outbound_target(live: Live, rounds: int) -> None:
         print(f"{name}: new-connection p50, median of {len(values)} runs: {statistics.median(values):.3f} ms")
 
 
+# One connection at a time, relayed by the agent's own lanes.relay (asyncio, recv_into/sendall).
+_RELAY = """
+import asyncio, socket, sys
+from pytest_bridge_agent.lanes import prepare, relay
+
+async def serve(listen_port, host, port):
+    loop = asyncio.get_running_loop()
+    server = socket.create_server((sys.argv[4], listen_port), backlog=64)
+    server.setblocking(False)
+    print("listening", sys.argv[4], server.getsockname()[1], flush=True)
+    while True:
+        near, _ = await loop.sock_accept(server)
+        far = prepare(socket.socket())
+        await loop.sock_connect(far, (host, port))
+        asyncio.ensure_future(relay(prepare(near), far))
+
+asyncio.run(serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
+"""
+POD_RELAY_PORT = 47190
+
+
+def hops(live: Live, rounds: int, size: int = 256 * MIB) -> None:
+    c = live.cluster
+    service: Any = c.core.read_namespaced_service(kc.BENCH_SERVER, c.namespace)
+    service_ip = str(service.spec.cluster_ip)
+    outbound = live.session.services["orders"].mapping.service(kc.BENCH_SERVER)
+    with contextlib.ExitStack() as stack:
+        pod_relay = subprocess.Popen(
+            [c.kubectl, "exec", "-n", c.namespace, live.agent.name, "--", "python3", "-c", _RELAY,
+             str(POD_RELAY_PORT), service_ip, str(kc.BENCH_PORT), "127.0.0.1"],
+            env=c.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )  # fmt: skip
+        stack.callback(kc.stop_process_group, pod_relay)
+        assert pod_relay.stdout is not None
+        print(f"relay in the agent pod: {pod_relay.stdout.readline().strip()}")
+        forwards = {
+            "kubectl pf svc": kc.kubectl_port_forward(c, f"svc/{kc.BENCH_SERVER}", kc.BENCH_PORT),
+            "kubectl pf agent pod, relay in the pod": kc.kubectl_port_forward(
+                c, f"pod/{live.agent.name}", POD_RELAY_PORT
+            ),
+        }
+        for forward in forwards.values():
+            stack.callback(forward.close)
+        local_relay = kc.PortProcess(
+            [sys.executable, "-c", _RELAY, "0", "127.0.0.1", str(forwards["kubectl pf agent pod, relay in the pod"].port),
+             "127.0.0.1"],
+            {**os.environ, "PYTHONPATH": str(REPO / "agent")}, "local relay",
+        )  # fmt: skip
+        stack.callback(local_relay.close)
+        paths = {
+            "kubectl pf svc (baseline)": ("127.0.0.1", forwards["kubectl pf svc"].port),
+            "+ relay in the agent pod": ("127.0.0.1", forwards["kubectl pf agent pod, relay in the pod"].port),
+            "+ relay in the agent pod + local relay": ("127.0.0.1", local_relay.port),
+            "bridge out (ours)": (outbound.ip, outbound.local_port(kc.BENCH_PORT)),
+        }
+        results: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        for i in range(rounds):
+            for name, (host, port) in paths.items():
+                busy0, _ = system_cpu()
+                r = _transfer(host, port, "to-cluster", size)
+                busy1, _ = system_cpu()
+                assert r["ok"], r
+                per_gib = (busy1 - busy0) / (size / 2**30)
+                results[name].append((r["mib_per_s"], per_gib))
+                print(f"round {i + 1}: {name:<40} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB")
+    base = statistics.median(v for v, _ in results["kubectl pf svc (baseline)"])
+    print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB |")
+    print("|---|---|---|---|")
+    for name, runs in results.items():
+        mib = statistics.median(v for v, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(f"| {name} | {mib:.1f} | {100 * mib / base:.0f} % | {cpu:.2f} |")
+
+
 def _collapse(path: Path, only_thread: str | None = None, top: int = 12) -> None:
     leaf: collections.Counter[str] = collections.Counter()
     total = 0
@@ -257,8 +335,9 @@ def profile(live: Live, rounds: int, direction: str, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__)
-    parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target"))
+    parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target", "hops"))
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--mib", type=int, default=256, help="MiB per transfer (hops)")
     parser.add_argument("--direction", choices=("to-local", "to-cluster"), default="to-cluster")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-profile")
     parser.add_argument("--namespace", default="bridge-bench")
@@ -275,6 +354,8 @@ def main() -> int:
             transport(live, args.rounds)
         elif args.name == "outbound-target":
             outbound_target(live, args.rounds)
+        elif args.name == "hops":
+            hops(live, args.rounds, args.mib * MIB)
         else:
             profile(live, args.rounds, args.direction, args.out)
     return 0
