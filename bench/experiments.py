@@ -13,10 +13,11 @@ cluster -> local streams), so no plugin code is changed to try a variant.
   instead of our websocket port-forward (v4.channel.k8s.io);
 - ``outbound-target``: new-connection latency when the outbound stream names the Service by FQDN
   (what the session does), by FQDN with a trailing dot, or by its ClusterIP.
-- ``hops``: local -> cluster throughput as relays are added to ``kubectl port-forward svc/…``:
-  a relay in the agent pod (the agent's own ``lanes.relay``, run with ``kubectl exec``), then
-  also one on this machine, against the bridge's outbound path. The first is the ceiling of any
-  design whose outbound traffic leaves from the agent; the second the floor of ours.
+- ``hops``: local -> cluster throughput as hops are added to ``kubectl port-forward svc/…``:
+  a relay (run with ``kubectl exec``) in the server's own pod, then in the agent pod to the
+  server's pod IP and to its ClusterIP, then also a local relay, against the bridge's outbound
+  path. The agent-pod relay is the ceiling of any design whose outbound traffic leaves the
+  cluster side from the agent (B2K's, ours); ``--pause`` idles before each transfer.
 """
 
 from __future__ import annotations
@@ -214,73 +215,105 @@ def outbound_target(live: Live, rounds: int) -> None:
         print(f"{name}: new-connection p50, median of {len(values)} runs: {statistics.median(values):.3f} ms")
 
 
-# One connection at a time, relayed by the agent's own lanes.relay (asyncio, recv_into/sendall).
+# A relay like the agent's lanes.relay (asyncio, recv_into/sendall, 256 KiB), self-contained so
+# that it runs in any pod with a python3: the agent's and the bench server's.
 _RELAY = """
 import asyncio, socket, sys
-from pytest_bridge_agent.lanes import prepare, relay
+
+async def copy(loop, src, dst):
+    buffer = bytearray(262144)
+    view = memoryview(buffer)
+    while n := await loop.sock_recv_into(src, buffer):
+        await loop.sock_sendall(dst, view[:n])
+    dst.shutdown(socket.SHUT_WR)
+
+async def pipe(loop, near, host, port):
+    far = socket.socket()
+    far.setblocking(False)
+    await loop.sock_connect(far, (host, port))
+    await asyncio.gather(copy(loop, near, far), copy(loop, far, near))
+    near.close()
+    far.close()
 
 async def serve(listen_port, host, port):
     loop = asyncio.get_running_loop()
-    server = socket.create_server((sys.argv[4], listen_port), backlog=64)
+    server = socket.create_server(("127.0.0.1", listen_port), backlog=64)
     server.setblocking(False)
-    print("listening", sys.argv[4], server.getsockname()[1], flush=True)
+    print("listening 127.0.0.1", server.getsockname()[1], flush=True)
     while True:
         near, _ = await loop.sock_accept(server)
-        far = prepare(socket.socket())
-        await loop.sock_connect(far, (host, port))
-        asyncio.ensure_future(relay(prepare(near), far))
+        near.setblocking(False)
+        asyncio.ensure_future(pipe(loop, near, host, port))
 
 asyncio.run(serve(int(sys.argv[1]), sys.argv[2], int(sys.argv[3])))
 """
-POD_RELAY_PORT = 47190
+POD_RELAY_PORTS = (47190, 47191)
 
 
-def hops(live: Live, rounds: int, size: int = 256 * MIB) -> None:
+def _pod_relay(c: kc.Cluster, pod: str, listen_port: int, host: str, port: int) -> subprocess.Popen[str]:
+    """``_RELAY`` run in ``pod`` with ``kubectl exec``, once it listens on ``listen_port``."""
+    process = subprocess.Popen(
+        [c.kubectl, "exec", "-n", c.namespace, pod, "--", "python3", "-c", _RELAY, str(listen_port), host, str(port)],
+        env=c.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if "listening" not in line:
+        kc.stop_process_group(process)
+        raise RuntimeError(f"relay in pod {pod} did not start: {line.strip()}")
+    return process
+
+
+def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0) -> None:
+    """Local -> cluster, one hop at a time from ``kubectl port-forward svc/…`` to the bridge's outbound path."""
     c = live.cluster
     service: Any = c.core.read_namespaced_service(kc.BENCH_SERVER, c.namespace)
     service_ip = str(service.spec.cluster_ip)
+    server = live.bench_pod
     outbound = live.session.services["orders"].mapping.service(kc.BENCH_SERVER)
+    pod_ip_port, cluster_ip_port = POD_RELAY_PORTS
     with contextlib.ExitStack() as stack:
-        pod_relay = subprocess.Popen(
-            [c.kubectl, "exec", "-n", c.namespace, live.agent.name, "--", "python3", "-c", _RELAY,
-             str(POD_RELAY_PORT), service_ip, str(kc.BENCH_PORT), "127.0.0.1"],
-            env=c.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        )  # fmt: skip
-        stack.callback(kc.stop_process_group, pod_relay)
-        assert pod_relay.stdout is not None
-        print(f"relay in the agent pod: {pod_relay.stdout.readline().strip()}")
-        forwards = {
-            "kubectl pf svc": kc.kubectl_port_forward(c, f"svc/{kc.BENCH_SERVER}", kc.BENCH_PORT),
-            "kubectl pf agent pod, relay in the pod": kc.kubectl_port_forward(
-                c, f"pod/{live.agent.name}", POD_RELAY_PORT
-            ),
-        }
-        for forward in forwards.values():
-            stack.callback(forward.close)
+        for pod, listen, host in (
+            (server.name, pod_ip_port, "127.0.0.1"),  # in the server's own pod: no pod network
+            (live.agent.name, pod_ip_port, server.ip),  # agent pod -> server pod, over the pod network
+            (live.agent.name, cluster_ip_port, service_ip),  # ... through the Service (iptables DNAT)
+        ):
+            stack.callback(kc.stop_process_group, _pod_relay(c, pod, listen, host, kc.BENCH_PORT))
+
+        def forward(target: str, port: int) -> int:
+            process = kc.kubectl_port_forward(c, target, port)
+            stack.callback(process.close)
+            return process.port
+
+        via_agent = forward(f"pod/{live.agent.name}", cluster_ip_port)
         local_relay = kc.PortProcess(
-            [sys.executable, "-c", _RELAY, "0", "127.0.0.1", str(forwards["kubectl pf agent pod, relay in the pod"].port),
-             "127.0.0.1"],
-            {**os.environ, "PYTHONPATH": str(REPO / "agent")}, "local relay",
-        )  # fmt: skip
+            [sys.executable, "-c", _RELAY, "0", "127.0.0.1", str(via_agent)], dict(os.environ), "local relay"
+        )
         stack.callback(local_relay.close)
         paths = {
-            "kubectl pf svc (baseline)": ("127.0.0.1", forwards["kubectl pf svc"].port),
-            "+ relay in the agent pod": ("127.0.0.1", forwards["kubectl pf agent pod, relay in the pod"].port),
-            "+ relay in the agent pod + local relay": ("127.0.0.1", local_relay.port),
+            "kubectl pf svc (baseline)": ("127.0.0.1", forward(f"svc/{kc.BENCH_SERVER}", kc.BENCH_PORT)),
+            "kubectl pf server pod, relay in it to localhost": (
+                "127.0.0.1", forward(f"pod/{server.name}", pod_ip_port),
+            ),
+            "kubectl pf agent pod, relay to the pod IP": ("127.0.0.1", forward(f"pod/{live.agent.name}", pod_ip_port)),
+            "kubectl pf agent pod, relay to the ClusterIP": ("127.0.0.1", via_agent),
+            "the same + a local relay": ("127.0.0.1", local_relay.port),
             "bridge out (ours)": (outbound.ip, outbound.local_port(kc.BENCH_PORT)),
-        }
+        }  # fmt: skip
         results: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for i in range(rounds):
             for name, (host, port) in paths.items():
+                time.sleep(pause)  # the previous transfer's after-work (GC, ...) must not land on this one
                 busy0, _ = system_cpu()
                 r = _transfer(host, port, "to-cluster", size)
                 busy1, _ = system_cpu()
                 assert r["ok"], r
                 per_gib = (busy1 - busy0) / (size / 2**30)
                 results[name].append((r["mib_per_s"], per_gib))
-                print(f"round {i + 1}: {name:<40} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB")
+                print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB")
     base = statistics.median(v for v, _ in results["kubectl pf svc (baseline)"])
-    print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB |")
+    print(f"\n{rounds} rounds of {size // MIB} MiB each, {pause:g} s idle before each")
+    print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB (median) |")
     print("|---|---|---|---|")
     for name, runs in results.items():
         mib = statistics.median(v for v, _ in runs)
@@ -338,6 +371,7 @@ def main() -> int:
     parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target", "hops"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mib", type=int, default=256, help="MiB per transfer (hops)")
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds idle before each transfer (hops)")
     parser.add_argument("--direction", choices=("to-local", "to-cluster"), default="to-cluster")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-profile")
     parser.add_argument("--namespace", default="bridge-bench")
@@ -355,7 +389,7 @@ def main() -> int:
         elif args.name == "outbound-target":
             outbound_target(live, args.rounds)
         elif args.name == "hops":
-            hops(live, args.rounds, args.mib * MIB)
+            hops(live, args.rounds, args.mib * MIB, args.pause)
         else:
             profile(live, args.rounds, args.direction, args.out)
     return 0
