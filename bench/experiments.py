@@ -300,25 +300,39 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0) -> 
             "the same + a local relay": ("127.0.0.1", local_relay.port),
             "bridge out (ours)": (outbound.ip, outbound.local_port(kc.BENCH_PORT)),
         }  # fmt: skip
+        meter = CpuMeter({
+            "tunnel client": [os.getpid()], "agent pod": pids_in_pod(live.agent.uid),
+            "server pod": pids_in_pod(server.uid), "kubectl": find_pids("kubectl"),
+            "kube-apiserver": find_pids("kube-apiserver"), "kubelet": find_pids("kubelet"),
+            "containerd": find_pids("containerd"),
+        })  # fmt: skip
         results: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        breakdown: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
         for i in range(rounds):
             for name, (host, port) in paths.items():
                 time.sleep(pause)  # the previous transfer's after-work (GC, ...) must not land on this one
-                busy0, _ = system_cpu()
+                meter.start()
                 r = _transfer(host, port, "to-cluster", size)
-                busy1, _ = system_cpu()
+                cpu = meter.stop()
                 assert r["ok"], r
-                per_gib = (busy1 - busy0) / (size / 2**30)
+                per_gib = cpu["machine busy"] / (size / 2**30)
                 results[name].append((r["mib_per_s"], per_gib))
+                breakdown[name].append({k: v / (size / 2**30) for k, v in cpu.items() if k != "machine capacity"})
                 print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB")
     base = statistics.median(v for v, _ in results["kubectl pf svc (baseline)"])
     print(f"\n{rounds} rounds of {size // MIB} MiB each, {pause:g} s idle before each")
     print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB (median) |")
     print("|---|---|---|---|")
-    for name, runs in results.items():
-        mib = statistics.median(v for v, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
-        print(f"| {name} | {mib:.1f} | {100 * mib / base:.0f} % | {cpu:.2f} |")
+    for name, samples in results.items():
+        mib = statistics.median(v for v, _ in samples)
+        machine = statistics.median(c for _, c in samples)
+        print(f"| {name} | {mib:.1f} | {100 * mib / base:.0f} % | {machine:.2f} |")
+    keys = list(next(iter(breakdown.values()))[0])
+    print("\nCPU-s per GiB by process (medians)\n")
+    print(f"| path | {' | '.join(keys)} |")
+    print(f"|---|{'---|' * len(keys)}")
+    for name, by_process in breakdown.items():
+        print(f"| {name} | {' | '.join(f'{statistics.median(r[k] for r in by_process):.2f}' for k in keys)} |")
 
 
 def _collapse(path: Path, only_thread: str | None = None, top: int = 12) -> None:
