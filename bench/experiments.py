@@ -264,7 +264,7 @@ def _pod_relay(c: kc.Cluster, pod: str, listen_port: int, host: str, port: int) 
     return process
 
 
-def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0) -> None:
+def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inbound: bool = False) -> None:
     """Local -> cluster, one hop at a time from ``kubectl port-forward svc/…`` to the bridge's outbound path."""
     c = live.cluster
     service: Any = c.core.read_namespaced_service(kc.BENCH_SERVER, c.namespace)
@@ -310,6 +310,10 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0) -> 
         breakdown: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
         for i in range(rounds):
             for name, (host, port) in paths.items():
+                if inbound:  # as in `python -m bench`, where bridge-in transfers come first
+                    for direction in ("to-local", "to-cluster"):
+                        time.sleep(pause)
+                        _transfer(live.agent.ip, TARGET_PORT, direction, size)
                 time.sleep(pause)  # the previous transfer's after-work (GC, ...) must not land on this one
                 meter.start()
                 r = _transfer(host, port, "to-cluster", size)
@@ -386,6 +390,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mib", type=int, default=256, help="MiB per transfer (hops)")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds idle before each transfer (hops)")
+    parser.add_argument("--inbound", action="store_true", help="bridge-in transfers before each path's (hops)")
     parser.add_argument("--direction", choices=("to-local", "to-cluster"), default="to-cluster")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-profile")
     parser.add_argument("--namespace", default="bridge-bench")
@@ -403,7 +408,7 @@ def main() -> int:
         elif args.name == "outbound-target":
             outbound_target(live, args.rounds)
         elif args.name == "hops":
-            hops(live, args.rounds, args.mib * MIB, args.pause)
+            hops(live, args.rounds, args.mib * MIB, args.pause, args.inbound)
         else:
             profile(live, args.rounds, args.direction, args.out)
     return 0
