@@ -322,7 +322,9 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
                 per_gib = cpu["machine busy"] / (size / 2**30)
                 results[name].append((r["mib_per_s"], per_gib))
                 breakdown[name].append({k: v / (size / 2**30) for k, v in cpu.items() if k != "machine capacity"})
-                print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB")
+                busy = cpu["machine busy"] / cpu["machine capacity"]
+                print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB, "
+                      f"{busy:.0%} busy")  # fmt: skip
     base = statistics.median(v for v, _ in results["kubectl pf svc (baseline)"])
     print(f"\n{rounds} rounds of {size // MIB} MiB each, {pause:g} s idle before each")
     print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB (median) |")
