@@ -402,4 +402,5 @@ def test_local_port_in_use_is_a_clear_error(tmp_path: Path, error_namespace: str
         port = taken.getsockname()[1]
         stderr = _run_error_case(tmp_path, error_namespace, "--bridge-service=solo", f"--bridge-local-port={port}")
     assert f"local port {port} (for solo target port 8080) is already in use" in stderr, stderr
+    assert f"(pid {os.getpid()})" in stderr, stderr  # names who holds it: this test's process
     assert "nothing was changed" in stderr, stderr

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BridgeError
+from .ports import who_listens
 
 __all__ = ["LocalProcess", "PortInUseError", "start_local_process"]
 
@@ -82,9 +83,11 @@ def start_local_process(
     timeout: float = 30.0,
 ) -> LocalProcess:
     if _listening(port):
+        owner = who_listens(port)
         raise PortInUseError(
-            f"local port {port} is already in use, so bridged traffic would reach another process; stop it "
-            f"(`ss -ltnp 'sport = :{port}'`) or choose another port with --bridge-local-port"
+            f"local port {port} is already in use{f' by {owner}' if owner else ''}, so bridged traffic would "
+            f"reach another process; stop it (`ss -ltnp 'sport = :{port}'`) or choose another port with "
+            "--bridge-local-port"
         )
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:

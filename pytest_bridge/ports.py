@@ -15,12 +15,13 @@ local service starts still catches it.
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 import sys
 from pathlib import Path
 
-__all__ = ["ephemeral_range", "free_port", "port_free"]
+__all__ = ["ephemeral_range", "free_port", "port_free", "who_listens"]
 
 # Below this, ports are often fixed by convention (databases, dev servers): never chosen.
 LOWEST_CHOSEN = 15000
@@ -74,3 +75,41 @@ def free_port(host: str = "127.0.0.1", *, exclude: set[int] | frozenset[int] = f
         port = _kernel_port(host)
         if port not in exclude:
             return port
+
+
+def who_listens(port: int, proc: Path = Path("/proc")) -> str:
+    """Which processes listen on TCP ``port`` (``"kubectl (pid 42)"``), for an error message.
+
+    Linux only, best effort: the listening sockets of this network namespace from
+    ``/proc/net/tcp{,6}``, their owners from ``/proc/PID/fd`` (only our own processes unless
+    root). Empty when nothing can be told.
+    """
+    inodes: set[str] = set()
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = (proc / "net" / table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    owners: list[str] = []
+    if not inodes:
+        return ""
+    for pid_dir in proc.iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        try:
+            fds = list((pid_dir / "fd").iterdir())
+            name = (pid_dir / "comm").read_text().strip()
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    owners.append(f"{name} (pid {pid_dir.name})")
+                    break
+            except OSError:
+                continue
+    return ", ".join(owners)

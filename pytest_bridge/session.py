@@ -53,7 +53,7 @@ from .patch import (
 )
 from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
 from .portforward import ApiEndpoint, open_portforward
-from .ports import free_port, port_free
+from .ports import free_port, port_free, who_listens
 from .settings import BridgeSettings
 from .tunnel import TunnelStats
 from .tunnel_thread import BackgroundTunnel
@@ -814,8 +814,9 @@ def _check_local_ports(plans: Iterable[BridgePlan]) -> None:
                 )
             owners[binding.local_port] = owner
             if not port_free(binding.local_port):
+                holder = who_listens(binding.local_port) or "another process"
                 raise PortInUseError(
-                    f"local port {binding.local_port} (for {owner}) is already in use by another process, so "
+                    f"local port {binding.local_port} (for {owner}) is already in use by {holder}, so "
                     f"bridged traffic would reach it; nothing was changed. Stop it "
                     f"(`ss -ltnp 'sport = :{binding.local_port}'`) or choose another port with --bridge-local-port"
                 )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -94,3 +96,23 @@ def test_the_ephemeral_range_is_read_from_proc(tmp_path: Path, monkeypatch: pyte
     (tmp_path / "range").write_text("40000\t50000\n")
     assert ports.ephemeral_range(tmp_path / "range") == (40000, 50000)
     assert ports.ephemeral_range(tmp_path / "missing") == (49152, 65535)
+
+
+# --- who_listens: the error names the process that holds the port
+
+
+def test_who_listens_names_this_process(busy_port: int) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    assert f"(pid {os.getpid()})" in ports.who_listens(busy_port)
+
+
+def test_who_listens_is_empty_for_a_free_port() -> None:
+    assert ports.who_listens(_unused_port()) == ""
+
+
+def test_the_port_in_use_error_names_the_holder(busy_port: int) -> None:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    with pytest.raises(PortInUseError, match=rf"in use by \S+ \(pid {os.getpid()}\)"):
+        _check_local_ports([_plan("orders", (8080, busy_port))])
