@@ -126,8 +126,12 @@ def _load(*args: str) -> dict[str, Any]:
     return result
 
 
-def _transfer(host: str, port: int, direction: str, size: int = 256 * MIB) -> dict[str, Any]:
-    op = "sink" if direction == "to-local" else "source"
+def _transfer(
+    host: str, port: int, direction: str, size: int = 256 * MIB, *, server_in_cluster: bool = False
+) -> dict[str, Any]:
+    """One transfer ``direction`` (``to-local`` or ``to-cluster``) to a load server, local or in a pod."""
+    toward_server = (direction == "to-cluster") == server_in_cluster
+    op = "sink" if toward_server else "source"
     return _load("throughput", "--host", host, "--port", str(port), "--op", op, "--bytes", str(size),
                  "--expect", pattern_digest(1, size))  # fmt: skip
 
@@ -316,7 +320,7 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
                         _transfer(live.agent.ip, TARGET_PORT, direction, size)
                 time.sleep(pause)  # the previous transfer's after-work (GC, ...) must not land on this one
                 meter.start()
-                r = _transfer(host, port, "to-cluster", size)
+                r = _transfer(host, port, "to-cluster", size, server_in_cluster=True)
                 cpu = meter.stop()
                 assert r["ok"], r
                 per_gib = cpu["machine busy"] / (size / 2**30)
