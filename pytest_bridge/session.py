@@ -22,7 +22,6 @@ import secrets
 import shutil
 import socket
 import tarfile
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -32,7 +31,7 @@ from typing import Any
 
 from pytest_bridge_routing.objects import original_selector
 
-from . import hosts, isolation, kube, names, restore
+from . import hosts, isolation, kube, names, restore, sessiondir
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
@@ -162,8 +161,7 @@ class BridgeSession:
         self._transport_fallback: str | None = None  # "auto" resolved once per session
         self._lock = threading.Lock()
         self._closed = False
-        self.session_dir = Path(tempfile.mkdtemp(prefix=f"pytest-bridge-{self.session_id}-"))
-        self.session_dir.chmod(0o700)
+        self.session_dir = sessiondir.create(self.session_id)
         self.mechanisms = hosts.choose_mechanisms(self.settings.name_mapping)
         self._resolver_token: object | None = None
         self._hosts_block: hosts.SystemHostsBlock | None = None
