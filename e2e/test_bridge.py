@@ -23,6 +23,7 @@ from pytest_bridge_routing import objects as ro
 
 from e2e.conftest import NAMESPACE, pod_is_ready, role_user_kubeconfig
 from e2e.test_smoke import exec_in_pod_json
+from pytest_bridge import sessiondir
 from pytest_bridge.patch import strip_server_fields
 
 pytestmark = pytest.mark.e2e
@@ -77,7 +78,8 @@ def test_wait_for_signal(bridged_service):
     if not marker:
         return
     start_orders(bridged_service)
-    Path(marker).write_text("connected")
+    Path(marker + ".tmp").write_text(str(bridged_service.session_dir.parent))  # the session's directory
+    os.replace(marker + ".tmp", marker)
     time.sleep(120)
 """
 
@@ -218,7 +220,8 @@ def _read(path: Path) -> bytes:
         return b""
 
 
-def _run_until_connected(suite: Path, ttl: int = 60) -> subprocess.Popen[str]:
+def _run_until_connected(suite: Path, ttl: int = 60) -> tuple[subprocess.Popen[str], Path]:
+    """The inner pytest, once its session is connected, and the session's directory."""
     marker = suite / "connected"
     run = _pytest(suite, "-k", "wait_for_signal", ttl=ttl, BRIDGE_E2E_WAIT=str(marker))
     deadline = time.monotonic() + 120
@@ -226,26 +229,33 @@ def _run_until_connected(suite: Path, ttl: int = 60) -> subprocess.Popen[str]:
         assert run.poll() is None, run.communicate()[0]
         assert time.monotonic() < deadline, "the inner session never connected"
         time.sleep(0.2)
-    return run
+    session_dir = Path(marker.read_text())
+    assert (session_dir / sessiondir.OWNER_FILE).read_text().strip() == str(run.pid)
+    return run, session_dir
 
 
 def test_ctrl_c_restores(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
     before = _deployment(apps_v1)
-    run = _run_until_connected(suite)
+    run, session_dir = _run_until_connected(suite)
     assert _deployment(apps_v1) != before, "the workload should be bridged while the session runs"
     run.send_signal(signal.SIGINT)
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 2, out  # pytest's "interrupted"
     assert _deployment(apps_v1) == before
     assert _managed_objects(core_v1) == []
+    assert not session_dir.exists(), "the session's directory (imported env, logs) outlived Ctrl-C"
 
 
 def test_sigkill_is_restored_by_the_guard(suite: Path, apps_v1: client.AppsV1Api, core_v1: client.CoreV1Api) -> None:
     before = _deployment(apps_v1)
     ttl = 5
-    run = _run_until_connected(suite, ttl=ttl)
+    run, session_dir = _run_until_connected(suite, ttl=ttl)
     run.kill()
     run.communicate(timeout=30)
+    # Killed: its directory (imported secrets among them) stays until the next session sweeps it.
+    assert (session_dir / "orders" / "env").exists()
+    assert session_dir in sessiondir.sweep()
+    assert not session_dir.exists()
     _wait_local_orders_gone()
     took = _wait_restored(apps_v1, before, timeout=ttl + 60)
     print(f"guard restored {took:.1f}s after SIGKILL (TTL {ttl}s)")
