@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     results["command"] = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     results["started"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     results["machine"] = {**machine_info(args.kubectl, args.kubeconfig), "RLIMIT_NOFILE": nofile}
-    results["machine"]["bridge transport"] = BridgeSession(bench.settings()).transport
+    with BridgeSession(bench.settings()) as probe:  # never connected: only resolves "auto"
+        results["machine"]["bridge transport"] = probe.transport
     results["machine"]["bridge lanes"] = os.environ.get("PYTEST_BRIDGE_LANES", "default (4 each way)")
     status = 0
     try:

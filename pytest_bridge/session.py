@@ -655,6 +655,12 @@ class BridgeSession:
 
     # ------------------------------------------------------------------ disconnect
 
+    def __enter__(self) -> BridgeSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

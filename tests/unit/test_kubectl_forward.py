@@ -39,16 +39,21 @@ def test_lane_pool_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -
             lane_pool()
 
 
+def _transport(settings: BridgeSettings) -> str:
+    with BridgeSession(settings) as session:  # never connected: only resolves "auto"
+        return session.transport
+
+
 def test_auto_transport_is_kubectl_when_one_is_found(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.delenv("PYTEST_BRIDGE_KUBECTL", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    assert BridgeSession(BridgeSettings()).transport == "websocket"
-    assert BridgeSession(BridgeSettings(transport="kubectl")).transport == "kubectl"  # fails at connect, clearly
+    assert _transport(BridgeSettings()) == "websocket"
+    assert _transport(BridgeSettings(transport="kubectl")) == "kubectl"  # fails at connect, clearly
     kubectl = tmp_path / "kubectl"
     kubectl.write_text("#!/bin/sh\n")
     kubectl.chmod(0o755)
-    assert BridgeSession(BridgeSettings()).transport == "kubectl"
-    assert BridgeSession(BridgeSettings(transport="websocket")).transport == "websocket"
+    assert _transport(BridgeSettings()) == "kubectl"
+    assert _transport(BridgeSettings(transport="websocket")) == "websocket"
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.setenv("PYTEST_BRIDGE_KUBECTL", str(kubectl))
-    assert BridgeSession(BridgeSettings()).transport == "kubectl"
+    assert _transport(BridgeSettings()) == "kubectl"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from pytest_bridge import sessiondir
+from pytest_bridge.session import BridgeSession
+from pytest_bridge.settings import BridgeSettings
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions and pids")
 
@@ -64,3 +67,11 @@ def test_other_names_and_files_are_never_touched(tmp_path: Path) -> None:
     plain.write_text("a file, not a session dir")
     sessiondir.sweep(tmp_path)
     assert other.exists() and plain.exists()
+
+
+def test_a_session_removes_its_directory_on_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with BridgeSession(BridgeSettings()) as session:  # never connected
+        assert session.session_dir.parent == tmp_path
+        assert (session.session_dir / sessiondir.OWNER_FILE).exists()
+    assert not session.session_dir.exists()
