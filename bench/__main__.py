@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pytest_bridge.session import BridgeSession
 
-from .cluster import default_kubectl, hand_kubectl_to_bridge, interrupt_on_termination
+from .cluster import default_kubectl, start_run
 from .loadtool import raise_nofile
 from .procstat import machine_info
 from .report import evaluate, render
@@ -65,14 +65,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s bench: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    # The session's canary makes the tunnel log "local app not reachable" before the load server runs.
-    logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
-    interrupt_on_termination()  # so every session and forwarder is cleaned up
+    start_run("bench", args.kubectl)
     nofile = raise_nofile()
-    hand_kubectl_to_bridge(args.kubectl)
     profile = QUICK if args.quick else FULL
     if args.transfer_mib:
         profile = dataclasses.replace(profile, transfer_bytes=args.transfer_mib * 2**20)

@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -86,6 +87,21 @@ def hand_kubectl_to_bridge(kubectl: str) -> None:
     """Let the bridge's auto transport use the bench's kubectl (unless PYTEST_BRIDGE_KUBECTL says otherwise)."""
     if kubectl and Path(kubectl).exists():
         os.environ.setdefault("PYTEST_BRIDGE_KUBECTL", kubectl)
+
+
+def start_run(prefix: str, kubectl: str) -> None:
+    """What every bench command does first: progress lines on stderr (``prefix``), clean-up on
+    SIGTERM and SIGHUP as on Ctrl-C, and the bench's kubectl handed to the bridge.
+
+    The plugin's own log is kept to errors: its canary reports "local app not reachable"
+    before the bench's load server runs.
+    """
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {prefix}: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
+    )
+    logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
+    interrupt_on_termination()  # so every session, forwarder and registry is cleaned up
+    hand_kubectl_to_bridge(kubectl)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -637,12 +637,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s coldstart: %(message)s", datefmt="%H:%M:%S", stream=sys.stderr
-    )
-    logging.getLogger("pytest_bridge").setLevel(logging.ERROR)
-    kc.interrupt_on_termination()  # so the sessions, the registry and the cold images are cleaned up
-    kc.hand_kubectl_to_bridge(args.kubectl)
+    kc.start_run("coldstart", args.kubectl)  # SIGTERM: the sessions, the registry and the cold images are cleaned up
     results: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "bench.coldstart", *(sys.argv[1:] if argv is None else argv)]),
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
