@@ -50,6 +50,7 @@ from pytest_bridge.tunnel_thread import BackgroundTunnel
 from . import cluster as kc
 from .loadtool import pattern_digest
 from .procstat import CpuMeter, find_pids, pids_in_pod, system_cpu
+from .runner import LoadPath
 
 REPO = Path(__file__).resolve().parent.parent
 TARGET_PORT = 8080
@@ -130,8 +131,8 @@ def _transfer(
     host: str, port: int, direction: str, size: int = 256 * MIB, *, server_in_cluster: bool = False
 ) -> dict[str, Any]:
     """One transfer ``direction`` (``to-local`` or ``to-cluster``) to a load server, local or in a pod."""
-    toward_server = (direction == "to-cluster") == server_in_cluster
-    op = "sink" if toward_server else "source"
+    path = LoadPath(direction, host, port, "pod" if server_in_cluster else "local", False, "")
+    op = path.op_for(direction.replace("-", " "))
     return _load("throughput", "--host", host, "--port", str(port), "--op", op, "--bytes", str(size),
                  "--expect", pattern_digest(1, size))  # fmt: skip
 

@@ -114,6 +114,10 @@ class LoadPath:
             "to cluster" if toward_server else "to local"
         )  # fmt: skip
 
+    def op_for(self, direction: str) -> str:
+        """The load tool's op whose data travels ``direction`` on this path (:meth:`direction` inverted)."""
+        return next(op for op in ("sink", "source") if self.direction(op) == direction)
+
 
 @dataclass
 class Bench:

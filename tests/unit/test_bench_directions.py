@@ -1,7 +1,8 @@
 """The benchmarks name a transfer by where its data goes; the load tool's op depends on where the server is.
 
-A mix-up here measured pod -> local while reporting local -> cluster once (bench.experiments hops),
-so both places that translate are pinned: the runner's LoadPath and the experiments' _transfer.
+A mix-up here measured pod -> local while reporting local -> cluster once (bench.experiments hops,
+which had its own copy of the translation); now the runner's LoadPath holds it and the
+experiments' _transfer asks it. Both are pinned.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from bench.runner import LoadPath
      ("pod", "sink", "to cluster"), ("pod", "source", "to local")],
 )  # fmt: skip
 def test_a_load_path_names_where_the_data_goes(server: str, op: str, direction: str) -> None:
-    assert LoadPath("p", "127.0.0.1", 1, server, False, "").direction(op) == direction
+    path = LoadPath("p", "127.0.0.1", 1, server, False, "")
+    assert path.direction(op) == direction
+    assert path.op_for(direction) == op
 
 
 @pytest.mark.parametrize(
