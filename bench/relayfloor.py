@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from pytest_bridge.ports import free_port
+
 MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent
 
@@ -65,12 +67,6 @@ def _machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def measure(mode: str, size: int) -> dict[str, float | str | bool]:
     sink = socket.create_server(("127.0.0.1", 0))
     sink_port = sink.getsockname()[1]
@@ -84,11 +80,11 @@ def measure(mode: str, size: int) -> dict[str, float | str | bool]:
 
     port, process = sink_port, None
     if mode == "socat":
-        port = _free_port()
+        port = free_port()
         argv = ["socat", "-b", "262144", f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", f"TCP:127.0.0.1:{sink_port}"]
         process = subprocess.Popen(argv)
     elif mode in ("lanes relay", "splice relay"):
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "PYTHONPATH": str(REPO / "agent")}
         code = _OUR_RELAY if mode == "lanes relay" else _SPLICE_RELAY
         process = subprocess.Popen([sys.executable, "-c", code, str(port), str(sink_port)], env=env)

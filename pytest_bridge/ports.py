@@ -94,9 +94,9 @@ def who_listens(port: int, proc: Path = Path("/proc")) -> str:
             fields = line.split()
             if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 inodes.add(f"socket:[{fields[9]}]")
-    owners: list[str] = []
     if not inodes:
         return ""
+    owners: list[str] = []
     for pid_dir in proc.iterdir():
         if not pid_dir.name.isdigit():
             continue
