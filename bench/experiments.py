@@ -311,8 +311,8 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
             "kube-apiserver": find_pids("kube-apiserver"), "kubelet": find_pids("kubelet"),
             "containerd": find_pids("containerd"),
         })  # fmt: skip
-        results: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-        breakdown: dict[str, list[dict[str, float]]] = collections.defaultdict(list)
+        mib_s: dict[str, list[float]] = collections.defaultdict(list)
+        breakdown: dict[str, list[dict[str, float]]] = collections.defaultdict(list)  # CPU-s/GiB by process
         for i in range(rounds):
             for name, (host, port) in paths.items():
                 if inbound:  # as in `python -m bench`, where bridge-in transfers come first
@@ -324,19 +324,18 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
                 r = _transfer(host, port, "to-cluster", size, server_in_cluster=True)
                 cpu = meter.stop()
                 assert r["ok"], r
-                per_gib = cpu["machine busy"] / (size / 2**30)
-                results[name].append((r["mib_per_s"], per_gib))
+                mib_s[name].append(r["mib_per_s"])
                 breakdown[name].append({k: v / (size / 2**30) for k, v in cpu.items() if k != "machine capacity"})
                 busy = cpu["machine busy"] / cpu["machine capacity"]
-                print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, machine {per_gib:5.2f} CPU-s/GiB, "
-                      f"{busy:.0%} busy")  # fmt: skip
-    base = statistics.median(v for v, _ in results["kubectl pf svc (baseline)"])
+                print(f"round {i + 1}: {name:<48} {r['mib_per_s']:6.1f} MiB/s, "
+                      f"machine {breakdown[name][-1]['machine busy']:5.2f} CPU-s/GiB, {busy:.0%} busy")  # fmt: skip
+    base = statistics.median(mib_s["kubectl pf svc (baseline)"])
     print(f"\n{rounds} rounds of {size // MIB} MiB each, {pause:g} s idle before each")
     print("| path, local -> cluster | MiB/s (median) | % of kubectl pf svc | whole machine, CPU-s/GiB (median) |")
     print("|---|---|---|---|")
-    for name, samples in results.items():
-        mib = statistics.median(v for v, _ in samples)
-        machine = statistics.median(c for _, c in samples)
+    for name, values in mib_s.items():
+        mib = statistics.median(values)
+        machine = statistics.median(r["machine busy"] for r in breakdown[name])
         print(f"| {name} | {mib:.1f} | {100 * mib / base:.0f} % | {machine:.2f} |")
     keys = list(next(iter(breakdown.values()))[0])
     print("\nCPU-s per GiB by process (medians)\n")
