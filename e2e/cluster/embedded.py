@@ -1,6 +1,7 @@
 """The embedded single-node cluster: configure, start in order, wait for health, tear down.
 
-``up`` is idempotent: every step checks before it acts, so a second ``up`` only verifies.
+``up`` is idempotent: every step checks before it acts, so a second ``up`` only verifies; a
+component whose command line or configuration changed since it started is restarted.
 ``down`` stops every process it started (pods first, so CNI and kube-proxy clean up after
 themselves), then sweeps what is left: iptables chains, interfaces, mounts, cgroups, state.
 """
@@ -40,10 +41,16 @@ COMPONENTS = (
 Report = Callable[[str], None]
 
 
-def _write_yaml(path: Path, data: object) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+def _write_config(path: Path, text: str) -> Path:
+    # Only when it changed: kube-proxy watches its file and exits on any write, even of the same text.
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return path
+
+
+def _write_yaml(path: Path, data: object) -> Path:
+    return _write_config(path, yaml.safe_dump(data, sort_keys=False))
 
 
 def _containerd_config(layout: Layout) -> Path:
@@ -70,10 +77,7 @@ state = "{layout.containerd_state}"
     bin_dir = "/usr/lib/cni"
     conf_dir = "{layout.cni_conf_dir}"
 """
-    path = layout.state / "config" / "containerd.toml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
+    return _write_config(layout.state / "config" / "containerd.toml", text)
 
 
 def _kubelet_config(layout: Layout) -> Path:
@@ -198,16 +202,19 @@ def _component(layout: Layout, name: str) -> procs.Component:
             "--profiling=false",
         ))  # fmt: skip
     if name == "containerd":
-        return procs.Component(name, ("/usr/bin/containerd", "--config", str(_containerd_config(layout))))
+        config = _containerd_config(layout)
+        return procs.Component(name, ("/usr/bin/containerd", "--config", str(config)), config=config.read_text())
     if name == "kubelet":
+        config = _kubelet_config(layout)
         return procs.Component(name, (
-            str(b / "kubelet"), f"--config={_kubelet_config(layout)}",
+            str(b / "kubelet"), f"--config={config}",
             f"--kubeconfig={p / 'kubelet.kubeconfig'}", f"--root-dir={layout.kubelet_root}",
             f"--cert-dir={layout.kubelet_root / 'pki'}", f"--hostname-override={layout.node_name}",
             f"--node-ip={layout.node_ip}", "--v=1",
-        ))  # fmt: skip
+        ), config=config.read_text())  # fmt: skip
     if name == "kube-proxy":
-        return procs.Component(name, (str(b / "kube-proxy"), f"--config={_proxy_config(layout)}"))
+        config = _proxy_config(layout)
+        return procs.Component(name, (str(b / "kube-proxy"), f"--config={config}"), config=config.read_text())
     raise ValueError(name)
 
 
@@ -282,10 +289,15 @@ def kubectl(layout: Layout, *args: str, check: bool = True, timeout: float = 120
 
 
 def _start_and_wait(layout: Layout, name: str, timeout: float, report: Report) -> None:
-    if procs.is_running(layout, name) and _healthy(layout, name):
-        return
+    component = _component(layout, name)
+    if procs.is_running(layout, name):
+        if not procs.started_as(layout, component):
+            report(f"{name}: command line or configuration changed since it started: restarting it")
+            procs.stop(layout, name)
+        elif _healthy(layout, name):
+            return
     started = time.monotonic()
-    procs.start(layout, _component(layout, name))
+    procs.start(layout, component)
     _wait(
         name,
         lambda: _healthy(layout, name),

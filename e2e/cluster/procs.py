@@ -3,12 +3,15 @@
 Each component runs in its own session (it outlives the ``up`` command) with its pid in
 ``state/run/<name>.pid`` and its output in ``state/logs/<name>.log``. ``stop`` sends SIGTERM,
 waits, then SIGKILLs; a pid is only trusted while its command line still names the binary,
-so a recycled pid is never killed.
+so a recycled pid is never killed. Next to the pid, a fingerprint of what the process was
+started with (command line, environment, configuration text), so a caller can tell a process
+that must be restarted to take a new configuration.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from .layout import Layout
 
-__all__ = ["Component", "cmdline", "is_running", "pid_of", "start", "stop"]
+__all__ = ["Component", "cmdline", "is_running", "pid_of", "start", "started_as", "stop"]
 
 
 @dataclass(frozen=True)
@@ -26,10 +29,19 @@ class Component:
     name: str
     argv: tuple[str, ...]
     env: tuple[tuple[str, str], ...] = ()
+    config: str = ""  # the text of its configuration files: read at start only
+
+    def fingerprint(self) -> str:
+        text = "\0".join([*self.argv, "", *(f"{k}={v}" for k, v in self.env), "", self.config])
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _pidfile(layout: Layout, name: str) -> Path:
     return layout.run / f"{name}.pid"
+
+
+def _fingerprint_file(layout: Layout, name: str) -> Path:
+    return layout.run / f"{name}.fingerprint"
 
 
 def cmdline(pid: int) -> str:
@@ -65,6 +77,18 @@ def is_running(layout: Layout, name: str) -> bool:
     return pid_of(layout, name) is not None
 
 
+def started_as(layout: Layout, component: Component) -> bool:
+    """Whether ``component`` runs, started with this very command line, environment and configuration."""
+    pid = pid_of(layout, component.name)
+    if pid is None:
+        return False
+    try:
+        return _fingerprint_file(layout, component.name).read_text() == component.fingerprint()
+    except FileNotFoundError:
+        # Started before fingerprints were kept: the command line is all there is to compare.
+        return not component.config and cmdline(pid).strip() == " ".join(component.argv)
+
+
 def start(layout: Layout, component: Component) -> int:
     """Start ``component`` unless it already runs; return its pid."""
     running = pid_of(layout, component.name)
@@ -88,6 +112,7 @@ def start(layout: Layout, component: Component) -> int:
     )
     log.close()
     _pidfile(layout, component.name).write_text(f"{proc.pid} {component.argv[0]}")
+    _fingerprint_file(layout, component.name).write_text(component.fingerprint())
     # /proc/<pid>/cmdline can still show the parent's for a moment after Popen returns;
     # wait until the pid is recognisable, so a liveness check right after start is true.
     deadline = time.monotonic() + 2.0
@@ -112,6 +137,7 @@ def stop(layout: Layout, name: str, timeout: float = 10.0) -> bool:
     """Stop ``name`` (TERM, then KILL). Return True if it was running."""
     pid = pid_of(layout, name)
     _pidfile(layout, name).unlink(missing_ok=True)
+    _fingerprint_file(layout, name).unlink(missing_ok=True)
     if pid is None:
         return False
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
