@@ -26,7 +26,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from e2e.conftest import apply_sample_app
+from e2e.conftest import SAMPLE_IMAGE, apply_sample_app
 from pytest_bridge.patch import SESSION_ANNOTATION
 
 log = logging.getLogger("bench")
@@ -55,7 +55,6 @@ __all__ = [
     "wait_unbridged",
 ]
 
-SAMPLE_IMAGE = "localhost/pytest-bridge/sample-app:0.1.0"
 BENCH_SERVER = "bench-echo"
 BENCH_PORT = 9000
 BENCH_LABELS = {
@@ -245,13 +244,13 @@ def _bench_pod(namespace: str) -> dict[str, Any]:
 
 
 def _load_server_container(port: int, port_name: str, *args: str) -> dict[str, Any]:
-    """The load tool's server on ``port`` in the sample image."""
+    """The load tool's server on ``port`` on the sample app's image (the stock Python image)."""
     return {
         "name": "server",
         "image": SAMPLE_IMAGE,
         "imagePullPolicy": "IfNotPresent",
-        # The sample image has a bare python3: the load tool runs from its source.
-        "command": ["/usr/bin/python3", "-u", "-c", LOADTOOL.read_text()],
+        # Nothing of ours is in the image: the load tool runs from its source.
+        "command": ["python3", "-u", "-c", LOADTOOL.read_text()],
         "args": ["server", "--port", str(port), *args],
         "ports": [{"name": port_name, "containerPort": port}],
         "readinessProbe": {"tcpSocket": {"port": port}, "periodSeconds": 1},
@@ -289,7 +288,7 @@ def delete_bench_server(cluster: Cluster, wait: bool = True) -> None:
 
 
 def create_bench_server(cluster: Cluster, timeout: float = 120.0) -> PodInfo:
-    """A pod of the sample-app image running the load server on :9000, and a Service for it."""
+    """A pod of the sample app's image running the load server on :9000, and a Service for it."""
     delete_bench_server(cluster)
     core = cluster.core
     service: Any = _bench_service(cluster.namespace)  # the client takes plain dicts as bodies too

@@ -1,19 +1,20 @@
-"""``python -m bench.coldstart [--reps N] [--out results.json]``: cold connect, the agent image pulled by the node.
+"""``python -m bench.coldstart [--reps N] [--out results.json]``: cold connect, the Python image pulled by the node.
 
-``BridgeSession.connect()`` when the agent image is not on the node and kubelet must pull it
-(``IfNotPresent``), against a warm connect with the image present. The embedded cluster has no
-registry and its images are imported, never pulled, so this brings its own: go-containerregistry's
-in-memory ``registry`` and ``crane`` (``go install``\\ ed once into :data:`TOOLS`), the registry on
-``localhost:5000`` (or a free port) as a child process for the run's length.
+``BridgeSession.connect()`` when the image its in-cluster pods run on (the stock Python image) is
+not on the node and kubelet must pull it (``IfNotPresent``), against a warm connect with the image
+present. The embedded cluster has no registry and its images are imported, never pulled, so this
+brings its own: go-containerregistry's in-memory ``registry`` and ``crane`` (``go install``\\ ed once
+into :data:`TOOLS`), the registry on ``localhost:5000`` (or a free port) as a child process for the
+run's length.
 
-The agent image is exported from the harness's dockerd (``docker save``) and pushed under a new
-name, ``localhost:<port>/pytest-bridge/agent-cold:<run>-<rep>``; the default
-``localhost/pytest-bridge/agent:0.1.0`` is never touched. Each repetition pushes its own image
-whose bottom layer carries one extra file (a salt): containerd skips fetching every layer whose
-chain id it already has a snapshot of, and the unsalted layers are exactly those of the imported
-agent and sample-app images, so an unsalted "cold" pull would fetch the manifest and config only.
-The earlier repetitions' images are removed before each one too (``ctr images rm --sync``): the
-upper layers are byte-identical across repetitions, and containerd fetches no blob its content
+The embedded cluster's stand-in for the stock Python image is exported from the harness's dockerd
+(``docker save``) and pushed under a new name, ``localhost:<port>/bench/python-cold:<run>-<rep>``;
+the stand-in on the node is never touched. Each repetition pushes its own image whose bottom layer
+carries one extra file (a salt): containerd skips fetching every layer whose chain id it already
+has a snapshot of, and the unsalted layers are exactly those of the imported stand-in, which the
+sample app runs on, so an unsalted "cold" pull would fetch the manifest and config only. The
+earlier repetitions' images are removed before each one too (``ctr images rm --sync``): the upper
+layers (if any) are byte-identical across repetitions, and containerd fetches no blob its content
 store has. The registry's request log tells how many layers each pull really fetched; a
 repetition that fetched fewer than all is a failure (exit 1; 2 when the run itself failed).
 
@@ -21,7 +22,7 @@ Per repetition: the cold image absent from containerd's ``k8s.io`` namespace, a 
 ``orders`` in ``bridge-bench-cold`` (the sample app applied there, as ``python -m bench`` does in
 ``bridge-bench``) with ``agent_image`` set to it, timed; the session's report timeline; kubelet's
 ``Pulled`` events (``Successfully pulled image ... in Xs``) of the agent pod and of the restore
-guard's pod, which runs the agent image too and starts pulling first; then the session closed and
+guard's pod, which runs on the same image and starts pulling first; then the session closed and
 the Deployment waited for until it is restored. The plugin's steps of connect() are timed by
 wrapping them on the session object. One warm connect with the last image follows.
 At the end the registry is stopped and the cold images are removed from containerd.
@@ -53,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from e2e.cluster.images import AGENT_IMAGE, ensure_dockerd
+from e2e.cluster.images import PYTHON, containerd_refs, ensure_dockerd, remove_images
 from e2e.cluster.layout import Layout
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
@@ -68,7 +69,7 @@ TOOLS = Path("/var/cache/pytest-bridge/bench-tools")
 GCR_MODULE = "github.com/google/go-containerregistry"
 GCR_VERSION = "v0.22.1"
 REGISTRY_PORT = 5000
-COLD_REPO = "pytest-bridge/agent-cold"
+COLD_REPO = "bench/python-cold"
 SALT_FILE = ".pytest-bridge-bench-cold"
 # A cold image ref in containerd, on any port of this machine's registry.
 COLD_REF = re.compile(rf"^(?:localhost|127\.0\.0\.1):\d+/{re.escape(COLD_REPO)}[:@]")
@@ -162,7 +163,7 @@ class Registry:
 
 @dataclass
 class SavedImage:
-    """The agent image as ``docker save`` wrote it: config and layer tarballs (uncompressed) in a folder."""
+    """The Python image as ``docker save`` wrote it: config and layer tarballs (uncompressed) in a folder."""
 
     config: dict[str, Any]
     layers: list[Path]
@@ -172,17 +173,17 @@ class SavedImage:
         return sum(p.stat().st_size for p in self.layers)
 
 
-def save_agent(layout: Layout, workdir: Path) -> SavedImage:
-    """``docker save`` the agent image from the harness's dockerd and unpack what a push needs."""
+def save_python(layout: Layout, workdir: Path) -> SavedImage:
+    """``docker save`` the stand-in for the stock Python image from the harness's dockerd and unpack what a push needs."""
     client = ensure_dockerd(layout)
-    archive = workdir / "agent-save.tar"
+    archive = workdir / "python-save.tar"
     try:
         with archive.open("wb") as out:
-            for chunk in client.images.get(AGENT_IMAGE).save(named=True):
+            for chunk in client.images.get(PYTHON.name).save(named=True):
                 out.write(chunk)
     finally:
         client.close()
-    folder = workdir / "agent"
+    folder = workdir / "python"
     folder.mkdir()
     with tarfile.open(archive) as tar:
         manifest = json.load(_member(tar, "manifest.json"))[0]
@@ -195,7 +196,7 @@ def save_agent(layout: Layout, workdir: Path) -> SavedImage:
             layers.append(path)
     archive.unlink()
     if len(layers) != len(config["rootfs"]["diff_ids"]):
-        raise RuntimeError(f"docker save of {AGENT_IMAGE}: {len(layers)} layers but {config['rootfs']['diff_ids']}")
+        raise RuntimeError(f"docker save of {PYTHON.name}: {len(layers)} layers but {config['rootfs']['diff_ids']}")
     return SavedImage(config, layers)
 
 
@@ -215,7 +216,7 @@ def _sha256(path: Path) -> str:
 
 
 def salted_tarball(saved: SavedImage, salt: str, ref: str, workdir: Path) -> Path:
-    """A docker-save tarball of the agent image whose bottom layer has one more file (new chain ids throughout)."""
+    """A docker-save tarball of the image whose bottom layer has one more file (new chain ids throughout)."""
     layer0 = workdir / "layer0-salted.tar"
     shutil.copyfile(saved.layers[0], layer0)
     with tarfile.open(layer0, "a") as tar:  # appends after the last member, before the end blocks
@@ -273,44 +274,11 @@ def push(tools: dict[str, Path], tarball: Path, ref: str) -> Pushed:
 # ----------------------------------------------------------------------------- containerd
 
 
-def ctr(layout: Layout, *args: str) -> subprocess.CompletedProcess[str]:
-    """``ctr`` on the harness's containerd, in the namespace kubelet uses (as e2e/cluster/images.py does)."""
-    return subprocess.run(
-        ["ctr", "--address", str(layout.containerd_socket), "-n", "k8s.io", *args],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
-
-
-def containerd_images(layout: Layout) -> dict[str, str]:
-    """ref -> manifest digest of every image containerd's ``k8s.io`` namespace has."""
-    done = ctr(layout, "images", "ls")
-    if done.returncode != 0:
-        raise RuntimeError(f"ctr images ls failed: {done.stderr.strip()}")
-    images = {}
-    for line in done.stdout.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) >= 3:
-            images[fields[0]] = fields[2]
-    return images
-
-
 def remove_cold_images(layout: Layout) -> list[str]:
-    """Remove every cold image (any run's) and the ``sha256:<id>`` refs CRI added for them; nothing else.
-
-    A ``sha256:`` ref is removed only when its manifest is a cold image's and no other image's.
-    """
-    images = containerd_images(layout)
-    cold = {ref for ref in images if COLD_REF.match(ref)}
-    cold_digests = {images[ref] for ref in cold}
-    kept_digests = {digest for ref, digest in images.items() if ref not in cold and not ref.startswith("sha256:")}
-    ids = {r for r, d in images.items() if r.startswith("sha256:") and d in cold_digests - kept_digests}
-    doomed = sorted(cold | ids)
-    if AGENT_IMAGE in doomed:  # never: it is neither a cold ref nor a sha256: one
-        raise AssertionError(f"refusing to remove {AGENT_IMAGE}")
-    if doomed:
-        done = ctr(layout, "images", "rm", "--sync", *doomed)
-        if done.returncode != 0:
-            raise RuntimeError(f"ctr images rm failed: {done.stderr.strip()}")
+    """Remove every cold image (any run's) and the ``sha256:<id>`` refs CRI added for them; nothing else."""
+    doomed = remove_images(layout, lambda ref: bool(COLD_REF.match(ref)))
+    if PYTHON.ref in doomed:  # never: it is not a cold ref
+        raise AssertionError(f"removed {PYTHON.ref}")
     return doomed
 
 
@@ -486,7 +454,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         "Seconds from the start of connect(). agent pod Ready: the plugin's poll saw it Ready; session reports "
         "ready: its report line, after the Service's endpoints are the agent only (python -m bench's figure). "
-        "Image pull: kubelet's Pulled event; the restore guard's pod runs the agent image too and pulls it at "
+        "Image pull: kubelet's Pulled event; the restore guard's pod runs on the same image and pulls it at "
         "the same time.",
         "",
     ]
@@ -567,9 +535,9 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             log.info("removed cold images of earlier runs: %s", ", ".join(leftovers))
         log.info("sample app in namespace %s: applying and waiting until Available", args.namespace)
         results["sample_app_ready_s"] = round(kc.ensure_sample_app(cluster), 2)
-        saved = save_agent(layout, workdir)
+        saved = save_python(layout, workdir)
         results["image"] = {
-            "source": AGENT_IMAGE,
+            "source": PYTHON.ref,
             "layers": len(saved.layers),
             "uncompressed_bytes": saved.size,
         }
@@ -583,7 +551,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             # The earlier reps' images too: their small upper layers are byte-identical to this one's, and
             # containerd fetches no blob its content store has (the salt only makes every snapshot new).
             remove_cold_images(layout)
-            if ref in containerd_images(layout):
+            if ref in containerd_refs(layout):
                 raise RuntimeError(f"{ref} is still in containerd")
             log.info("rep %d/%d: %s pushed in %.1fs; connecting (cold)", rep, args.reps, ref, pushed.push_s)
             mark = registry.mark()

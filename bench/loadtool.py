@@ -1,7 +1,7 @@
 """Load server and load clients of the benchmarks: stdlib only, one file.
 
 The same file runs on the host (``python -m bench.loadtool``) and, unchanged, in a pod of the
-sample-app image (``python3 -c <this source> server``), which has a bare Python and nothing else.
+stock Python image (``python3 -c <this source> server``), which has nothing of ours.
 Every connection starts with one ASCII header line that says what it is for:
 
 ``SINK <n>``            the client sends n bytes; the server answers ``OK <n> <sha256>`` and closes.

@@ -4,8 +4,8 @@ Without a reachable cluster every e2e test is skipped with the reason, unless
 PYTEST_BRIDGE_REQUIRE_CLUSTER=1 turns that into a failure (CI, where a silent skip would
 hide a broken cluster). The sample app is normally deployed by `python -m e2e.cluster up`;
 if it is missing, it is server-side applied from fixtures/manifests so the suite also runs
-against any cluster that has the sample image. Nothing here deletes the sample app: other
-suites share it.
+against any cluster that can run the stock Python image (the app's code comes in a ConfigMap).
+Nothing here deletes the sample app: other suites share it.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from e2e.cluster.images import PYTHON
+
 # The manifests place the sample app in bridge-demo; PYTEST_BRIDGE_E2E_NAMESPACE runs the suites
 # against a private copy elsewhere, so several people (or runs) can share one cluster.
 SAMPLE_NAMESPACE = "bridge-demo"
@@ -33,6 +35,12 @@ SERVICES = ("frontend", "orders", "inventory")
 NAME_LABEL = "app.kubernetes.io/name"
 PART_OF_SELECTOR = "app.kubernetes.io/part-of=bridge-demo"
 MANIFESTS = Path(__file__).resolve().parent.parent / "fixtures" / "manifests"
+# The stock image the sample app runs on (the embedded cluster has a stand-in under its name),
+# and the ConfigMap its code comes in.
+SAMPLE_IMAGE = PYTHON.name
+SAMPLE_CODE = MANIFESTS / "sample-app-code.yaml"
+SAMPLE_CODE_CONFIGMAP = "sample-app-code"
+SAMPLE_COMMAND = ["python3", "-u", "/app/app.py"]
 READY_TIMEOUT = 120.0
 FIELD_MANAGER = "pytest-bridge-e2e"
 REQUIRE_CLUSTER_ENV = "PYTEST_BRIDGE_REQUIRE_CLUSTER"
@@ -129,6 +137,14 @@ def manifest_documents(namespace: str = NAMESPACE) -> list[dict[str, Any]]:
     return documents
 
 
+def sample_app_code(namespace: str) -> dict[str, Any]:
+    """The ConfigMap with the sample app's code (app.py), placed in ``namespace``."""
+    document: dict[str, Any] = yaml.safe_load(SAMPLE_CODE.read_text())
+    assert document["metadata"]["name"] == SAMPLE_CODE_CONFIGMAP, SAMPLE_CODE
+    document["metadata"]["namespace"] = namespace
+    return document
+
+
 def _sample_app_missing(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> str | None:
     try:
         namespace = core_v1.read_namespace(NAMESPACE)
@@ -211,7 +227,8 @@ def wait_for_ready_pods(core_v1: client.CoreV1Api, timeout: float = READY_TIMEOU
                 f"sample app pods in {NAMESPACE} not Ready after {timeout:.0f}s"
                 + (f"; no pods at all for {empty}" if empty else "")
                 + "".join(f"\n  {line}" for line in lines)
-                + "\n(is the image localhost/pytest-bridge/sample-app:0.1.0 loaded on the node?)",
+                + f"\n(can the node run {SAMPLE_IMAGE}? The embedded cluster imports a stand-in under that name:"
+                + " `python -m e2e.cluster status` lists the images on the node)",
                 pytrace=False,
             )
         time.sleep(1)

@@ -24,7 +24,14 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from e2e.conftest import NAMESPACE, pod_is_ready
+from e2e.conftest import (
+    NAMESPACE,
+    SAMPLE_CODE_CONFIGMAP,
+    SAMPLE_COMMAND,
+    SAMPLE_IMAGE,
+    pod_is_ready,
+    sample_app_code,
+)
 from pytest_bridge.patch import SESSION_LABEL, strip_server_fields
 from pytest_bridge.ports import free_port
 
@@ -32,7 +39,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "fixtures" / "sampleapp" / "app.py"
-IMAGE = "localhost/pytest-bridge/sample-app:0.1.0"
 ERRORS_NAMESPACE = f"{NAMESPACE}-err"
 MANAGED = "app.kubernetes.io/managed-by=pytest-bridge"
 SETTLE_TIMEOUT = 120.0
@@ -271,12 +277,15 @@ def test_per_test_bridge_is_restored_at_the_tests_teardown(
 
 
 def _container(name: str, port_name: str, port: int) -> dict[str, Any]:
+    """The sample app on the stock Python image, its code from the ``code`` volume (see _workload)."""
     return {
         "name": name,
-        "image": IMAGE,
+        "image": SAMPLE_IMAGE,
         "imagePullPolicy": "IfNotPresent",
+        "command": SAMPLE_COMMAND,
         "env": [{"name": "SERVICE_NAME", "value": name}, {"name": "LISTEN_PORT", "value": str(port)}],
         "ports": [{"name": port_name, "containerPort": port}],
+        "volumeMounts": [{"name": "code", "mountPath": "/app", "readOnly": True}],
     }
 
 
@@ -291,7 +300,11 @@ def _workload(name: str, containers: list[dict[str, Any]], replicas: int = 1) ->
             "selector": {"matchLabels": labels},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"terminationGracePeriodSeconds": 2, "containers": containers},
+                "spec": {
+                    "terminationGracePeriodSeconds": 2,
+                    "containers": containers,
+                    "volumes": [{"name": "code", "configMap": {"name": SAMPLE_CODE_CONFIGMAP}}],
+                },
             },
         },
     }
@@ -350,6 +363,8 @@ def error_namespace(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> Ite
     namespace: Any = {"metadata": {"name": ERRORS_NAMESPACE}}
     core_v1.create_namespace(namespace)
     try:
+        code: Any = sample_app_code(ERRORS_NAMESPACE)  # the client takes plain dicts as bodies too
+        core_v1.create_namespaced_config_map(ERRORS_NAMESPACE, code)
         for deployment, service in ERROR_WORKLOADS.values():
             apps_v1.create_namespaced_deployment(ERRORS_NAMESPACE, deployment)
             core_v1.create_namespaced_service(ERRORS_NAMESPACE, service)

@@ -30,7 +30,7 @@ from e2e.conftest import NAMESPACE, pod_is_ready, pod_name
 pytestmark = pytest.mark.e2e
 
 ROUTE_HEADER = "kubernetes-route-as"
-PYTHON = "/usr/bin/python3"
+PYTHON = "python3"  # on PATH: the stock image has it in /usr/local/bin, not /usr/bin
 EXEC_TIMEOUT = 60.0
 ROLLOUT_TIMEOUT = 120.0
 RESTARTED_AT = "pytest-bridge.e2e/restarted-at"

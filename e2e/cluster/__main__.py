@@ -36,7 +36,7 @@ def _up(layout: Layout, args: argparse.Namespace) -> int:
         print(f"KUBECONFIG={path}")
         return 0
     if backend == "kind":
-        path = kind.up(layout, [spec.tag for spec in images.project_images(layout)])
+        path = kind.up(layout)
         print(f"KUBECONFIG={path}")
         return 0
     anything_running = any(procs.is_running(layout, name) for name in embedded.COMPONENTS)
@@ -47,6 +47,15 @@ def _up(layout: Layout, args: argparse.Namespace) -> int:
     print(f"embedded cluster ready in {time.monotonic() - started:.1f}s", file=sys.stderr)
     print(f"KUBECONFIG={layout.admin_kubeconfig}")
     return 0
+
+
+def _images_line(layout: Layout) -> str:
+    if not procs.is_running(layout, "containerd"):
+        return "(containerd not running)"
+    try:
+        return ", ".join(images.node_images(layout)) or "none"
+    except RuntimeError as exc:
+        return f"(unknown: {exc})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,9 +75,11 @@ def main(argv: list[str] | None = None) -> int:
             embedded.down(layout, report=lambda line: print(line, file=sys.stderr))
             return 0
         if args.command == "status":
-            for name, state in embedded.status(layout).items():
+            states = embedded.status(layout)
+            for name, state in states.items():
                 print(f"{name:25} {state}")
-            return 0 if all(s.startswith("running") for s in embedded.status(layout).values()) else 1
+            print(f"{'images':25} {_images_line(layout)}")
+            return 0 if all(s.startswith("running") for s in states.values()) else 1
         if args.command == "kubectl":
             embedded_kubectl = layout.bin / "kubectl"
             found = str(embedded_kubectl) if embedded_kubectl.exists() else shutil.which("kubectl")

@@ -30,7 +30,8 @@ def kubeconfig_path(layout: Layout) -> Path:
     return layout.state / "kind.kubeconfig"
 
 
-def up(layout: Layout, image_tags: list[str]) -> Path:
+def up(layout: Layout) -> Path:
+    """Create (or reuse) the kind cluster; its node pulls the stock images the cluster runs itself."""
     layout.state.mkdir(parents=True, exist_ok=True)
     kubeconfig = kubeconfig_path(layout)
     clusters = subprocess.run(["kind", "get", "clusters"], capture_output=True, text=True, check=True).stdout.split()
@@ -45,8 +46,6 @@ def up(layout: Layout, image_tags: list[str]) -> Path:
             ["kind", "export", "kubeconfig", "--name", CLUSTER_NAME, "--kubeconfig", str(kubeconfig)],
             check=True,
         )
-    if image_tags:
-        subprocess.run(["kind", "load", "docker-image", "--name", CLUSTER_NAME, *image_tags], check=True)
     return kubeconfig
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -24,9 +25,13 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.cluster.images import PYTHON
+
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "fixtures" / "sampleapp" / "app.py"
 MANIFESTS = REPO / "fixtures" / "manifests"
+CODE_MANIFEST = MANIFESTS / "sample-app-code.yaml"
+COMMAND = ["python3", "-u", "/app/app.py"]
 ROUTE_HEADER = "kubernetes-route-as"
 START_TIMEOUT = 10.0
 PART_OF = {"app.kubernetes.io/part-of": "bridge-demo"}
@@ -370,10 +375,60 @@ def test_deployments_are_quick_and_probed(manifests: dict[tuple[str, str], dict[
     assert deployment["spec"]["replicas"] == 1
     assert pod["terminationGracePeriodSeconds"] == 2
     assert pod.get("enableServiceLinks", True) is True
-    assert container["image"] == "localhost/pytest-bridge/sample-app:0.1.0"
+    assert container["image"] == PYTHON.name  # the stock image; the embedded cluster has a stand-in
     assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["command"] == COMMAND
     assert container["readinessProbe"]["httpGet"]["path"] == "/healthz"
     assert ("Service", service) in manifests
+
+
+def _sample_pod_specs(manifests: dict[tuple[str, str], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    variants = load_manifests(*sorted((MANIFESTS / "variants").glob("*.yaml")))
+    deployments = [doc for doc in [*manifests.values(), *variants] if doc["kind"] == "Deployment"]
+    return {doc["metadata"]["name"]: doc["spec"]["template"]["spec"] for doc in deployments}
+
+
+def test_the_code_configmap_is_app_py_byte_for_byte() -> None:
+    [configmap] = load_manifests(CODE_MANIFEST)
+    assert configmap["data"]["app.py"].encode() == APP.read_bytes()
+    # ... and is exactly what the generator writes, so regenerating changes nothing.
+    render = runpy.run_path(str(REPO / "fixtures" / "sampleapp" / "configmap.py"))["render"]
+    assert CODE_MANIFEST.read_text() == render(APP.read_text()), "run: python fixtures/sampleapp/configmap.py"
+
+
+def test_every_sample_pod_runs_app_py_from_the_configmap(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    [configmap] = load_manifests(CODE_MANIFEST)
+    for name, pod in _sample_pod_specs(manifests).items():
+        [container] = pod["containers"]
+        volumes = {volume["name"]: volume for volume in pod["volumes"]}
+        mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+        assert container["image"] == PYTHON.name, name
+        assert container["command"] == COMMAND, name
+        assert mounts["/app"]["readOnly"] is True, name
+        assert volumes[mounts["/app"]["name"]]["configMap"]["name"] == configmap["metadata"]["name"], name
+
+
+def test_every_sample_pod_meets_pod_security_restricted(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
+    """The checks of the "restricted" Pod Security Standard (v1.34) that a pod spec can fail."""
+    allowed_volumes = {"configMap", "secret", "emptyDir", "projected", "downwardAPI", "csi", "ephemeral",
+                       "persistentVolumeClaim", "name"}  # fmt: skip
+    for name, pod in _sample_pod_specs(manifests).items():
+        pod_context = pod.get("securityContext", {})
+        assert not (pod.get("hostNetwork") or pod.get("hostPID") or pod.get("hostIPC")), name
+        for volume in pod.get("volumes", []):
+            assert set(volume) <= allowed_volumes, (name, volume)
+        for container in [*pod["containers"], *pod.get("initContainers", [])]:
+            context = container.get("securityContext", {})
+            effective = {**pod_context, **context}  # the container's settings win
+            assert effective.get("runAsNonRoot") is True, name
+            assert effective.get("runAsUser") not in (0, None), name  # restricted forbids 0; ours names one
+            assert effective.get("seccompProfile", {}).get("type") in ("RuntimeDefault", "Localhost"), name
+            assert context.get("allowPrivilegeEscalation") is False, name
+            assert not context.get("privileged"), name
+            assert "ALL" in context.get("capabilities", {}).get("drop", []), name
+            assert set(context.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, name
+            assert not any(port.get("hostPort") for port in container.get("ports", [])), name
+            assert context.get("readOnlyRootFilesystem") is True, name  # not required; it works for the app
 
 
 def test_chain_is_wired_by_service_name(manifests: dict[tuple[str, str], dict[str, Any]]) -> None:
@@ -405,8 +460,9 @@ def test_orders_uses_every_configuration_source(manifests: dict[tuple[str, str],
     mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
     volume_kinds = {key for volume in volumes.values() for key in volume if key != "name"}
     assert {"configMap", "secret"} <= volume_kinds
+    assert mounts.pop("code") == "/app"  # the app itself, as in every sample pod
     assert all(path.startswith("/etc/sample/") for path in mounts.values())
-    assert set(mounts) == set(volumes)
+    assert set(mounts) == set(volumes) - {"code"}
 
     # Everything referenced exists in the manifests.
     referenced_config_maps = {v["configMap"]["name"] for v in volumes.values() if "configMap" in v}
