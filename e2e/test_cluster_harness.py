@@ -1,19 +1,23 @@
-"""The embedded cluster harness itself: `up` is idempotent, `down` leaves nothing behind.
+"""The embedded cluster harness itself: the images on the node, `up` is idempotent, `down`
+leaves nothing behind.
 
-These tests stop and restart the cluster, so they run last (see `cluster_cycle` in conftest).
+Some of these tests stop and restart the cluster, so they all run last (see `cluster_cycle` in
+conftest).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from e2e.cluster import embedded, hostnet, procs
+from e2e.cluster import embedded, hostnet, images, procs
 from e2e.cluster.layout import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,6 +59,118 @@ def _our_live_processes() -> list[str]:
         if state != "Z" and any(m in cmdline for m in markers):
             found.append(f"{proc.name}: {cmdline[:160]}")
     return found
+
+
+def test_the_node_has_the_stand_ins_and_no_image_of_the_project() -> None:
+    on_node = images.node_images(LAYOUT)
+    assert [name for name in on_node if images.OBSOLETE_MARK in name] == []
+    assert {stand_in.ref for stand_in in images.STAND_INS} <= set(on_node)
+    assert {images.PAUSE_IMAGE, images.COREDNS_IMAGE} <= set(on_node)
+
+
+# How the plugin runs the stock images: uid/gid 65532, read-only root, no capabilities, /tmp an
+# emptyDir; nginx with its own configuration and paths under /tmp (Debian's module convention
+# first: on the official image the include matches nothing). The python container checks the
+# interpreter and talks to both of nginx's modules over the pod's loopback.
+_NGINX_CONF = """include /etc/nginx/modules-enabled/*.conf;
+pid /tmp/nginx/nginx.pid;
+events {}
+http {
+    client_body_temp_path /tmp/nginx/body; proxy_temp_path /tmp/nginx/proxy;
+    fastcgi_temp_path /tmp/nginx/fastcgi; uwsgi_temp_path /tmp/nginx/uwsgi; scgi_temp_path /tmp/nginx/scgi;
+    access_log off;
+    server { listen 8080; return 200 "http ok"; }
+}
+stream { server { listen 8081; return "stream ok"; } }
+"""
+_NGINX_COMMAND = f"""set -e
+mkdir -p /tmp/nginx
+cat > /tmp/nginx/nginx.conf <<'EOF'
+{_NGINX_CONF}EOF
+exec nginx -e /tmp/nginx/error.log -g 'daemon off;' -p /tmp/nginx/ -c /tmp/nginx/nginx.conf
+"""
+_PYTHON_CHECK = """
+import json, os, socket, sys, time, urllib.request
+for attempt in range(100):
+    try:
+        http = urllib.request.urlopen("http://127.0.0.1:8080/", timeout=2).read().decode()
+        break
+    except OSError:
+        time.sleep(0.1)
+with socket.create_connection(("127.0.0.1", 8081), timeout=2) as conn:
+    stream = conn.recv(100).decode()
+try:
+    open("/usr/x", "w")
+    root = "writable"
+except OSError as e:
+    root = e.strerror
+print(json.dumps({"executable": sys.executable, "version": os.environ.get("PYTHON_VERSION"), "uid": os.getuid(),
+                  "http": http, "stream": stream, "root": root}))
+"""
+
+
+def _restricted_container(name: str, image: str, command: list[str]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "Never",  # only what is on the node
+        "command": command,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def test_stand_ins_run_as_the_plugin_runs_them(tmp_path: Path) -> None:
+    name = f"stand-in-check-{os.getpid()}"
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default"},
+        "spec": {
+            "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": 0,
+            "securityContext": {
+                "runAsNonRoot": True,
+                "runAsUser": 65532,
+                "runAsGroup": 65532,
+                "seccompProfile": {"type": "RuntimeDefault"},
+            },
+            "volumes": [{"name": "tmp", "emptyDir": {}}],
+            "containers": [
+                _restricted_container("nginx", images.NGINX.name, ["/bin/sh", "-c", _NGINX_COMMAND]),
+                _restricted_container("python", images.PYTHON.name, ["python3", "-I", "-c", _PYTHON_CHECK]),
+            ],
+        },
+    }
+    manifest = tmp_path / "pod.json"
+    manifest.write_text(json.dumps(pod))
+    embedded.kubectl(LAYOUT, "apply", "-f", str(manifest))
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            status = json.loads(embedded.kubectl(LAYOUT, "-n", "default", "get", "pod", name, "-o", "json"))["status"]
+            states = {c["name"]: c["state"] for c in status.get("containerStatuses", [])}
+            if "terminated" in states.get("python", {}) or "terminated" in states.get("nginx", {}):
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        logs = {c: embedded.kubectl(LAYOUT, "-n", "default", "logs", name, "-c", c) for c in ("python", "nginx")}
+        assert states["python"]["terminated"]["exitCode"] == 0, (states, logs)
+        assert "running" in states["nginx"], (states, logs)
+        assert json.loads(logs["python"]) == {
+            "executable": "/usr/local/bin/python3",
+            "version": "3.11.13",
+            "uid": 65532,
+            "http": "http ok",
+            "stream": "stream ok",
+            "root": "Read-only file system",
+        }
+    finally:
+        embedded.kubectl(LAYOUT, "-n", "default", "delete", "pod", name, "--wait=false", check=False)
 
 
 def test_up_twice_is_a_no_op() -> None:
