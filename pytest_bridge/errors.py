@@ -20,6 +20,7 @@ __all__ = [
     "PatchConflictError",
     "PatchError",
     "PlanError",
+    "PolicyError",
 ]
 
 
@@ -81,6 +82,10 @@ class ForbiddenError(ClusterError):
         self.verb = verb
         self.resource = resource
         self.namespace = namespace
+
+
+class PolicyError(ClusterError):
+    """Admission refuses a pod or object we need: Pod Security, an admission webhook or policy."""
 
 
 class ConflictError(ClusterError):

@@ -34,15 +34,24 @@ from typing import TYPE_CHECKING, Any
 from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import objects as ro
 
-from . import kube
+from . import bundle, kube
 from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
-from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, SecretTokenRef, agent_container
+from .patch import (
+    CONTAINER_ANNOTATION,
+    SESSION_ANNOTATION,
+    SESSION_LABEL,
+    AgentSpec,
+    SecretTokenRef,
+    add_code_volumes,
+    agent_container,
+)
 from .plan import BridgePlan, pod_template_spec
 from .ports import free_port
 from .tunnel_thread import BackgroundTunnel
 
 if TYPE_CHECKING:
     from .session import BridgedService, BridgeSession
+    from .settings import BridgeSettings
 
 __all__ = [
     "ROUTE_HEADER",
@@ -136,7 +145,8 @@ def route_pod(
     else:
         spec = copy.deepcopy(dict(pod_template_spec(workload)))
     original = spec["containers"][plan.container_index]
-    container = agent_container(original, plan, agent)
+    container = agent_container(original, plan, agent, spec)
+    add_code_volumes(spec, agent.code)
     container["env"].append({"name": "PYTEST_BRIDGE_EXIT_WHEN_IDLE", "value": f"{exit_when_idle:g}"})
     if "readinessProbe" in container:  # a route counts from Ready: probe often, the agent starts fast
         container["readinessProbe"]["periodSeconds"] = 1
@@ -252,8 +262,12 @@ def required_permissions() -> list[tuple[str, str, str]]:
         ("create", "", "secrets"),
         ("patch", "", "secrets"),
         ("delete", "", "secrets"),
+        ("get", "", "configmaps"),  # the manager's code ConfigMap (--bridge-code=configmap)
+        ("create", "", "configmaps"),
+        ("patch", "", "configmaps"),
         ("get", "apps", "deployments"),
         ("create", "apps", "deployments"),
+        ("delete", "apps", "deployments"),  # replacing an idle manager of another version
         ("create", "", "serviceaccounts"),
         ("patch", "", "serviceaccounts"),
         ("create", "rbac.authorization.k8s.io", "roles"),
@@ -271,13 +285,30 @@ def _create_or_exists(what: str, create: Callable[..., Any], *args: Any) -> bool
     return True
 
 
-def ensure_manager(
-    k: kube.Kube, namespace: str, image: str, idle_seconds: float, report: Callable[[str], None] = lambda _: None
-) -> None:
-    """The routing manager of ``namespace`` exists (created with its RBAC if not); idempotent.
+def routing_runtime(settings: BridgeSettings, code: bundle.Bundle) -> ro.RoutingRuntime:
+    """What this plugin's routing manager, routers and route pods run (the manager's code ConfigMap)."""
+    return ro.RoutingRuntime(
+        python_image=settings.agent_image,
+        nginx_image=settings.routing_image,
+        code=bundle.code_for(settings.code, code, bundle.configmap_name(code)),
+    )
 
-    A manager that is removing itself (idle) is waited for, then created afresh. RBAC objects
-    left from an earlier manager are adopted by the new Deployment.
+
+def ensure_manager(
+    k: kube.Kube,
+    namespace: str,
+    *,
+    runtime: ro.RoutingRuntime,
+    code: bundle.Bundle,
+    idle_seconds: float,
+    report: Callable[[str], None] = lambda _: None,
+) -> None:
+    """The routing manager of ``namespace`` runs ``runtime`` (created with its RBAC if not); idempotent.
+
+    A manager that is removing itself (idle) is waited for, then created afresh. One of another
+    version (other code or images) is replaced while it serves no route, and refused with a
+    message naming both versions while it does. RBAC objects and the code ConfigMap left from an
+    earlier manager are adopted by the new Deployment.
     """
     name = ro.MANAGER_NAME
     deadline = time.monotonic() + 60
@@ -287,11 +318,16 @@ def ensure_manager(
         except NotFoundError:
             break
         if current.metadata.deletion_timestamp is None:
-            return
+            annotations = current.metadata.annotations or {}
+            if annotations.get(ro.ANN_RUNTIME) == runtime.key:
+                _ensure_manager_code(k, namespace, runtime, code, current)
+                return
+            _retire_other_manager(k, namespace, annotations.get(bundle.VERSION_ANNOTATION), code, report)
         if time.monotonic() > deadline:
             raise ConnectError(f"the routing manager {name} in {namespace} is stuck deleting")
         time.sleep(0.2)
-    deployment, *rbac = ro.manager_objects(namespace, image, idle_seconds)
+    deployment, *rbac = ro.manager_objects(namespace, runtime, idle_seconds)
+    deployment["metadata"]["annotations"][bundle.VERSION_ANNOTATION] = code.version
     # Kubernetes lets us grant only what we hold ourselves: ask first, so a missing permission
     # is named before anything is created.
     from .session import required_permissions_check  # noqa: PLC0415 - session imports this module
@@ -318,12 +354,7 @@ def ensure_manager(
         _create_or_exists(f"create {obj['kind']} {obj['metadata']['name']}", creators[obj["kind"]], namespace, obj)
     _create_or_exists("create the routing manager", k.apps.create_namespaced_deployment, namespace, deployment)
     created: Any = kube.call("read the routing manager", k.apps.read_namespaced_deployment, name, namespace)
-    owner = {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "name": name,
-        "uid": created.metadata.uid,
-    }
+    owner = _manager_owner(created)
     patchers: dict[str, Callable[..., Any]] = {
         "ServiceAccount": k.core.patch_namespaced_service_account,
         "Role": k.rbac.patch_namespaced_role,
@@ -338,6 +369,62 @@ def ensure_manager(
             namespace,
             body,
         )
+    _ensure_manager_code(k, namespace, runtime, code, created)
+
+
+def _manager_owner(deployment: Any) -> dict[str, Any]:
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "name": ro.MANAGER_NAME, "uid": deployment.metadata.uid}
+
+
+def _ensure_manager_code(
+    k: kube.Kube, namespace: str, runtime: ro.RoutingRuntime, code: bundle.Bundle, deployment: Any
+) -> None:
+    """The code ConfigMap the manager, its routers and route pods mount exists and is the manager's.
+
+    Created after the Deployment (the kubelet retries the mount meanwhile). One left by an earlier
+    manager of the same code may still be waiting for the garbage collector: adopting it keeps it.
+    """
+    name = runtime.code.configmap
+    if name is None:
+        return
+    owner = _manager_owner(deployment)
+    try:
+        existing: Any = kube.call("read the routing code", k.core.read_namespaced_config_map, name, namespace)
+    except NotFoundError:
+        manifest = bundle.configmap(code, name, namespace, labels=ro.labels("code"), owner=owner)
+        bundle.ship(k, manifest, code, exist_ok=True)
+        return
+    if not any(ref.uid == owner["uid"] for ref in existing.metadata.owner_references or []):
+        kube.call(
+            "adopt the routing code", k.core.patch_namespaced_config_map, name, namespace,
+            {"metadata": {"ownerReferences": [owner]}},
+        )  # fmt: skip
+
+
+def _retire_other_manager(
+    k: kube.Kube, namespace: str, their_version: str | None, code: bundle.Bundle, report: Callable[[str], None]
+) -> None:
+    """Delete a routing manager of another version, unless it still serves routes (then ConflictError)."""
+    pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, namespace, label_selector=ro.LABEL_ROUTE)
+    live = sorted(
+        p.metadata.name
+        for p in pods.items
+        if p.metadata.deletion_timestamp is None and p.status.phase not in ("Succeeded", "Failed")
+    )
+    theirs = f"pytest-bridge {their_version}" if their_version else "another pytest-bridge version"
+    if live:
+        raise ConflictError(
+            f"the routing manager in namespace {namespace!r} runs {theirs} (or other images) and serves "
+            f"{len(live)} route(s) ({', '.join(live[:3])}{', ...' if len(live) > 3 else ''}); this plugin is "
+            f"pytest-bridge {code.version} with --bridge-agent-image/--bridge-routing-image as set. Wait for those "
+            "routes to end, or run the same version and images; nothing was changed"
+        )
+    report(f"replacing the idle routing manager in namespace {namespace} ({theirs}) with this version's")
+    with contextlib.suppress(NotFoundError):
+        kube.call(
+            "delete the routing manager of another version", k.apps.delete_namespaced_deployment,
+            ro.MANAGER_NAME, namespace, propagation_policy="Background",
+        )  # fmt: skip
 
 
 def sweep_stale_routes(
@@ -527,10 +614,14 @@ def open_route(
         check_hosts_fit(route, hosts)
     except ValueError as exc:
         raise ConnectError(str(exc)) from exc
-    ensure_manager(k, ns, settings.routing_image, settings.routing_idle, report)
+    code = bundle.build()
+    runtime = routing_runtime(settings, code)
+    ensure_manager(k, ns, runtime=runtime, code=code, idle_seconds=settings.routing_idle, report=report)
     workload = bs._workload(k, plan)
     secret_name = route_secret_name(service, route)
-    agent = AgentSpec(image=settings.agent_image, session=bs.session_id, token=SecretTokenRef(secret_name))
+    agent = AgentSpec(
+        image=settings.agent_image, session=bs.session_id, token=SecretTokenRef(secret_name), code=runtime.code
+    )
     pod_manifest = route_pod(workload, plan, agent, route, exit_when_idle=settings.restore_ttl, observe=observe)
     pod_name = pod_manifest["metadata"]["name"]
     secret = {

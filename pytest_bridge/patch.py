@@ -25,8 +25,10 @@ from __future__ import annotations
 import copy
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+from pytest_bridge_agent.runtime import Code, agent_security_context, command
 
 from pytest_bridge.errors import PatchError
 from pytest_bridge.jsonpatch import apply_patch, pointer
@@ -41,6 +43,7 @@ __all__ = [
     "AgentSpec",
     "SecretTokenRef",
     "WorkloadPatches",
+    "add_code_volumes",
     "agent_container",
     "agent_pod",
     "bridged_session",
@@ -51,7 +54,7 @@ __all__ = [
 
 AGENT_CONTROL_PORT = 47100
 AGENT_STATUS_PORT = 47101
-DEFAULT_AGENT_COMMAND: tuple[str, ...] = ("/usr/bin/python3", "-I", "-m", "pytest_bridge_agent")
+DEFAULT_AGENT_COMMAND: tuple[str, ...] = tuple(command("agent"))
 SESSION_LABEL = "pytest-bridge.io/session"
 SESSION_ANNOTATION = "pytest-bridge.io/session"
 CONTAINER_ANNOTATION = "pytest-bridge.io/container"
@@ -96,6 +99,7 @@ class AgentSpec:
     image_pull_policy: str = "IfNotPresent"
     keep_probes: bool = False  # KubernetesLocalProcessConfig enableFeatures: Probes
     keep_lifecycle: bool = False  # enableFeatures: LifecycleHooks
+    code: Code = field(default_factory=Code)  # where the agent's code comes from (a ConfigMap volume, or the image)
 
 
 @dataclass(frozen=True)
@@ -121,13 +125,17 @@ def _token_env(token: str | SecretTokenRef) -> dict[str, Any]:
     return {"name": "PYTEST_BRIDGE_TOKEN", "value": token}
 
 
-def agent_container(original: Mapping[str, Any], plan: BridgePlan, agent: AgentSpec) -> dict[str, Any]:
+def agent_container(
+    original: Mapping[str, Any], plan: BridgePlan, agent: AgentSpec, pod_spec: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """The agent container that takes ``original``'s place.
 
     Keeps name, env, envFrom, volumeMounts, volumeDevices, ports, resources and
     securityContext (so the agent sees the real environment and files, and the Service
-    still selects and reaches the pod); replaces image, command and args; removes
-    probes and lifecycle hooks unless kept by the agent spec.
+    still selects and reaches the pod; ``pod_spec``, the pod's spec, says whether the
+    security context needs a user for the stock image: see ``agent_security_context``);
+    replaces image, command and args; mounts the agent's code; removes probes and
+    lifecycle hooks unless kept by the agent spec.
     """
     _check_session(agent.session)
     clash = {AGENT_CONTROL_PORT, AGENT_STATUS_PORT} & set(plan.target_ports)
@@ -155,6 +163,16 @@ def agent_container(original: Mapping[str, Any], plan: BridgePlan, agent: AgentS
     container["command"] = list(agent.command)
     if agent.args:
         container["args"] = list(agent.args)
+    # The agent's own start errors (a port it may not bind, a bad token) reach the pod's status.
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    code_mounts = agent.code.mounts()
+    if code_mounts:
+        taken = {m["name"] for m in code_mounts} | {m["mountPath"] for m in code_mounts}
+        mounts = [m for m in container.get("volumeMounts") or [] if not {m.get("name"), m.get("mountPath")} & taken]
+        container["volumeMounts"] = mounts + code_mounts
+    security = agent_security_context(pod_spec or {}, original)
+    if security is not None:
+        container["securityContext"] = security
     env = [e for e in container.get("env") or [] if not str(e.get("name", "")).startswith(_AGENT_ENV_PREFIX)]
     env += [
         _token_env(agent.token),
@@ -234,8 +252,9 @@ def workload_patches(workload: Mapping[str, Any], plan: BridgePlan, agent: Agent
     forward.append({"op": "test", "path": pointer(*container_path, "name"), "value": plan.container})
     inverse: list[JsonOps] = []
     working: Any = copy.deepcopy(dict(workload))
+    pod_spec = pod_template_spec(workload)
     steps: list[tuple[tuple[str | int, ...], Any]] = [
-        (container_path, agent_container(original, plan, agent)),
+        (container_path, agent_container(original, plan, agent, pod_spec)),
         (("spec", "replicas"), 1),
         (("metadata", "labels", SESSION_LABEL), agent.session),
         (("metadata", "annotations", SESSION_ANNOTATION), agent.session),
@@ -243,6 +262,14 @@ def workload_patches(workload: Mapping[str, Any], plan: BridgePlan, agent: Agent
         (("spec", "template", "metadata", "annotations", SESSION_ANNOTATION), agent.session),
         (("spec", "template", "metadata", "annotations", CONTAINER_ANNOTATION), plan.container),
     ]
+    volumes = pod_spec.get("volumes")
+    for volume in agent.code.volumes():
+        if volumes is None:
+            steps.append((("spec", "template", "spec", "volumes"), [volume]))
+            volumes = [volume]
+        else:
+            steps.append((("spec", "template", "spec", "volumes", len(volumes)), volume))
+            volumes = [*volumes, volume]
     for tokens, value in steps:
         ops, undo = _set_ops(working, tokens, value)
         working = apply_patch(working, ops)
@@ -260,6 +287,14 @@ def workload_patches(workload: Mapping[str, Any], plan: BridgePlan, agent: Agent
     for undo in reversed(inverse):
         reverse += undo
     return WorkloadPatches(forward=forward, reverse=reverse)
+
+
+def add_code_volumes(pod_spec: dict[str, Any], code: Code) -> None:
+    """Add ``code``'s volumes to a pod spec (in place; a volume of the same name is replaced)."""
+    wanted = code.volumes()
+    names = {v["name"] for v in wanted}
+    if wanted:
+        pod_spec["volumes"] = [v for v in pod_spec.get("volumes") or [] if v.get("name") not in names] + wanted
 
 
 def bridged_session(obj: Mapping[str, Any]) -> str | None:
@@ -315,7 +350,8 @@ def agent_pod(original_pod: Mapping[str, Any], plan: BridgePlan, agent: AgentSpe
         raise PatchError(f"agent_pod() is for bare Pods; plan targets {plan.workload.kind}")
     original = _original_container(original_pod, plan)
     pod = pod_for_recreate(original_pod)
-    pod["spec"]["containers"][plan.container_index] = agent_container(original, plan, agent)
+    pod["spec"]["containers"][plan.container_index] = agent_container(original, plan, agent, pod["spec"])
+    add_code_volumes(pod["spec"], agent.code)
     meta = pod.setdefault("metadata", {})
     meta.setdefault("labels", {})[SESSION_LABEL] = agent.session
     annotations = meta.setdefault("annotations", {})

@@ -25,7 +25,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from . import kube
+from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
+
+from . import bundle, kube
 from .errors import NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
@@ -80,8 +82,12 @@ class RestoreRecord:
         return cls(**json.loads(text))
 
 
-def guard_job(session: str, namespace: str, image: str, ttl: float, agent_status_port: int) -> dict[str, Any]:
+def guard_job(
+    session: str, namespace: str, image: str, ttl: float, agent_status_port: int, *, code: Code | None = None
+) -> dict[str, Any]:
+    """The guard Job (suspended): the in-cluster code's ``guard`` role on the Python image, Pod Security ``restricted``."""
     name = guard_name(session)
+    code = code or Code()
     env = {
         "GUARD_SESSION": session,
         "GUARD_NAMESPACE": namespace,
@@ -105,14 +111,20 @@ def guard_job(session: str, namespace: str, image: str, ttl: float, agent_status
                     "serviceAccountName": name,
                     "restartPolicy": "OnFailure",
                     "terminationGracePeriodSeconds": 2,
+                    "enableServiceLinks": False,
+                    "securityContext": pod_security(),
+                    "volumes": code.volumes(),
                     "containers": [
                         {
                             "name": "guard",
                             "image": image,
                             "imagePullPolicy": "IfNotPresent",
-                            "command": ["/usr/bin/python3", "-I", "-m", "pytest_bridge_agent.guard"],
+                            "command": command("guard"),
                             "env": [{"name": k, "value": v} for k, v in env.items()],
-                            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+                            "volumeMounts": code.mounts(),
+                            "securityContext": container_security(),
+                            "resources": resources("10m", "32Mi", "200m", "96Mi"),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
                         }
                     ],
                 },
@@ -188,10 +200,28 @@ def owned_secret(
 # --- I/O -------------------------------------------------------------------------------------
 
 
-def create_guard(k: kube.Kube, record: RestoreRecord, *, image: str, ttl: float, status_port: int, token: str) -> None:
-    """Steps 1 to 4 of the module docstring; call before the workload is changed."""
+def code_configmap_name(session: str, code: bundle.Bundle) -> str:
+    return bundle.configmap_name(code, session)
+
+
+def create_guard(
+    k: kube.Kube,
+    record: RestoreRecord,
+    *,
+    image: str,
+    ttl: float,
+    status_port: int,
+    token: str,
+    code: bundle.Bundle,
+    pod_code: Code,
+) -> None:
+    """Steps 1 to 4 of the module docstring; call before the workload is changed.
+
+    When ``pod_code`` names a ConfigMap (:func:`code_configmap_name`), it is created too,
+    holding ``code`` and owned by the Job, before the Job is unsuspended.
+    """
     ns, session = record.namespace, record.session
-    job = guard_job(session, ns, image, ttl, status_port)
+    job = guard_job(session, ns, image, ttl, status_port, code=pod_code)
     created = kube.call(
         f"create the restore guard Job in {ns!r}", k.batch.create_namespaced_job, ns, job,
         verb="create", resource="jobs", namespace=ns,
@@ -206,6 +236,11 @@ def create_guard(k: kube.Kube, record: RestoreRecord, *, image: str, ttl: float,
         }[kind]
         resource = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}[kind]
         kube.call(f"create the guard's {kind}", create, ns, obj, verb="create", resource=resource, namespace=ns)
+    if pod_code.configmap is not None:
+        manifest = bundle.configmap(
+            code, pod_code.configmap, ns, labels=_labels(session, "code"), owner=_owner_ref(job)
+        )
+        bundle.ship(k, manifest, code)
     for secret in (
         owned_secret(
             token_secret_name(session), session=session, namespace=ns, role="token", job=job, data={"token": token}
@@ -240,6 +275,7 @@ def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
     selector = f"{SESSION_LABEL}={session},app.kubernetes.io/managed-by=pytest-bridge"
     cleaners: tuple[tuple[Any, Any], ...] = (
         (k.core.list_namespaced_secret, k.core.delete_namespaced_secret),
+        (k.core.list_namespaced_config_map, k.core.delete_namespaced_config_map),
         (k.rbac.list_namespaced_role_binding, k.rbac.delete_namespaced_role_binding),
         (k.rbac.list_namespaced_role, k.rbac.delete_namespaced_role),
         (k.core.list_namespaced_service_account, k.core.delete_namespaced_service_account),

@@ -29,13 +29,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
-from . import hosts, isolation, kube, names, restore, sessiondir
+from . import bundle, hosts, isolation, kube, names, policy, restore, sessiondir
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
-from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError
+from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
 from .handoff import Handoff
+from .jsonpatch import apply_patch
 from .kubectl_forward import KubectlForward, kubectl_or_none, lane_pool
 from .localproc import PortInUseError
 from .patch import (
@@ -338,7 +340,9 @@ class BridgeSession:
 
     def _preflight(self, k: kube.Kube, plan: BridgePlan) -> None:
         """Ask the API server whether we may do everything connect does, before doing any of it."""
-        required_permissions_check(k, required_permissions(plan.workload.kind), what=f"bridge {plan.service!r}")
+        required_permissions_check(
+            k, required_permissions(plan.workload.kind, self.settings.code), what=f"bridge {plan.service!r}"
+        )
 
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
@@ -368,14 +372,18 @@ class BridgeSession:
         ns = plan.namespace
         started = time.monotonic()
         workload = self._workload(k, plan)
+        code = bundle.build()
+        pod_code = bundle.code_for(self.settings.code, code, restore.code_configmap_name(conn.key, code))
         agent = AgentSpec(
             image=self.settings.agent_image,
             session=conn.key,
             token=SecretTokenRef(restore.token_secret_name(conn.key)),
             keep_probes=bool(self._config and self._config.has_feature("Probes")),
             keep_lifecycle=bool(self._config and self._config.has_feature("LifecycleHooks")),
+            code=pod_code,
         )
         original_container = dict(workload_template_container(workload, plan))
+        replacement: dict[str, Any] = {}
         if plan.workload.kind == "Pod":
             reverse: list[dict[str, Any]] = []
             original = pod_for_recreate(workload)
@@ -383,6 +391,9 @@ class BridgeSession:
         else:
             patches = workload_patches(workload, plan, agent)
             reverse, original = patches.reverse, strip_server_fields(workload)
+        self._check_policy(
+            k, conn, workload, replacement if plan.workload.kind == "Pod" else None, agent=agent, pod_code=pod_code
+        )
         conn.record = restore.RestoreRecord(
             session=conn.key, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
             reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
@@ -391,7 +402,7 @@ class BridgeSession:
         conn.guard = True  # set first: a guard created halfway is cleaned up too
         restore.create_guard(
             k, conn.record, image=self.settings.agent_image, ttl=self.settings.restore_ttl,
-            status_port=AGENT_STATUS_PORT, token=self._token,
+            status_port=AGENT_STATUS_PORT, token=self._token, code=code, pod_code=pod_code,
         )  # fmt: skip
         if plan.workload.kind == "Pod":
             conn.patched = True
@@ -422,12 +433,59 @@ class BridgeSession:
         conn.bridged = self._import(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
 
+    def _check_policy(
+        self,
+        k: kube.Kube,
+        conn: _Connection,
+        workload: dict[str, Any],
+        replacement: dict[str, Any] | None,
+        *,
+        agent: AgentSpec,
+        pod_code: Code,
+    ) -> None:
+        """Before any change: the cluster admits the agent's pod and the guard's (server-side dry run)."""
+        assert conn.plan is not None
+        plan, ns = conn.plan, conn.plan.namespace
+        if replacement is not None:
+            template: dict[str, Any] = {"metadata": replacement["metadata"], "spec": replacement["spec"]}
+        else:
+            template = apply_patch(workload, workload_patches(workload, plan, agent).forward)["spec"]["template"]
+        check_name = f"pytest-bridge-admission-check-{conn.key}"[:63].rstrip("-")
+        agent_pod_check = policy.pod_from_template(template, check_name, ns)
+        guard_template = restore.guard_job(
+            conn.key, ns, self.settings.agent_image, self.settings.restore_ttl, AGENT_STATUS_PORT, code=pod_code
+        )["spec"]["template"]
+        guard_pod_check = policy.pod_from_template(guard_template, check_name, ns)
+        # The guard's own ServiceAccount does not exist yet, and admission refuses a pod whose
+        # account is missing; the workload's exists and is as good for what policies look at.
+        guard_pod_check["spec"]["serviceAccountName"] = template["spec"].get("serviceAccountName") or "default"
+        advice = (
+            "The agent keeps the workload's own security context; our other pods run as non-root with "
+            "Pod Security 'restricted' settings on the images --bridge-agent-image and --bridge-routing-image"
+        )
+        policy.dry_run_pods(
+            k,
+            [
+                (f"the agent pod for {plan.workload.kind} {plan.workload.name}", agent_pod_check),
+                ("the restore guard's pod", guard_pod_check),
+            ],
+            advice,
+        )
+
     def _wait_for_agent(self, k: kube.Kube, ns: str, plan: BridgePlan, key: str) -> str:
         deadline = time.monotonic() + self.settings.connect_timeout
         selector = f"{SESSION_LABEL}={key}"
         last = "no agent pod yet"
         start_check = AgentStartCheck(self.settings.agent_image, "the agent container")
+        next_status = time.monotonic() + 1.0
         while time.monotonic() < deadline:
+            if plan.workload.kind == "Deployment" and time.monotonic() > next_status:
+                next_status = time.monotonic() + 1.0
+                refused = policy.replica_failure(self._workload(k, plan).get("status"))
+                if refused:
+                    raise PolicyError(
+                        f"the cluster refuses the agent pod of Deployment {plan.workload.name}: {refused}"
+                    )
             pods: Any = kube.call("list agent pods", k.core.list_namespaced_pod, ns, label_selector=selector).items
             for pod in pods:
                 if pod.metadata.deletion_timestamp or (pod.metadata.labels or {}).get("pytest-bridge.io/role"):
@@ -504,6 +562,15 @@ class BridgeSession:
         return self._transport_fallback
 
     def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
+        """The tunnel to the agent in ``pod``, connected, and the agent proven to run this plugin's code."""
+        tunnel = self._start_tunnel(k, ns, pod, plan)
+        problem = agent_code_mismatch(tunnel.tunnel.agent_info, bundle.build(), self.settings)
+        if problem:
+            tunnel.stop(grace=0)
+            raise ConnectError(f"pod {ns}/{pod}: {problem}")
+        return tunnel
+
+    def _start_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
         local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
         if self.transport == "kubectl":
             forward = KubectlForward(
@@ -702,6 +769,28 @@ class BridgeSession:
             )
 
 
+def agent_code_mismatch(agent_info: Mapping[str, Any], code: bundle.Bundle, settings: BridgeSettings) -> str | None:
+    """Why the agent that answered the handshake does not run ``code``, or None if it does.
+
+    Code shipped in a ConfigMap named by its digest cannot differ; a prebuilt agent image can
+    (built by another version of the plugin), and would fail later in some protocol detail.
+    An agent run from a source tree (tests) reports "source" and is accepted.
+    """
+    digest = str(agent_info.get("code") or "")
+    if digest in ("source", code.digest):
+        return None
+    version = agent_info.get("code_version") or "an unknown version (older than 0.1.0)"
+    fix = (
+        "rebuild and push it with this version: `pytest-bridge images push --registry REGISTRY`"
+        if settings.code == "image"
+        else "it should have run the code this plugin shipped; is --bridge-agent-image an image with its own entry point?"
+    )
+    return (
+        f"the agent image {settings.agent_image!r} runs pytest-bridge {version} (code {digest[:10] or 'unknown'}), "
+        f"this plugin is {code.version} (code {code.short}); {fix}"
+    )
+
+
 def client_discovery(k: kube.Kube) -> Any:
     from kubernetes import client  # noqa: PLC0415 - only here; the rest goes through kube.Kube
 
@@ -731,8 +820,11 @@ def _session_alive(k: kube.Kube, session: str) -> bool:
     return False
 
 
-def required_permissions(workload_kind: str) -> list[tuple[str, str, str]]:
-    """(verb, API group, resource) that connect and disconnect use for a workload of this kind."""
+def required_permissions(workload_kind: str, code: str = "configmap") -> list[tuple[str, str, str]]:
+    """(verb, API group, resource) that connect and disconnect use for a workload of this kind.
+
+    ``code`` is the code delivery (settings ``code``): "configmap" ships it in a ConfigMap.
+    """
     workload = {"Deployment": "deployments", "StatefulSet": "statefulsets"}.get(workload_kind)
     needed = [
         ("list", "", "pods"),
@@ -748,6 +840,8 @@ def required_permissions(workload_kind: str) -> list[tuple[str, str, str]]:
         ("create", "rbac.authorization.k8s.io", "roles"),
         ("create", "rbac.authorization.k8s.io", "rolebindings"),
     ]
+    if code == "configmap":
+        needed += [("create", "", "configmaps"), ("list", "", "configmaps"), ("delete", "", "configmaps")]
     if workload is None:
         needed += [("create", "", "pods"), ("delete", "", "pods")]
     else:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pytest
+from pytest_bridge_agent.runtime import DEFAULT_NGINX_IMAGE, DEFAULT_PYTHON_IMAGE
 
 from pytest_bridge.plan import LocalPortSpec
 
@@ -39,8 +40,10 @@ __all__ = [
 ]
 
 CONFIG_FILE_NAME = "KubernetesLocalProcessConfig.yaml"
-DEFAULT_AGENT_IMAGE = "localhost/pytest-bridge/agent:0.1.0"
-DEFAULT_ROUTING_IMAGE = "localhost/pytest-bridge/routing:0.1.0"
+# Stock public images: the plugin ships its own code at connect (see pytest_bridge_agent.runtime).
+DEFAULT_AGENT_IMAGE = DEFAULT_PYTHON_IMAGE
+DEFAULT_ROUTING_IMAGE = DEFAULT_NGINX_IMAGE
+CODE_DELIVERIES = ("configmap", "image")
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _DNS1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -84,6 +87,7 @@ class BridgeSettings:
     routing_image: str = DEFAULT_ROUTING_IMAGE
     routing_idle: float = 300.0
     transport: str = "auto"
+    code: str = "configmap"  # how the in-cluster code reaches its pods: CODE_DELIVERIES
     # Where each non-default value came from ("--bridge-service", "PYTEST_BRIDGE_SERVICE", ...),
     # for the report header and for errors raised later (e.g. by the plan).
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
@@ -194,6 +198,13 @@ def _parse_transport(raw: str, origin: str) -> str:
     return text
 
 
+def _parse_code(raw: str, origin: str) -> str:
+    text = raw.strip().lower()
+    if text not in CODE_DELIVERIES:
+        raise _fail(raw, origin, "one of " + ", ".join(repr(c) for c in CODE_DELIVERIES))
+    return text
+
+
 def _parse_seconds(raw: str, origin: str) -> float:
     try:
         seconds = float(raw)
@@ -288,7 +299,22 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
         multi=True,
         metavar="[SVC:][TARGET=]LOCAL",
     ),
-    _Setting("agent_image", f"Agent image (default: {DEFAULT_AGENT_IMAGE}).", _parse_nonempty, metavar="IMAGE"),
+    _Setting(
+        "agent_image",
+        "Python image the agent, restore guard, routing manager and router control run on; a mirror of the "
+        f"default for air-gapped clusters, or with --bridge-code=image one built by `pytest-bridge images build` "
+        f"(default: {DEFAULT_AGENT_IMAGE}).",
+        _parse_nonempty,
+        metavar="IMAGE",
+    ),
+    _Setting(
+        "code",
+        "How the in-cluster code reaches its pods: configmap (shipped by the plugin at connect, runs on a stock "
+        "Python image) or image (--bridge-agent-image already holds it: `pytest-bridge images build`) "
+        "(default: configmap).",
+        _parse_code,
+        metavar="HOW",
+    ),
     _Setting(
         "config_file",
         f"B2K-compatible {CONFIG_FILE_NAME} (default: that file in rootdir, if present).",
@@ -328,7 +354,8 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
     ),
     _Setting(
         "routing_image",
-        f"Image of the routing manager and routers (default: {DEFAULT_ROUTING_IMAGE}).",
+        f"nginx image of the routers' data plane; a mirror of the default for air-gapped clusters "
+        f"(default: {DEFAULT_ROUTING_IMAGE}).",
         _parse_nonempty,
         metavar="IMAGE",
     ),
@@ -464,4 +491,10 @@ def resolve(
         if default_config.is_file():
             values["config_file"] = default_config
             sources["config_file"] = "default (rootdir)"
+    if values.get("code") == "image" and "agent_image" not in values:
+        raise pytest.UsageError(
+            f"pytest-bridge: code=image (from {sources['code']}) runs the code baked into --bridge-agent-image, "
+            f"but none is given and the default {DEFAULT_AGENT_IMAGE} is a plain Python image; build and push one "
+            "with `pytest-bridge images push --registry REGISTRY` and pass the agent image it prints"
+        )
     return BridgeSettings(**values, sources=sources)

@@ -30,6 +30,7 @@ from typing import Any
 from .lanes import SocketServer, abort_socket, dial, open_on_lane, recv_frame, relay, send_frame
 from .mux import Mux, MuxStats, MuxStream
 from .pipes import abort, connection_handler, os_error_detail, pipe
+from .runtime import running_code
 from .wire import (
     DEFAULT_WINDOW,
     MAX_HANDSHAKE_PAYLOAD,
@@ -43,6 +44,7 @@ from .wire import (
 
 __all__ = ["Agent", "AgentConfig", "agent_env", "tar_path"]
 
+_CODE = running_code()
 log = logging.getLogger("pytest_bridge_agent")
 
 ENV_PREFIX = "PYTEST_BRIDGE_"
@@ -333,6 +335,10 @@ class Agent:
                     "pid": os.getpid(),
                     "session": name,
                     "lanes": True,
+                    # Which code runs here: the plugin names a mismatch (a prebuilt image of
+                    # another version) instead of failing later in some protocol detail.
+                    "code_version": _CODE[0],
+                    "code": _CODE[1],
                 },
             )
         )

@@ -18,7 +18,8 @@ hosts. Finished route pods (the agent exits when its session has been gone for a
 deleted. After ``MANAGER_IDLE_SECONDS`` with nothing to manage, the manager deletes its own
 Deployment; ownerReferences take its ServiceAccounts, Roles and RoleBindings with it.
 
-Environment: MANAGER_NAMESPACE, MANAGER_IMAGE (for routers), MANAGER_IDLE_SECONDS (0 = never),
+Environment: MANAGER_NAMESPACE; MANAGER_IMAGE, MANAGER_NGINX_IMAGE, MANAGER_CODE_CONFIGMAP and
+MANAGER_CODE_DIGEST (what routers run: ``objects.RoutingRuntime``); MANAGER_IDLE_SECONDS (0 = never),
 MANAGER_POLL_SECONDS; MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
 """
 
@@ -135,7 +136,7 @@ class Observed:
 @dataclass
 class Manager:
     api: Api
-    image: str
+    runtime: o.RoutingRuntime
     idle_seconds: float = 300.0
     clock: Any = time.monotonic
     _idle_since: float | None = None
@@ -263,10 +264,19 @@ class Manager:
             updated = o.router_config_map(service, ns, render(generation), generation)
             updated["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
             a.replace("", "configmaps", o.router_name(service), updated)
-        if service not in seen.routers:
+        router = seen.routers.get(service)
+        if router is None:
             log.info("service %s: creating router", service)
-            a.create("apps", "deployments", o.router_deployment(service, ns, ports, self.image, o.router_name(service)))
+            a.create(
+                "apps", "deployments", o.router_deployment(service, ns, ports, self.runtime, o.router_name(service))
+            )
             return
+        if ((router.get("metadata") or {}).get("annotations") or {}).get(o.ANN_RUNTIME) != self.runtime.key:
+            # Left by a manager of another version: roll it to this one's code and images.
+            log.info("service %s: updating router to this manager's code and images", service)
+            updated = o.router_deployment(service, ns, ports, self.runtime, o.router_name(service))
+            updated["metadata"]["resourceVersion"] = router["metadata"]["resourceVersion"]
+            a.replace("apps", "deployments", o.router_name(service), updated)
         current = (service_obj.get("spec") or {}).get("selector")
         if current == o.router_selector(service):
             return
@@ -374,7 +384,7 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     target: ApiTarget = endpoint_from_env(env, "MANAGER_")
     api = Api(ApiClient(target), env["MANAGER_NAMESPACE"])
-    manager = Manager(api, env["MANAGER_IMAGE"], float(env.get("MANAGER_IDLE_SECONDS") or 300))
+    manager = Manager(api, o.RoutingRuntime.from_env(env), float(env.get("MANAGER_IDLE_SECONDS") or 300))
     poll = float(env.get("MANAGER_POLL_SECONDS") or 2.0)
     stop = threading.Event()
 

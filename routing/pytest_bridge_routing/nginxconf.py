@@ -50,6 +50,9 @@ PROTOCOLS = ("http", "grpc", "tcp")
 DEFAULT_STATS_PORT = 47180
 DEFAULT_RUNTIME_DIR = "/tmp/pytest-bridge-router"
 DEFAULT_MODULES_DIR = "/usr/lib/nginx/modules"
+# Where Debian's nginx packages enable dynamic modules (the stream module among them). The official
+# nginx image has the stream module built in and no such folder: the glob then matches nothing.
+MODULES_ENABLED = "/etc/nginx/modules-enabled/*.conf"
 # File names under the runtime directory.
 CONF_FILE = "nginx.conf"
 PID_FILE = "nginx.pid"
@@ -307,20 +310,22 @@ def render(
     spec: RouterSpec,
     *,
     runtime_dir: str = DEFAULT_RUNTIME_DIR,
-    modules_dir: str = DEFAULT_MODULES_DIR,
+    modules_dir: str | None = None,
     listen_address: str = "",
 ) -> str:
     """The complete ``nginx.conf`` of ``spec``; ValueError if the spec is not valid.
 
     Deterministic (ports sorted by listen port, routes and hosts sorted), so equal specs give equal
-    text. Run it with ``nginx -g 'daemon off;' -p <runtime_dir> -c <file>`` (as the router does);
-    every file nginx writes is under ``runtime_dir``. ``listen_address`` (an IP) restricts the
+    text. Run it with ``nginx -g 'daemon off;' -c <file>`` (as the router does);
+    every file nginx writes is under ``runtime_dir``. TCP ports need the stream module: loaded from
+    ``modules_dir`` when given, else whatever :data:`MODULES_ENABLED` enables (Debian's packages;
+    built into the official nginx image). ``listen_address`` (an IP) restricts the
     listeners to one address, for tests whose backends use the same ports on other loopback
     addresses; by default the router listens on every address.
     """
     validate_spec(spec)
     run = _path(runtime_dir, "runtime_dir")
-    modules = _path(modules_dir, "modules_dir")
+    modules = _path(modules_dir, "modules_dir") if modules_dir is not None else None
     bind = _ip(listen_address, "listen_address") if listen_address else None
     ports = sorted(spec.ports, key=lambda p: p.listen)
     routes = {name: _ip(spec.routes[name], f"route {name!r}") for name in sorted(spec.routes)}
@@ -349,7 +354,7 @@ def render(
     out(f"#   /healthz and /stats: the router process on port {spec.stats_port}")
     out()
     if tcp_ports:
-        out(f"load_module {modules}/ngx_stream_module.so;")
+        out(f"load_module {modules}/ngx_stream_module.so;" if modules else f"include {MODULES_ENABLED};")
     out("worker_processes 1;")
     out(f"worker_shutdown_timeout {_WORKER_SHUTDOWN};")
     out("pcre_jit on;")
@@ -473,3 +478,18 @@ def render(
             out.close()
         out.close()
     return out.text()
+
+
+def sidecar_command(runtime_dir: str = DEFAULT_RUNTIME_DIR) -> list[str]:
+    """The nginx container's command in a router pod: wait for the router's config, then run it.
+
+    The router process (the pod's other container) writes ``nginx.conf`` into the shared
+    ``runtime_dir`` once it has read its ConfigMap; a restarted container finds it at once.
+    Only ``sh`` and ``sleep`` besides nginx: the official image (Debian or Alpine) has both.
+    """
+    run = _path(runtime_dir, "runtime_dir")
+    script = (
+        f'run="{run}"; until [ -s "$run/{CONF_FILE}" ]; do sleep 0.05; done; '
+        f'exec nginx -e "$run/{ERROR_LOG}" -g \'daemon off;\' -p "$run/" -c "$run/{CONF_FILE}"'
+    )
+    return ["/bin/sh", "-c", script]

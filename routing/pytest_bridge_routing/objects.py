@@ -20,13 +20,29 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
+
+from pytest_bridge_agent.runtime import (
+    DEFAULT_NGINX_IMAGE,
+    DEFAULT_PYTHON_IMAGE,
+    Code,
+    command,
+    container_security,
+    pod_security,
+    resources,
+    tmp_mount,
+    tmp_volume,
+)
+
+from . import nginxconf
 
 __all__ = [
     "ANN_GENERATION",
     "ANN_OBSERVE",
     "ANN_ORIGINAL_SELECTOR",
     "ANN_ROUTE_ON_HEADER",
+    "ANN_RUNTIME",
     "ANN_SOURCE",
     "COMPONENT",
     "LABEL_ROUTE",
@@ -37,6 +53,7 @@ __all__ = [
     "ROUTER_SA",
     "ROUTE_HEADER",
     "STATS_PORT",
+    "RoutingRuntime",
     "check_route_name",
     "dns_label",
     "manager_objects",
@@ -53,12 +70,48 @@ ANN_ROUTE_ON_HEADER = "pytest-bridge.io/route-on-header"
 ANN_OBSERVE = "pytest-bridge.io/observe"
 ANN_GENERATION = "pytest-bridge.io/generation"
 ANN_SOURCE = "pytest-bridge.io/source"
+ANN_RUNTIME = "pytest-bridge.io/runtime"  # on the manager: which code and images it runs (RoutingRuntime.key)
 
 MANAGER_NAME = "pytest-bridge-routing-manager"
 ROUTER_SA = "pytest-bridge-router"
 STATS_PORT = 47180
 
 _LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+@dataclass(frozen=True)
+class RoutingRuntime:
+    """What the manager and routers run: the Python image (manager, router control), the nginx
+    image (router data plane) and where the code comes from (a ConfigMap, or the Python image)."""
+
+    python_image: str = DEFAULT_PYTHON_IMAGE
+    nginx_image: str = DEFAULT_NGINX_IMAGE
+    code: Code = field(default_factory=Code)
+
+    @property
+    def key(self) -> str:
+        """One string for "same code, same images": a manager with another key is another version."""
+        return hashlib.sha256(
+            json.dumps([self.code.digest, self.code.configmap, self.python_image, self.nginx_image]).encode()
+        ).hexdigest()[:16]
+
+    def env(self) -> list[dict[str, str]]:
+        """How the plugin tells the manager its runtime (read back by :meth:`from_env`)."""
+        return [
+            {"name": "MANAGER_IMAGE", "value": self.python_image},
+            {"name": "MANAGER_NGINX_IMAGE", "value": self.nginx_image},
+            {"name": "MANAGER_CODE_CONFIGMAP", "value": self.code.configmap or ""},
+            {"name": "MANAGER_CODE_DIGEST", "value": self.code.digest},
+        ]
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> RoutingRuntime:
+        code = Code(configmap=env.get("MANAGER_CODE_CONFIGMAP") or None, digest=env.get("MANAGER_CODE_DIGEST", ""))
+        return cls(
+            python_image=env.get("MANAGER_IMAGE") or DEFAULT_PYTHON_IMAGE,
+            nginx_image=env.get("MANAGER_NGINX_IMAGE") or DEFAULT_NGINX_IMAGE,
+            code=code,
+        )
 
 
 def labels(component: str, **extra: str) -> dict[str, str]:
@@ -322,9 +375,14 @@ def resolve_target_ports(service: Mapping[str, Any], pods: Sequence[Mapping[str,
 
 
 def router_deployment(
-    service: str, namespace: str, ports: Sequence[Mapping[str, Any]], image: str, config_map: str
+    service: str, namespace: str, ports: Sequence[Mapping[str, Any]], runtime: RoutingRuntime, config_map: str
 ) -> dict[str, Any]:
-    """The router for ``service``: nginx listening on the service's target ports (same names)."""
+    """The router for ``service``: nginx listening on the service's target ports (same names).
+
+    Two containers sharing the process namespace and ``/tmp``: the router process (Python image,
+    our code) reads the ConfigMap, writes ``nginx.conf`` and reloads nginx; nginx (the stock image)
+    starts once that file exists. See ``router.SidecarNginx``.
+    """
     container_ports: list[dict[str, Any]] = []
     seen: set[int] = set()
     for port in ports:
@@ -335,12 +393,17 @@ def router_deployment(
         if port["target_name"]:
             entry["name"] = port["target_name"]
         container_ports.append(entry)
-    container_ports.append({"containerPort": STATS_PORT, "name": "pbr-stats", "protocol": "TCP"})
     pod_labels = labels("router", **router_selector(service))
+    code = runtime.code
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": router_name(service), "namespace": namespace, "labels": pod_labels},
+        "metadata": {
+            "name": router_name(service),
+            "namespace": namespace,
+            "labels": pod_labels,
+            "annotations": {ANN_RUNTIME: runtime.key},
+        },
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": router_selector(service)},
@@ -349,25 +412,45 @@ def router_deployment(
                 "spec": {
                     "serviceAccountName": ROUTER_SA,
                     "enableServiceLinks": False,
+                    "shareProcessNamespace": True,
                     "terminationGracePeriodSeconds": 5,
+                    "securityContext": pod_security(),
+                    "volumes": [*code.volumes(), tmp_volume()],
                     "containers": [
                         {
                             "name": "router",
-                            "image": image,
+                            "image": runtime.python_image,
                             "imagePullPolicy": "IfNotPresent",
-                            "args": ["pytest_bridge_routing.router"],
+                            "command": command("router"),
                             "env": [
                                 {"name": "ROUTER_CONFIGMAP", "value": config_map},
                                 {"name": "ROUTER_NAMESPACE", "value": namespace},
                                 {"name": "ROUTER_STATS_PORT", "value": str(STATS_PORT)},
+                                {"name": "ROUTER_NGINX_MODE", "value": "sidecar"},
+                                {"name": "ROUTER_RUNTIME_DIR", "value": nginxconf.DEFAULT_RUNTIME_DIR},
                             ],
-                            "ports": container_ports,
+                            "ports": [{"containerPort": STATS_PORT, "name": "pbr-stats", "protocol": "TCP"}],
                             "readinessProbe": {
                                 "httpGet": {"path": "/healthz", "port": STATS_PORT},
                                 "periodSeconds": 1,
                                 "failureThreshold": 2,
                             },
-                        }
+                            "volumeMounts": [*code.mounts(), tmp_mount()],
+                            "securityContext": container_security(),
+                            "resources": resources("10m", "32Mi", "500m", "256Mi"),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        },
+                        {
+                            "name": "nginx",
+                            "image": runtime.nginx_image,
+                            "imagePullPolicy": "IfNotPresent",
+                            "command": nginxconf.sidecar_command(),
+                            "ports": container_ports,
+                            "volumeMounts": [tmp_mount()],
+                            "securityContext": container_security(),
+                            "resources": resources("10m", "16Mi", "1", "128Mi"),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
+                        },
                     ],
                 },
             },
@@ -396,19 +479,25 @@ def _rule(group: str, resource: str, *verbs: str) -> dict[str, Any]:
     return {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
 
 
-def manager_objects(namespace: str, image: str, idle_seconds: float) -> list[dict[str, Any]]:
+def manager_objects(namespace: str, runtime: RoutingRuntime, idle_seconds: float) -> list[dict[str, Any]]:
     """The routing manager of a namespace: its Deployment first, then its and the routers' RBAC.
 
     The plugin creates them in this order and sets each RBAC object's ownerReference to the
-    Deployment, so deleting the Deployment (as the idle manager does itself) removes them all.
-    Least privilege: the manager reads route pods and deletes finished ones, manages the
-    objects above and patches Services' selectors; routers may only read ConfigMaps.
+    Deployment (and the code ConfigMap's, when the code is shipped), so deleting the Deployment
+    (as the idle manager does itself) removes them all. Least privilege: the manager reads route
+    pods and deletes finished ones, manages the objects above and patches Services' selectors;
+    routers may only read ConfigMaps.
     """
     manager_labels = labels("routing-manager")
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": {"name": MANAGER_NAME, "namespace": namespace, "labels": manager_labels},
+        "metadata": {
+            "name": MANAGER_NAME,
+            "namespace": namespace,
+            "labels": manager_labels,
+            "annotations": {ANN_RUNTIME: runtime.key},
+        },
         "spec": {
             "replicas": 1,
             "strategy": {"type": "Recreate"},
@@ -419,17 +508,23 @@ def manager_objects(namespace: str, image: str, idle_seconds: float) -> list[dic
                     "serviceAccountName": MANAGER_NAME,
                     "enableServiceLinks": False,
                     "terminationGracePeriodSeconds": 5,
+                    "securityContext": pod_security(),
+                    "volumes": runtime.code.volumes(),
                     "containers": [
                         {
                             "name": "manager",
-                            "image": image,
+                            "image": runtime.python_image,
                             "imagePullPolicy": "IfNotPresent",
-                            "args": ["pytest_bridge_routing.manager"],
+                            "command": command("manager"),
                             "env": [
                                 {"name": "MANAGER_NAMESPACE", "value": namespace},
-                                {"name": "MANAGER_IMAGE", "value": image},
+                                *runtime.env(),
                                 {"name": "MANAGER_IDLE_SECONDS", "value": f"{idle_seconds:g}"},
                             ],
+                            "volumeMounts": runtime.code.mounts(),
+                            "securityContext": container_security(),
+                            "resources": resources("10m", "32Mi", "500m", "128Mi"),
+                            "terminationMessagePolicy": "FallbackToLogsOnError",
                         }
                     ],
                 },
@@ -440,7 +535,7 @@ def manager_objects(namespace: str, image: str, idle_seconds: float) -> list[dic
         _rule("", "pods", "get", "list", "watch", "delete"),
         _rule("", "services", "get", "list", "create", "patch", "delete"),
         _rule("", "configmaps", "get", "list", "create", "update", "delete"),
-        _rule("apps", "deployments", "get", "list", "create", "patch", "delete"),
+        _rule("apps", "deployments", "get", "list", "create", "update", "patch", "delete"),
         _rule("networking.k8s.io", "ingresses", "get", "list", "create", "delete"),
     ]
     router_rules = [_rule("", "configmaps", "get")]

@@ -16,13 +16,16 @@ On ``ROUTER_STATS_PORT`` (threaded ``http.server``):
   :data:`pytest_bridge_routing.nginxconf.LOG_FIELDS`) when asked, so they include every request
   that nginx has logged by then. The log is rotated (``access.log.1``, SIGUSR1) past 64 MiB.
 
-nginx runs in the foreground as this process's child and gets SIGTERM if this process dies
-(``PR_SET_PDEATHSIG``); SIGTERM/SIGINT stop nginx (QUIT, then TERM) and exit 0.
+In a router pod nginx runs in a second container from the stock nginx image and this process
+finds it through the shared process namespace (:class:`SidecarNginx`). Elsewhere (tests, an image
+with both programs) nginx runs in the foreground as this process's child and gets SIGTERM if this
+process dies (``PR_SET_PDEATHSIG``). SIGTERM/SIGINT stop nginx (QUIT, then TERM) and exit 0.
 
 Configuration (env): ROUTER_CONFIGMAP, ROUTER_NAMESPACE (or POD_NAMESPACE, or the service
 account's namespace), ROUTER_STATS_PORT (47180; 0 picks one), ROUTER_STATS_HOST (all
 interfaces), ROUTER_POLL_SECONDS (0.2), ROUTER_RUNTIME_DIR (/tmp/pytest-bridge-router; render
-with the same ``runtime_dir``), NGINX (``nginx``), ROUTER_STOP_GRACE (2 s of QUIT before TERM),
+with the same ``runtime_dir``), NGINX (``nginx``), ROUTER_STOP_GRACE (2 s of QUIT before TERM), ROUTER_NGINX_MODE (``child``: nginx is this process's
+child; ``sidecar``: it runs in the pod's other container, see :class:`SidecarNginx`),
 ROUTER_RELOAD_TIMEOUT (10 s); for tests ROUTER_API_URL, ROUTER_TOKEN_FILE, ROUTER_CA_FILE (as
 the guard's GUARD_*: service-account defaults, an empty ROUTER_CA_FILE means plain http).
 
@@ -70,6 +73,7 @@ __all__ = [
     "NginxError",
     "Router",
     "RouterConfig",
+    "SidecarNginx",
     "Stats",
     "api_client",
     "config_from_env",
@@ -112,6 +116,7 @@ class RouterConfig:
     runtime_dir: str = nginxconf.DEFAULT_RUNTIME_DIR
     nginx: str = "nginx"
     stop_grace: float = 2.0
+    nginx_mode: str = "child"  # "child": run nginx ourselves; "sidecar": it runs in another container
     reload_timeout: float = 10.0
     api_timeout: float = 5.0
 
@@ -144,6 +149,9 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
             "ROUTER_STATS_PORT must be a port (0 = any), ROUTER_POLL_SECONDS and ROUTER_RELOAD_TIMEOUT > 0, "
             "ROUTER_STOP_GRACE >= 0"
         )
+    mode = env.get("ROUTER_NGINX_MODE") or "child"
+    if mode not in ("child", "sidecar"):
+        raise ValueError(f"ROUTER_NGINX_MODE {mode!r} is neither 'child' nor 'sidecar'")
     runtime_dir = env.get("ROUTER_RUNTIME_DIR") or nginxconf.DEFAULT_RUNTIME_DIR
     if not os.path.isabs(runtime_dir):
         raise ValueError(f"ROUTER_RUNTIME_DIR {runtime_dir!r} is not an absolute path")
@@ -159,6 +167,7 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
         poll_interval=poll,
         runtime_dir=runtime_dir.rstrip("/") or "/",
         nginx=env.get("NGINX") or "nginx",
+        nginx_mode=mode,
         stop_grace=grace,
         reload_timeout=reload_timeout,
     )
@@ -549,7 +558,9 @@ class Nginx:
         return {name: value for name, value in os.environ.items() if name != "NGINX"}
 
     def _argv(self, conf: str, *extra: str) -> list[str]:
-        return [self.binary, *extra, "-e", "stderr", "-g", "daemon off;", "-p", self.runtime_dir + "/", "-c", conf]
+        # No -p: every path the config names is absolute, and the modules Debian's packages enable
+        # are named relative to nginx's own prefix.
+        return [self.binary, *extra, "-e", "stderr", "-g", "daemon off;", "-c", conf]
 
     @property
     def pid(self) -> int | None:
@@ -680,6 +691,117 @@ class Nginx:
         self._errors.close()
 
 
+class SidecarNginx:
+    """nginx in the pod's other container, found through the shared process namespace.
+
+    The router pod runs the stock nginx image beside this process's Python image (neither has
+    the other's program); its container waits for the config file, then runs nginx in the
+    foreground (:func:`pytest_bridge_routing.nginxconf.sidecar_command`). Both containers run as
+    the same user, so no capability is needed to signal it. The master is found by the pid file
+    the config names, checked against its process title in ``/proc``; a reload is SIGHUP and
+    counts as done exactly as for :class:`Nginx` (new workers, old ones shutting down). What this
+    side cannot do is ``nginx -t`` (the binary is in the other container): the reload tests the
+    config itself, nginx keeps the previous one if it is refused, and the ``[emerg]`` line says why.
+    """
+
+    process = None  # not our child: the kubelet restarts the nginx container if it exits
+
+    def __init__(
+        self, runtime_dir: str, *, on_error_lines: Callable[[list[bytes]], None] | None = None, proc: str = "/proc"
+    ) -> None:
+        self.runtime_dir = runtime_dir
+        self.conf = os.path.join(runtime_dir, nginxconf.CONF_FILE)
+        self.error_log = os.path.join(runtime_dir, nginxconf.ERROR_LOG)
+        self.pid_file = os.path.join(runtime_dir, nginxconf.PID_FILE)
+        self._proc = proc
+        self._errors = LogTailer(self.error_log, from_end=True)
+        self._on_error_lines = on_error_lines
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            with open(self.pid_file, encoding="ascii") as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        # A pid file outlives a killed master, and its number may be reused.
+        return pid if _title(pid, self._proc).startswith(b"nginx: master process") else None
+
+    def running(self) -> bool:
+        return self.pid is not None
+
+    def error_lines(self) -> list[bytes]:
+        lines = self._errors.poll()
+        if lines and self._on_error_lines is not None:
+            self._on_error_lines(lines)
+        return lines
+
+    def test(self, text: str) -> None:
+        """Nothing to run here (see the class docstring); the reload or start tests the config."""
+
+    def install(self, text: str) -> None:
+        candidate = f"{self.conf}.new"
+        with open(candidate, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(candidate, self.conf)
+
+    def start(self, timeout: float) -> None:
+        """Wait for the nginx container to run the installed config (it starts once the file exists)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            emergencies = _emergencies(self.error_lines())
+            if emergencies:
+                raise NginxError(f"nginx did not start: {'; '.join(emergencies)}")
+            pid = self.pid
+            if pid is not None and workers_running(nginx_workers(pid, self._proc)):
+                return
+            if time.monotonic() > deadline:
+                raise NginxError(
+                    f"nginx did not start within {timeout:g}s (no master in {self.pid_file}); "
+                    "see the logs of the router pod's nginx container"
+                )
+            time.sleep(0.02)
+
+    def reload(self, timeout: float) -> None:
+        pid = self.pid
+        if pid is None:
+            raise NginxError("nginx is not running")
+        before = set(nginx_workers(pid, self._proc))
+        self.error_lines()
+        os.kill(pid, signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while True:
+            emergencies = _emergencies(self.error_lines(), ("[emerg]",))
+            if emergencies:
+                raise NginxError(f"nginx kept the previous config: {'; '.join(emergencies)}")
+            if self.pid != pid:
+                raise NginxError("nginx exited during the reload")
+            if reload_done(before, nginx_workers(pid, self._proc)):
+                return
+            if time.monotonic() > deadline:
+                raise NginxError(f"the reload was not done within {timeout:g}s")
+            time.sleep(0.01)
+
+    def reopen_logs(self) -> None:
+        pid = self.pid
+        if pid is not None:
+            os.kill(pid, signal.SIGUSR1)
+
+    def stop(self, grace: float) -> None:
+        """Graceful stop (QUIT); the pod is ending anyway, so its nginx container is not restarted."""
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGQUIT)
+        deadline = time.monotonic() + grace
+        while self.pid == pid and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self._errors.close()
+
+
 # --- health ----------------------------------------------------------------------------------
 
 
@@ -718,13 +840,19 @@ Send = Callable[[Request], Response]
 class Router:
     """The loop: read the ConfigMap, apply it, watch nginx, read the logs. Call from the main thread."""
 
-    def __init__(self, config: RouterConfig, send: Send, nginx: Nginx | None = None) -> None:
+    def __init__(self, config: RouterConfig, send: Send, nginx: Nginx | SidecarNginx | None = None) -> None:
         self.config = config
         self.send = send
         self.lock = threading.Lock()  # health and stats, shared with the HTTP threads
         self.health = Health()
         self.stats = Stats()
-        self.nginx = nginx or Nginx(config.nginx, config.runtime_dir, on_error_lines=self._forward_errors)
+        if nginx is None:
+            nginx = (
+                SidecarNginx(config.runtime_dir, on_error_lines=self._forward_errors)
+                if config.nginx_mode == "sidecar"
+                else Nginx(config.nginx, config.runtime_dir, on_error_lines=self._forward_errors)
+            )
+        self.nginx: Nginx | SidecarNginx = nginx
         self.access_log = os.path.join(config.runtime_dir, nginxconf.ACCESS_LOG)
         self.tailer = LogTailer(self.access_log)
         self._failed_digest: str | None = None  # the config that failed: not tried again until it changes...
@@ -994,7 +1122,7 @@ def serve_stats(router: Router, host: str, port: int) -> ThreadingHTTPServer:
 # --- main ------------------------------------------------------------------------------------
 
 
-def self_test(binary: str, modules_dir: str = nginxconf.DEFAULT_MODULES_DIR) -> int:
+def self_test(binary: str, modules_dir: str | None = None) -> int:
     """``nginx -t`` of a config with every kind of port: nginx and its stream module are usable."""
     spec = nginxconf.RouterSpec(
         service="self-test",

@@ -67,7 +67,7 @@ def test_guard_job_env_is_a_valid_configuration() -> None:
     env = {e["name"]: e["value"] for e in container["env"]}
     cfg = g.config_from_env({**env, "KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"})
     assert cfg == config()
-    assert container["command"][-2:] == ["-m", "pytest_bridge_agent.guard"]
+    assert container["command"] == ["python3", "-I", "/opt/pytest-bridge/pytest-bridge.pyz", "guard"]
 
 
 def test_constants_match_the_plugin() -> None:

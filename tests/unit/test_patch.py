@@ -57,7 +57,7 @@ def test_agent_container_keeps_what_the_agent_needs() -> None:
         assert agent[key] == original[key], key
     assert agent["image"] == AGENT.image
     assert agent["imagePullPolicy"] == "IfNotPresent"
-    assert agent["command"] == ["/usr/bin/python3", "-I", "-m", "pytest_bridge_agent"]
+    assert agent["command"] == ["python3", "-I", "/opt/pytest-bridge/pytest-bridge.pyz", "agent"]
     assert "args" not in agent and "workingDir" not in agent
     for key in ("livenessProbe", "startupProbe", "lifecycle"):
         assert key not in agent

@@ -164,7 +164,7 @@ def snapshot(api: FakeApi) -> dict[str, Any]:
 
 
 def test_first_route_builds_router_and_switches_selector_after_router_is_ready(api: FakeApi) -> None:
-    manager = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     api.put("pods", route_pod("orders", "alice-1a2b3c", "10.244.0.20"))
     manager.reconcile()
     manager.reconcile()
@@ -181,7 +181,8 @@ def test_first_route_builds_router_and_switches_selector_after_router_is_ready(a
     assert "alice-1a2b3c" in conf
     assert "10.244.0.20" in conf
     router = api.store["deployments"]["orders-pbr-router"]
-    ports = router["spec"]["template"]["spec"]["containers"][0]["ports"]
+    containers = {c["name"]: c for c in router["spec"]["template"]["spec"]["containers"]}
+    ports = containers["nginx"]["ports"]
     assert {"containerPort": 8080, "name": "http", "protocol": "TCP"} in ports, (
         "named targetPort resolves on the router"
     )
@@ -197,7 +198,7 @@ def test_first_route_builds_router_and_switches_selector_after_router_is_ready(a
 
 def test_last_route_gone_restores_everything_exactly(api: FakeApi) -> None:
     before = snapshot(api)
-    manager = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
     api.put("pods", route_pod("orders", "r2", "10.244.0.21"))
     settle(manager, api)
@@ -216,7 +217,7 @@ def test_last_route_gone_restores_everything_exactly(api: FakeApi) -> None:
 
 
 def test_route_not_ready_yet_is_not_in_the_config(api: FakeApi) -> None:
-    manager = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     api.put("pods", route_pod("orders", "r1", "10.244.0.20", ready=False))
     settle(manager, api)
     assert "10.244.0.20" not in api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
@@ -229,7 +230,7 @@ def test_route_not_ready_yet_is_not_in_the_config(api: FakeApi) -> None:
 
 
 def test_finished_route_pods_are_deleted(api: FakeApi) -> None:
-    manager = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     api.put("pods", route_pod("orders", "r1", "10.244.0.20", ready=False, phase="Succeeded"))
     manager.reconcile()
     assert "orders-r1" not in api.store["pods"]
@@ -237,9 +238,9 @@ def test_finished_route_pods_are_deleted(api: FakeApi) -> None:
 
 def test_a_restarted_manager_carries_on_from_cluster_state(api: FakeApi) -> None:
     api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
-    settle(Manager(api, image="routing:1"), api)  # type: ignore[arg-type]
+    settle(Manager(api, o.RoutingRuntime()), api)  # type: ignore[arg-type]
     state = snapshot(api)
-    fresh = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    fresh = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     before = api.mutations
     fresh.reconcile()
     assert api.mutations == before, "a new manager changes nothing that is already right"
@@ -247,7 +248,7 @@ def test_a_restarted_manager_carries_on_from_cluster_state(api: FakeApi) -> None
 
 
 def test_service_reapplied_while_routed_keeps_the_new_selector_as_original(api: FakeApi) -> None:
-    manager = Manager(api, image="routing:1")  # type: ignore[arg-type]
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
     api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
     settle(manager, api)
     api.store["services"]["orders"]["spec"]["selector"] = {"app": "orders", "tier": "v2"}  # kubectl apply
@@ -261,7 +262,7 @@ def test_service_reapplied_while_routed_keeps_the_new_selector_as_original(api: 
 
 def test_idle_expiry() -> None:
     now = [0.0]
-    manager = Manager(FakeApi(), image="x", idle_seconds=10, clock=lambda: now[0])  # type: ignore[arg-type]
+    manager = Manager(FakeApi(), o.RoutingRuntime(), idle_seconds=10, clock=lambda: now[0])  # type: ignore[arg-type]
     assert not manager.idle_expired(busy=False)
     now[0] = 9
     assert not manager.idle_expired(busy=False)
@@ -326,7 +327,7 @@ def test_resolve_target_ports_numbers_names_and_skips_udp() -> None:
 
 
 def test_manager_objects_are_least_privilege_and_owned_by_the_deployment_order() -> None:
-    objs = o.manager_objects(NS, "img", 30)
+    objs = o.manager_objects(NS, o.RoutingRuntime(), 30)
     assert objs[0]["kind"] == "Deployment"
     roles = {obj["metadata"]["name"]: obj for obj in objs if obj["kind"] == "Role"}
     assert roles[o.ROUTER_SA]["rules"] == [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}]

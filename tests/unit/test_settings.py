@@ -46,7 +46,8 @@ def parse(pytester: pytest.Pytester):  # type: ignore[no-untyped-def]
 def test_defaults(parse) -> None:  # type: ignore[no-untyped-def]
     settings = resolve(parse(), env={})
     assert settings == BridgeSettings()
-    assert settings.agent_image == DEFAULT_AGENT_IMAGE == "localhost/pytest-bridge/agent:0.1.0"
+    assert settings.agent_image == DEFAULT_AGENT_IMAGE == "python:3.11.13-slim-bookworm"
+    assert settings.routing_image == "nginx:1.28.0" and settings.code == "configmap"
     assert settings.name_mapping is NameMappingMode.AUTO
     assert settings.connect_timeout == 60.0 and settings.restore_ttl == 60.0
     assert settings.namespace is None and settings.config_file is None and not settings.isolate
