@@ -960,7 +960,14 @@ class Router:
             self._failed_digest = None
         with self.lock:
             loaded = self.health.loaded
-        if self.nginx.running() or loaded is None:
+            reported = self.health.nginx_pid
+        pid = self.nginx.pid
+        if pid is not None and loaded is not None and pid != reported:
+            # A sidecar nginx restarted by the kubelet runs the installed config (the loaded one).
+            log.info("nginx now runs as pid %d (generation %d)", pid, loaded.generation)
+            with self.lock:
+                self.health.nginx_pid = pid
+        if pid is not None or loaded is None:
             return
         code = self.nginx.process.poll() if self.nginx.process else None
         log.error("nginx exited (code %s); restarting generation %d", code, loaded.generation)

@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 from pytest_bridge_agent.guard import Response
 from pytest_bridge_routing import router as r
-from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render
+from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render, sidecar_command
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 pytestmark = [
@@ -793,13 +793,13 @@ def gone(pid: int) -> bool:
 
 
 @pytest.fixture
-def start_router(api: FakeApi, tmp_path: Path) -> Iterator[Callable[[], RouterProcess]]:
+def start_router(api: FakeApi, tmp_path: Path) -> Iterator[Callable[..., RouterProcess]]:
     token = tmp_path / "token"
     token.write_text(API_TOKEN + "\n")
     run = runtime_dir()
     routers: list[RouterProcess] = []
 
-    def start() -> RouterProcess:
+    def start(**extra_env: str) -> RouterProcess:
         assert NGINX is not None
         env = {
             "PATH": os.environ.get("PATH", ""),
@@ -814,6 +814,7 @@ def start_router(api: FakeApi, tmp_path: Path) -> Iterator[Callable[[], RouterPr
             "ROUTER_API_URL": f"http://{ROUTER_IP}:{api.port}",
             "ROUTER_TOKEN_FILE": str(token),
             "ROUTER_CA_FILE": "",
+            **extra_env,
         }
         popen = subprocess.Popen(
             [sys.executable, "-I", "-m", "pytest_bridge_routing.router"],
@@ -1034,3 +1035,78 @@ def test_router_rotates_the_access_log_without_losing_counts(monkeypatch: pytest
         for backend in backends.values():
             backend.close()
         shutil.rmtree(run, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ nginx in another container
+
+
+def start_nginx_container(run: str) -> subprocess.Popen[bytes]:
+    """The router pod's nginx container, as a process: the very command the pod runs."""
+    assert NGINX is not None
+    path = f"{os.path.dirname(NGINX)}:{os.environ.get('PATH', '')}"
+    return subprocess.Popen(
+        sidecar_command(run), env={"PATH": path}, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_container(container: subprocess.Popen[bytes]) -> None:
+    """What the runtime does when a container of a shared-PID pod exits: every process of it goes."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(container.pid, signal.SIGKILL)
+    container.wait(10)
+
+
+def test_router_drives_nginx_in_another_container(api: FakeApi, start_router: Callable[..., RouterProcess]) -> None:
+    """ROUTER_NGINX_MODE=sidecar: nginx is not the router's child; it waits for the config, is found by its
+    pid file, reloaded by signal, and a refused config keeps the previous one (no nginx -t on this side)."""
+    port = free_port_on(ROUTER_IP, POD_A, POD_B)
+    backends = http_backends(port)
+    router = start_router(ROUTER_NGINX_MODE="sidecar")
+    run = router.wait_for_log(r"runtime=(\S+)").group(1)
+    container = start_nginx_container(run)
+    try:
+        default_port = backends["default"].port
+
+        def backend_for(route: str) -> str:
+            conn = http.client.HTTPConnection(ROUTER_IP, port, timeout=30)
+            with contextlib.closing(conn):
+                return str(get(conn, "/sidecar", {"kubernetes-route-as": route})["backend"])
+
+        time.sleep(0.3)
+        assert container.poll() is None, "the nginx container waits for the router's config"
+        api.publish(router_conf(port, default_port, {"a": POD_A}, 1)(run), 1)
+        body = wait_until(lambda: (h := router.healthz())["generation"] == 1 and h, 10, "generation 1 live")
+        master = body["nginx_pid"]
+        assert master not in (None, router.proc.pid) and body["ok"]
+        assert (backend_for("a"), backend_for("b")) == ("a", "default")
+
+        api.publish(router_conf(port, default_port, {"a": POD_A, "b": POD_B}, 2)(run), 2)
+        body = wait_until(lambda: (h := router.healthz())["generation"] == 2 and h, 10, "generation 2 live")
+        assert (body["ok"], body["reloads"], body["nginx_pid"]) == (True, 1, master)
+        assert backend_for("b") == "b"
+
+        api.publish("this is not nginx;\n", 3)
+        body = wait_until(lambda: (h := router.healthz())["error"] and h, 10, "the error of generation 3")
+        assert (body["generation"], body["ok"]) == (2, False)
+        assert "kept the previous config" in body["error"] and 'unknown directive "this"' in body["error"]
+        assert backend_for("b") == "b"
+
+        # The container dies and the kubelet starts it again: it finds the last good config at once.
+        api.publish(router_conf(port, default_port, {"a": POD_A}, 4)(run), 4)
+        wait_until(lambda: router.healthz()["generation"] == 4, 10, "generation 4 live")
+        kill_container(container)
+        container = start_nginx_container(run)
+        body = wait_until(
+            lambda: (h := router.healthz())["nginx_pid"] not in (None, master) and h, 20, "the restarted nginx"
+        )
+        assert (body["generation"], body["ok"]) == (4, True)
+        assert backend_for("b") == "default"
+        assert (body["generation"], body["ok"]) == (4, True)
+        assert backend_for("b") == "default"
+    finally:
+        router.proc.terminate()
+        router.proc.wait(15)
+        kill_container(container)
+        for backend in backends.values():
+            backend.close()

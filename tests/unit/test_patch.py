@@ -17,6 +17,7 @@ from k8s_samples import (
     orders_replicaset,
     orders_service,
 )
+from pytest_bridge_agent.runtime import Code
 
 from pytest_bridge.errors import JsonPatchError, PatchConflictError, PatchError
 from pytest_bridge.jsonpatch import apply_patch, pointer, resolve_pointer
@@ -225,8 +226,12 @@ def _shapes() -> list[tuple[str, dict[str, Any], BridgePlan]]:
 @pytest.mark.parametrize(("name", "workload", "plan"), _shapes(), ids=[s[0] for s in _shapes()])
 @pytest.mark.parametrize(
     "agent",
-    [AGENT, AgentSpec(image="img:2", session="z", token=SecretTokenRef("sec", "k"), keep_probes=True)],
-    ids=["default", "keep-probes"],
+    [
+        AGENT,
+        AgentSpec(image="img:2", session="z", token=SecretTokenRef("sec", "k"), keep_probes=True),
+        AgentSpec(image="python:3", session="c", token="t", code=Code(configmap="pytest-bridge-code-0123456789-c")),
+    ],
+    ids=["default", "keep-probes", "code-configmap"],
 )
 def test_forward_then_reverse_is_identity(
     name: str, workload: dict[str, Any], plan: BridgePlan, agent: AgentSpec
@@ -239,6 +244,11 @@ def test_forward_then_reverse_is_identity(
     containers = bridged["spec"]["template"]["spec"]["containers"]
     assert containers[plan.container_index]["image"] == agent.image
     assert bridged["spec"]["template"]["metadata"]["labels"][SESSION_LABEL] == agent.session
+    if agent.code.configmap:
+        volumes = bridged["spec"]["template"]["spec"]["volumes"]
+        assert volumes[-1] == agent.code.volumes()[0]
+        assert volumes[:-1] == workload["spec"]["template"]["spec"].get("volumes", [])
+        assert containers[plan.container_index]["volumeMounts"][-1]["mountPath"] == "/opt/pytest-bridge"
     assert apply_patch(bridged, patches.reverse) == workload
     assert workload == before, "inputs are never mutated"
 
