@@ -1,28 +1,34 @@
-"""``pytest-bridge status|cleanup``: what pytest-bridge has in a namespace, and removing what is stale.
+"""``pytest-bridge status|cleanup|images|rbac``: what pytest-bridge has in a namespace, and what it needs.
 
 ``status`` lists bridged workloads (restore records, and whether their session is alive),
 route pods, routers, switched Services and the routing manager. ``cleanup`` restores workloads
 of dead sessions and deletes route pods of dead sessions — what a new session does anyway
 before it connects; ``--force`` also restores workloads of live sessions and deletes every
 route pod (the routing manager then restores the Services and removes itself when idle).
+``images build|push|load`` builds the prebuilt images of ``--bridge-code=image`` (see
+:mod:`pytest_bridge.images`); ``rbac`` prints the least-privilege Role a user needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.resources
 import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pytest_bridge_agent.runtime import DEFAULT_NGINX_IMAGE, DEFAULT_PYTHON_IMAGE
 from pytest_bridge_routing import objects as ro
 
-from . import kube, restore
+from . import bundle, images, kube, restore
 from .errors import BridgeError, NotFoundError
 from .patch import SESSION_LABEL
 from .session import _session_alive
 
-__all__ = ["main"]
+__all__ = ["main", "rbac_role"]
+
+RBAC_ROLE = "bridge-user.yaml"  # package data: the least-privilege Role (deploy/rbac/ links to it)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -34,7 +40,57 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what pytest-bridge has in the namespace")
     cleanup = sub.add_parser("cleanup", help="restore and delete what dead sessions left")
     cleanup.add_argument("--force", action="store_true", help="also what live sessions use")
+    sub.add_parser("rbac", help="print the least-privilege Role (and a RoleBinding to fill in) a user needs")
+    _images_parser(sub)
     return parser
+
+
+def _images_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "images",
+        help="build, push or load prebuilt images for --bridge-code=image",
+        description="Prebuilt images for --bridge-code=image: the agent image (the Python base plus this "
+        "plugin's in-cluster code) and the routing image (the nginx base). Drives the docker CLI "
+        "(DOCKER_HOST is honoured) and ends by printing the pytest settings that use the images.",
+    )
+    actions = parser.add_subparsers(dest="action", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--python-image", default=DEFAULT_PYTHON_IMAGE, help="agent base (default: %(default)s)")
+    common.add_argument("--nginx-image", default=DEFAULT_NGINX_IMAGE, help="routing base (default: %(default)s)")
+    common.add_argument("--platform", help="docker build --platform (another architecture needs emulation)")
+    common.add_argument("-q", "--quiet", action="store_true", help="do not relay the tools' output")
+    common.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    prefix = argparse.ArgumentParser(add_help=False)
+    prefix.add_argument(
+        "--prefix", default=images.DEFAULT_PREFIX, help="image name prefix (default: %(default)s, a local name)"
+    )
+    actions.add_parser("build", parents=[common, prefix], help="build both images into the local Docker")
+    push = actions.add_parser("push", parents=[common], help="build both images under REGISTRY and docker push them")
+    push.add_argument("--registry", required=True, help="registry and path to push to, e.g. localhost:5000/team")
+    load = actions.add_parser(
+        "load", parents=[common, prefix], help="build both images and load them onto the nodes (no registry)"
+    )
+    target = load.add_mutually_exclusive_group(required=True)
+    target.add_argument("--kind", nargs="?", const="kind", metavar="NAME", help="kind load into cluster NAME (kind)")
+    target.add_argument("--containerd", metavar="SOCKET", help="docker save | ctr import into containerd at SOCKET")
+
+
+def rbac_role() -> str:
+    """The least-privilege Role shipped with the package (deploy/rbac/bridge-user.yaml in the repository)."""
+    return importlib.resources.files("pytest_bridge").joinpath("data", RBAC_ROLE).read_text()
+
+
+def images_command(args: argparse.Namespace, out: Any = None) -> int:
+    runner = images.Runner(quiet=args.quiet, dry_run=args.dry_run)
+    prefix_option = "--registry" if args.action == "push" else "--prefix"
+    prefix = images.check_prefix(args.registry if args.action == "push" else args.prefix, prefix_option)
+    built = images.run(
+        args.action, runner, bundle.build(), prefix,
+        python_image=args.python_image, nginx_image=args.nginx_image, platform=args.platform,
+        kind_cluster=getattr(args, "kind", None), containerd_socket=getattr(args, "containerd", None),
+    )  # fmt: skip
+    print(images.summary(args.action, built), file=out or sys.stdout)
+    return 0
 
 
 def status(k: kube.Kube, out: Any = sys.stdout) -> int:
@@ -90,6 +146,15 @@ def cleanup(k: kube.Kube, force: bool, out: Any = sys.stdout) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "rbac":
+        sys.stdout.write(rbac_role())
+        return 0
+    if args.command == "images":
+        try:
+            return images_command(args)
+        except BridgeError as exc:
+            print(f"pytest-bridge: {exc}", file=sys.stderr)
+            return 1
     try:
         k = kube.load(args.kubeconfig, args.context, args.namespace)
     except BridgeError as exc:

@@ -116,7 +116,7 @@ def call(
             scope = f" in namespace {namespace!r}" if namespace else ""
             grant = f"grant '{verb}' on '{resource}'{scope}" if verb and resource else "grant the missing permission"
             raise ForbiddenError(
-                f"{what}: forbidden ({reason}); {grant} — see deploy/rbac/bridge-user.yaml for a least-privilege Role",
+                f"{what}: forbidden ({reason}); {grant} — `pytest-bridge rbac` prints a least-privilege Role",
                 verb=verb, resource=resource, namespace=namespace,
             ) from exc  # fmt: skip
         if exc.status in (409, 422) and ("test" in reason.lower() or exc.status == 409):
