@@ -3,9 +3,9 @@
 ``BridgeSession.connect()`` when the image its in-cluster pods run on (the stock Python image) is
 not on the node and kubelet must pull it (``IfNotPresent``), against a warm connect with the image
 present. The embedded cluster has no registry and its images are imported, never pulled, so this
-brings its own: go-containerregistry's in-memory ``registry`` and ``crane`` (``go install``\\ ed once
-into :data:`TOOLS`), the registry on ``localhost:5000`` (or a free port) as a child process for the
-run's length.
+brings its own: go-containerregistry's in-memory ``registry`` and ``crane``
+(:mod:`e2e.cluster.registry`, shared with the e2e suite), the registry on ``localhost:5000`` (or a
+free port) as a child process for the run's length.
 
 The embedded cluster's stand-in for the stock Python image is exported from the harness's dockerd
 (``docker save``) and pushed under a new name, ``localhost:<port>/bench/python-cold:<run>-<rep>``;
@@ -42,9 +42,7 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -56,6 +54,7 @@ from typing import IO, Any
 
 from e2e.cluster.images import PYTHON, containerd_refs, ensure_dockerd, remove_images
 from e2e.cluster.layout import Layout
+from e2e.cluster.registry import Registry, crane, ensure_tools
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
@@ -65,9 +64,6 @@ log = logging.getLogger("bench.coldstart")
 
 DEFAULT_NAMESPACE = "bridge-bench-cold"
 SERVICE = "orders"
-TOOLS = Path("/var/cache/pytest-bridge/bench-tools")
-GCR_MODULE = "github.com/google/go-containerregistry"
-GCR_VERSION = "v0.22.1"
 REGISTRY_PORT = 5000
 COLD_REPO = "bench/python-cold"
 SALT_FILE = ".pytest-bridge-bench-cold"
@@ -84,78 +80,6 @@ _GO_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.
 def go_duration(text: str) -> float:
     """Seconds in a Go duration as kubelet prints it (``850ms``, ``2.31s``, ``1m4.2s``)."""
     return sum(float(n) * _GO_UNITS[unit] for n, unit in _GO_DURATION.findall(text))
-
-
-# ----------------------------------------------------------------------------- tools and registry
-
-
-def ensure_tools() -> dict[str, Path]:
-    """``registry`` and ``crane`` from the Go module proxy, built once into :data:`TOOLS`."""
-    tools = {name: TOOLS / name for name in ("registry", "crane")}
-    missing = [name for name, path in tools.items() if not path.exists()]
-    if missing:
-        go = shutil.which("go") or "/usr/local/go/bin/go"
-        started = time.monotonic()
-        done = subprocess.run(
-            [go, "install", *(f"{GCR_MODULE}/cmd/{name}@{GCR_VERSION}" for name in missing)],
-            env={**os.environ, "GOBIN": str(TOOLS)}, capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"go install {', '.join(missing)} failed: {done.stderr.strip()[-1000:]}")
-        log.info("built %s (%s) in %.0fs", ", ".join(missing), GCR_VERSION, time.monotonic() - started)
-    return tools
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(
-            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
-        )  # as the registry's listener: TIME_WAIT is no obstacle
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-class Registry:
-    """The in-memory registry as a child process; its request log says which blobs were fetched."""
-
-    def __init__(self, binary: Path, workdir: Path, port: int = REGISTRY_PORT, timeout: float = 15.0) -> None:
-        self.log_path = workdir / "registry.log"
-        # Port 0: the registry takes a free one and prints it.
-        wanted = port if _port_free(port) else 0
-        self._log = self.log_path.open("wb")
-        self.process = subprocess.Popen(
-            [str(binary), "-port", str(wanted)], stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(r"serving on port (\d+)", self.log_path.read_text(errors="replace"))
-            if match:
-                self.port = int(match.group(1))
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the registry did not start: {self.log_path.read_text(errors='replace')[-500:]}")
-            time.sleep(0.05)
-        self.host = f"localhost:{self.port}"
-
-    def mark(self) -> int:
-        """Where the request log is now (pass to :meth:`blobs_fetched`)."""
-        return self.log_path.stat().st_size
-
-    def blobs_fetched(self, since: int, digests: list[str]) -> int:
-        """How many of ``digests`` were downloaded (``GET .../blobs/<digest>``) after ``since``."""
-        with self.log_path.open("rb") as f:
-            f.seek(since)
-            text = f.read().decode(errors="replace")
-        got = set(re.findall(rf"GET /v2/{re.escape(COLD_REPO)}/blobs/(sha256:[0-9a-f]{{64}})", text))
-        return len(got & set(digests))
-
-    def stop(self) -> None:
-        kc.stop_process_group(self.process)
-        self._log.close()
 
 
 # ----------------------------------------------------------------------------- the cold images
@@ -251,13 +175,6 @@ class Pushed:
     layers: list[str]  # compressed layer digests, as pulled
     compressed_size: int  # layers + config, what a pull downloads
     push_s: float
-
-
-def crane(tools: dict[str, Path], *args: str) -> str:
-    done = subprocess.run([str(tools["crane"]), "--insecure", *args], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"crane {shlex.join(args)} failed: {done.stderr.strip()[-1000:]}")
-    return done.stdout
 
 
 def push(tools: dict[str, Path], tarball: Path, ref: str) -> Pushed:
@@ -557,7 +474,9 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             mark = registry.mark()
             sample = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=True)
             sample.update(
-                image=ref, layers=len(pushed.layers), layers_fetched=registry.blobs_fetched(mark, pushed.layers)
+                image=ref,
+                layers=len(pushed.layers),
+                layers_fetched=registry.blobs_fetched(mark, COLD_REPO, pushed.layers),
             )
             results["cold"].append(sample)
             log.info(
@@ -579,7 +498,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         log.info("warm connect with %s (present on the node)", ref)
         mark = registry.mark()
         warm = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=False)
-        warm.update(image=ref, layers_fetched=registry.blobs_fetched(mark, pushes[-1].layers))
+        warm.update(image=ref, layers_fetched=registry.blobs_fetched(mark, COLD_REPO, pushes[-1].layers))
         results["warm"] = warm
         finished = True
         log.info("warm: connect %.2fs, agent pod Ready at %ss", warm["connect_s"], _s(warm.get("agent_ready_polled_s")))
