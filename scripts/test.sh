@@ -22,6 +22,10 @@ export PYTEST_BRIDGE_REQUIRE_CLUSTER=1
 echo "== end-to-end" >&2
 pytest e2e -p no:cacheprovider "$@"
 
+echo "== packaging: the wheel in a fresh virtualenv outside the repo, a bridged suite (python -m e2e.packaging)" >&2
+# Own namespace (bridge-packaging); downloads are kept in a wheelhouse, so a rerun takes ~15 s.
+python -m e2e.packaging
+
 echo "== demo suite (the main job), bridged" >&2
 pytest demo -p no:cacheprovider --bridge-service=orders --bridge-namespace=bridge-demo
 
