@@ -165,7 +165,7 @@ def test_the_local_service_dropping_it_is_named(isolated_route):
 # --- the namespace before and after -------------------------------------------------------------
 
 
-def namespace_state(api: client.ApiClient) -> dict[str, Any]:
+def namespace_state(api: client.ApiClient, namespace: str = NAMESPACE) -> dict[str, Any]:
     """Every object name of the kinds routing touches, and each Service's selector and annotations."""
     core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
     net, rbac = client.NetworkingV1Api(api), client.RbacAuthorizationV1Api(api)
@@ -173,27 +173,29 @@ def namespace_state(api: client.ApiClient) -> dict[str, Any]:
     def names(items: Any) -> list[str]:
         return sorted(i.metadata.name for i in items.items)
 
-    services: Any = core.list_namespaced_service(NAMESPACE).items
+    services: Any = core.list_namespaced_service(namespace).items
     return {
         "services": {
             s.metadata.name: {"selector": s.spec.selector, "annotations": s.metadata.annotations} for s in services
         },
-        "pods": names(core.list_namespaced_pod(NAMESPACE)),
-        "deployments": names(apps.list_namespaced_deployment(NAMESPACE)),
-        "configmaps": names(core.list_namespaced_config_map(NAMESPACE)),
-        "secrets": names(core.list_namespaced_secret(NAMESPACE)),
-        "serviceaccounts": names(core.list_namespaced_service_account(NAMESPACE)),
-        "roles": names(rbac.list_namespaced_role(NAMESPACE)),
-        "rolebindings": names(rbac.list_namespaced_role_binding(NAMESPACE)),
-        "ingresses": names(net.list_namespaced_ingress(NAMESPACE)),
+        "pods": names(core.list_namespaced_pod(namespace)),
+        "deployments": names(apps.list_namespaced_deployment(namespace)),
+        "configmaps": names(core.list_namespaced_config_map(namespace)),
+        "secrets": names(core.list_namespaced_secret(namespace)),
+        "serviceaccounts": names(core.list_namespaced_service_account(namespace)),
+        "roles": names(rbac.list_namespaced_role(namespace)),
+        "rolebindings": names(rbac.list_namespaced_role_binding(namespace)),
+        "ingresses": names(net.list_namespaced_ingress(namespace)),
     }
 
 
-def wait_for_state(api: client.ApiClient, expected: dict[str, Any], timeout: float = 120) -> float:
+def wait_for_state(
+    api: client.ApiClient, expected: dict[str, Any], timeout: float = 120, namespace: str = NAMESPACE
+) -> float:
     """Seconds until the namespace equals ``expected`` again; fails with the difference."""
     started = time.monotonic()
     while True:
-        current = namespace_state(api)
+        current = namespace_state(api, namespace)
         if current == expected:
             return time.monotonic() - started
         if time.monotonic() - started > timeout:

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import objects as ro
 
-from . import bundle, kube
+from . import bundle, kube, policy
 from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
 from .patch import (
     CONTAINER_ANNOTATION,
@@ -502,8 +502,19 @@ def _open_tunnel(bs: BridgeSession, k: kube.Kube, pod: str, plan: BridgePlan, ti
             time.sleep(0.05)
 
 
-def prove_live(tunnel: BackgroundTunnel, plan: BridgePlan, route: str, timeout: float) -> None:
-    """A request tagged with ``route``, dialled in-cluster to the Service, must come back to us."""
+def prove_live(
+    tunnel: BackgroundTunnel,
+    plan: BridgePlan,
+    route: str,
+    timeout: float,
+    diagnose: Callable[[], str | None] = lambda: None,
+) -> None:
+    """A request tagged with ``route``, dialled in-cluster to the Service, must come back to us.
+
+    ``diagnose`` is asked about once a second why not yet (:func:`routing_problem`): a problem
+    that will not go away by waiting (an image that cannot be pulled, pods refused by policy)
+    fails the route at once instead of at the timeout.
+    """
     port = http_port(plan)
     if port is None:
         raise ConnectError(
@@ -536,15 +547,61 @@ def prove_live(tunnel: BackgroundTunnel, plan: BridgePlan, route: str, timeout: 
                 stream.close()
 
     deadline = time.monotonic() + timeout
+    next_diagnosis = time.monotonic() + 1.0
     while time.monotonic() < deadline:
         if tunnel._call(probe(), 6):
             return
+        if time.monotonic() > next_diagnosis:
+            next_diagnosis = time.monotonic() + 1.0
+            problem = diagnose()
+            if problem:
+                raise ConnectError(f"route {route!r} cannot go live: {problem}")
         time.sleep(0.05)
     raise ConnectError(
         f"route {route!r}: a canary to {host}:{port} with {ROUTE_HEADER}: {route} never reached the route pod "
         f"within {timeout:.0f}s; is the routing manager running (`kubectl -n {plan.namespace} logs "
         f"deploy/{ro.MANAGER_NAME}`)?"
     )
+
+
+def routing_problem(k: kube.Kube, service: str, settings: BridgeSettings) -> str | None:
+    """Why the routing manager or ``service``'s router cannot run, if that is visible in the cluster.
+
+    Their pods are made by Deployments, so a refusal (policy) is a ``ReplicaFailure`` condition
+    and an image that cannot be pulled is a container waiting in ``ErrImagePull``; each is named
+    with the setting that chooses the image.
+    """
+    from .session import PULL_FAILURES  # noqa: PLC0415 - session imports this module
+
+    ns = k.namespace
+    deployments: Any = kube.call(
+        "list routing deployments", k.apps.list_namespaced_deployment, ns, label_selector=ro.COMPONENT
+    )
+    watched = {ro.MANAGER_NAME: "the routing manager", ro.router_name(service): f"the router of {service!r}"}
+    for deployment in deployments.items:
+        what = watched.get(deployment.metadata.name)
+        refused = what and policy.replica_failure(k.to_dict(deployment).get("status"))
+        if refused:
+            return f"the cluster refuses the pods of {what} ({refused}); nothing of the workload was changed"
+    pods: Any = kube.call(
+        "list routing pods", k.core.list_namespaced_pod, ns,
+        label_selector=f"{ro.COMPONENT} in (routing-manager,router)",
+    )  # fmt: skip
+    images = {"router": settings.agent_image, "manager": settings.agent_image, "nginx": settings.routing_image}
+    flags = {"router": "--bridge-agent-image", "manager": "--bridge-agent-image", "nginx": "--bridge-routing-image"}
+    for pod in pods.items:
+        labels = pod.metadata.labels or {}
+        if labels.get(ro.COMPONENT) == "router" and labels.get(ro.LABEL_ROUTER) != service:
+            continue
+        for status in pod.status.container_statuses or []:
+            waiting = status.state.waiting if status.state else None
+            if waiting and waiting.reason in PULL_FAILURES:
+                return (
+                    f"pod {pod.metadata.name} cannot pull the image {status.image or images.get(status.name)!r} "
+                    f"({waiting.reason}: {waiting.message or ''}); make it pullable from the cluster (mirror it) "
+                    f"and pass {flags.get(status.name, '--bridge-agent-image')}"
+                )
+    return None
 
 
 def endpoints_are_router(k: kube.Kube, service: str) -> bool:
@@ -635,7 +692,17 @@ def open_route(
     try:
         kube.call("create the route token", k.core.create_namespaced_secret, ns, secret)
         created.append(("secret", secret_name))
-        kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
+        try:
+            kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
+        except ForbiddenError as exc:
+            refused = policy.as_policy_error(
+                f"route pod {pod_name} (the pod template of {plan.workload.kind} {plan.workload.name} with the agent)",
+                exc,
+                "The agent keeps the workload's own security context",
+            )
+            if refused is None:
+                raise
+            raise refused from exc
         created.append(("pod", pod_name))
         pod = _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
         owner = {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod.metadata.uid}
@@ -645,7 +712,9 @@ def open_route(
         )  # fmt: skip
         ready_at = time.monotonic()
         conn.tunnel = _open_tunnel(bs, k, pod_name, plan, settings.connect_timeout)
-        prove_live(conn.tunnel, plan, route, settings.connect_timeout)
+        prove_live(
+            conn.tunnel, plan, route, settings.connect_timeout, diagnose=lambda: routing_problem(k, service, settings)
+        )
         late = wait_host_routers(k, host_backends, time.monotonic() + settings.connect_timeout)
         if late:  # header routing works; only <route>.<host> requests may still miss the route
             report(

@@ -63,7 +63,7 @@ __all__ = ["BridgeSession", "BridgedService", "new_session_id"]
 
 log = logging.getLogger(__name__)
 
-_PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
+PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
 _START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
 _START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect gives up
 # Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
@@ -92,10 +92,11 @@ class AgentStartCheck:
         """ConnectError if ``pod`` (a client V1Pod) shows a pull error, or a start error that lasts."""
         for status in pod.status.container_statuses or []:
             waiting = status.state.waiting if status.state else None
-            if waiting and waiting.reason in _PULL_FAILURES:
+            if waiting and waiting.reason in PULL_FAILURES:
                 raise ConnectError(
-                    f"the agent image {self.image!r} cannot be pulled ({waiting.reason}: "
-                    f"{waiting.message or ''}); load it into the cluster or pass --bridge-agent-image"
+                    f"{self.what}: the image {self.image!r} cannot be pulled ({waiting.reason}: "
+                    f"{waiting.message or ''}); the cluster must be able to pull it: mirror it to a registry the "
+                    "cluster reaches and pass --bridge-agent-image (see `pytest-bridge images --help`)"
                 )
             if waiting and waiting.reason in _START_FAILURES:
                 self._failing_since = self._failing_since or time.monotonic()
@@ -857,7 +858,7 @@ def required_permissions_check(k: kube.Kube, needed: list[tuple[str, str, str]],
     if missing:
         raise ForbiddenError(
             f"missing permissions in namespace {k.namespace!r} to {what}: {', '.join(missing)}; "
-            "nothing was changed. Ask for the Role in deploy/rbac/bridge-user.yaml",
+            "nothing was changed. Ask for the Role that `pytest-bridge rbac` prints",
             verb=missing[0], namespace=k.namespace,
         )  # fmt: skip
 
