@@ -24,8 +24,11 @@ Per repetition: the cold image absent from containerd's ``k8s.io`` namespace, a 
 ``Pulled`` events (``Successfully pulled image ... in Xs``) of the agent pod and of the restore
 guard's pod, which runs on the same image and starts pulling first; then the session closed and
 the Deployment waited for until it is restored. The plugin's steps of connect() are timed by
-wrapping them on the session object. One warm connect with the last image follows.
+wrapping them (:class:`ConnectPhases`). One warm connect with the last image follows.
 At the end the registry is stopped and the cold images are removed from containerd.
+
+The same method, with the prebuilt agent image (``--bridge-code=image``) salted the same way next
+to the Python image, is part of ``python -m bench.codeship``, which reuses these functions.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -55,10 +58,13 @@ from typing import IO, Any
 from e2e.cluster.images import PYTHON, containerd_refs, ensure_dockerd, remove_images
 from e2e.cluster.layout import Layout
 from e2e.cluster.registry import Registry, crane, ensure_tools
+from pytest_bridge import bundle, restore
+from pytest_bridge.patch import SESSION_LABEL
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
 from . import cluster as kc
+from .routes import PhaseRecorder, Timeline
 
 log = logging.getLogger("bench.coldstart")
 
@@ -66,9 +72,10 @@ DEFAULT_NAMESPACE = "bridge-bench-cold"
 SERVICE = "orders"
 REGISTRY_PORT = 5000
 COLD_REPO = "bench/python-cold"
+AGENT_COLD_REPO = "bench/agent-cold"  # the prebuilt agent image, salted the same way (python -m bench.codeship)
 SALT_FILE = ".pytest-bridge-bench-cold"
 # A cold image ref in containerd, on any port of this machine's registry.
-COLD_REF = re.compile(rf"^(?:localhost|127\.0\.0\.1):\d+/{re.escape(COLD_REPO)}[:@]")
+COLD_REF = re.compile(rf"^(?:localhost|127\.0\.0\.1):\d+/(?:{re.escape(COLD_REPO)}|{re.escape(AGENT_COLD_REPO)})[:@]")
 _PULLED = re.compile(
     r'Successfully pulled image "(?P<image>[^"]+)" in (?P<took>\S+) \((?P<waiting>\S+) including waiting\)'
     r"(?:\. Image size: (?P<size>\d+) bytes)?"
@@ -87,7 +94,7 @@ def go_duration(text: str) -> float:
 
 @dataclass
 class SavedImage:
-    """The Python image as ``docker save`` wrote it: config and layer tarballs (uncompressed) in a folder."""
+    """An image as ``docker save`` wrote it: config and layer tarballs (uncompressed) in a folder."""
 
     config: dict[str, Any]
     layers: list[Path]
@@ -97,30 +104,30 @@ class SavedImage:
         return sum(p.stat().st_size for p in self.layers)
 
 
-def save_python(layout: Layout, workdir: Path) -> SavedImage:
-    """``docker save`` the stand-in for the stock Python image from the harness's dockerd and unpack what a push needs."""
+def save_image(layout: Layout, workdir: Path, name: str = PYTHON.name) -> SavedImage:
+    """``docker save`` an image of the harness's dockerd (by default the stand-in for the stock Python
+    image) and unpack what a push needs into a new folder of ``workdir``."""
     client = ensure_dockerd(layout)
-    archive = workdir / "python-save.tar"
+    archive = workdir / "image-save.tar"
     try:
         with archive.open("wb") as out:
-            for chunk in client.images.get(PYTHON.name).save(named=True):
+            for chunk in client.images.get(name).save(named=True):
                 out.write(chunk)
     finally:
         client.close()
-    folder = workdir / "python"
-    folder.mkdir()
+    folder = Path(tempfile.mkdtemp(prefix="saved-", dir=workdir))
     with tarfile.open(archive) as tar:
         manifest = json.load(_member(tar, "manifest.json"))[0]
         config = json.load(_member(tar, manifest["Config"]))
         layers = []
-        for n, name in enumerate(manifest["Layers"]):
+        for n, member in enumerate(manifest["Layers"]):
             path = folder / f"layer{n}.tar"
             with path.open("wb") as out:
-                shutil.copyfileobj(_member(tar, name), out, 1 << 20)
+                shutil.copyfileobj(_member(tar, member), out, 1 << 20)
             layers.append(path)
     archive.unlink()
     if len(layers) != len(config["rootfs"]["diff_ids"]):
-        raise RuntimeError(f"docker save of {PYTHON.name}: {len(layers)} layers but {config['rootfs']['diff_ids']}")
+        raise RuntimeError(f"docker save of {name}: {len(layers)} layers but {config['rootfs']['diff_ids']}")
     return SavedImage(config, layers)
 
 
@@ -199,6 +206,22 @@ def remove_cold_images(layout: Layout) -> list[str]:
     return doomed
 
 
+def remove_settled(layout: Layout, doomed: Callable[[str], bool], settle_s: float) -> list[str]:
+    """Remove the images ``doomed`` accepts, then any that show up within ``settle_s`` of the last removal.
+
+    Interrupted mid-pull, kubelet's pull goes on without the pod; one already unpacking stores the
+    image a moment later. Call it after the registry has stopped, so no new pull can succeed.
+    """
+    removed = remove_images(layout, doomed)
+    quiet_since = time.monotonic()
+    while time.monotonic() - quiet_since < settle_s:
+        time.sleep(0.5)
+        if late := remove_images(layout, doomed):
+            removed += late
+            quiet_since = time.monotonic()
+    return removed
+
+
 # ----------------------------------------------------------------------------- one connect
 
 
@@ -224,15 +247,41 @@ def _pulled_events(cluster: kc.Cluster, image: str, since: float) -> list[dict[s
     return found
 
 
-# The session's steps of connect() after the workload is swapped, timed by wrapping them on the instance
-# (nothing in the plugin changes; bench/routes.py's PhaseRecorder does the same for routes).
+class ConnectPhases(PhaseRecorder):
+    """The plugin's steps of ``connect()`` (and the tunnel stop of ``close()``), timed by wrapping them
+    in this process (nothing in the plugin changes; :class:`bench.routes.PhaseRecorder` for routes)."""
+
+    WRAPPED = (
+        (BridgeSession, "_plan", "plan: the Service, its pods and owners"),
+        (BridgeSession, "_preflight", "permission checks"),
+        (BridgeSession, "_check_policy", "admission dry run (agent and guard pods)"),
+        (restore, "create_guard", "guard: Job, RBAC, code ConfigMap, secrets, armed"),
+        (bundle, "ship", "create the code ConfigMap"),
+        (BridgeSession, "_wait_for_agent", "agent pod Ready (pull + start)"),
+        (BridgeSession, "_wait_for_endpoints", "endpoints = agent only"),
+        (BridgeSession, "_open_tunnel", "open the tunnel"),
+        (BridgeSession, "_prove_routed", "canaries through the Service"),
+        (BridgeSession, "_map_names", "map names"),
+    )
+    KUBE_CALLS = ("swap Deployment",)  # the workload patch
+
+
+# In the order connect() runs them (the recorder adds "import env and files").
 PHASES = (
-    ("_wait_for_agent", "agent pod Ready (pull + start)"),
-    ("_wait_for_endpoints", "endpoints = agent only"),
-    ("_open_tunnel", "open the tunnel"),
-    ("_prove_routed", "canaries through the Service"),
-    ("_import", "import env and files"),
+    "plan: the Service, its pods and owners",
+    "permission checks",
+    "admission dry run (agent and guard pods)",
+    "guard: Job, RBAC, code ConfigMap, secrets, armed",
+    "create the code ConfigMap",
+    "swap Deployment",
+    "agent pod Ready (pull + start)",
+    "endpoints = agent only",
+    "open the tunnel",
+    "canaries through the Service",
+    "import env and files",
+    "map names",
 )
+AGENT_READY = "agent pod Ready (pull + start)"
 
 
 @contextlib.contextmanager
@@ -261,39 +310,51 @@ def _uninterruptible_close(session: BridgeSession) -> None:
     session.close = close  # type: ignore[method-assign]
 
 
-def _record_phases(session: BridgeSession, phases: list[tuple[str, float, float]]) -> None:
-    for name, label in PHASES:
-        original = getattr(session, name)
-
-        def timed(*args: Any, _original: Any = original, _label: str = label, **kwargs: Any) -> Any:
-            started = time.monotonic()
-            try:
-                return _original(*args, **kwargs)
-            finally:
-                phases.append((_label, started, time.monotonic()))
-
-        setattr(session, name, timed)
+def _spans(events: list[tuple[str, float, float]], started: float) -> dict[str, tuple[float, float]]:
+    """label -> (first start, last end), seconds from ``started``."""
+    spans: dict[str, tuple[float, float]] = {}
+    for label, a, b in events:
+        first = spans.get(label, (a - started, b - started))
+        spans[label] = (round(min(first[0], a - started), 3), round(max(first[1], b - started), 3))
+    return spans
 
 
-def connect_once(cluster: kc.Cluster, settings: BridgeSettings, wait_events: bool) -> dict[str, Any]:
-    """One connect/close cycle of ``orders`` with ``settings.agent_image``; the Deployment restored after."""
+def pod_marks(timeline: Timeline, session: str, started: float) -> dict[str, dict[str, float]]:
+    """The session's agent and guard pods as the watch saw them: seen, scheduled, running, ready (from ``started``)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, marks in list(timeline.pods.items()):
+        labels = timeline.pod_labels.get(name, {})
+        if labels.get(SESSION_LABEL) != session:
+            continue
+        role = labels.get(restore.ROLE_LABEL) or "agent"
+        out[f"{role} pod"] = {k: round(v - started, 3) for k, v in marks.items() if k != "deleted"}
+    return out
+
+
+def connect_once(
+    cluster: kc.Cluster, settings: BridgeSettings, *, events_wait: float, timeline: Timeline | None = None
+) -> dict[str, Any]:
+    """One connect/close cycle of ``orders`` with ``settings``; the Deployment restored after.
+
+    ``events_wait``: how long to wait for kubelet's ``Pulled`` event of the agent pod (0: look once).
+    ``timeline``: a pod watch on the session label (:func:`pod_marks`), or None.
+    """
     settle = kc.wait_settled(cluster, SERVICE)
     marks: list[tuple[float, str]] = []
-    phases: list[tuple[str, float, float]] = []
     session = BridgeSession(settings, report=lambda line: marks.append((time.monotonic(), line)))
-    _record_phases(session, phases)
     _uninterruptible_close(session)
     wall = time.time()
-    started = time.monotonic()
     agent_pod = ""
-    try:
-        services = session.connect()
-        connected = time.monotonic()
-        agent_pod = services[SERVICE].agent_pod
-    finally:
-        closing = time.monotonic()
-        session.close()
-        closed = time.monotonic()
+    with ConnectPhases() as recorder:
+        started = time.monotonic()
+        try:
+            services = session.connect()
+            connected = time.monotonic()
+            agent_pod = services[SERVICE].agent_pod
+        finally:
+            closing = time.monotonic()
+            session.close()
+            closed = time.monotonic()
     restored = kc.wait_settled(cluster, SERVICE)
     sample: dict[str, Any] = {
         "connect_s": connected - started,
@@ -301,10 +362,14 @@ def connect_once(cluster: kc.Cluster, settings: BridgeSettings, wait_events: boo
         "restored_s": closed - closing + restored,
         "waited_before_s": settle,
         "agent_pod": agent_pod,
+        "session_timings": {k: round(v, 3) for k, v in session.timings.items()},
         "timeline": [(round(at - started, 3), line) for at, line in marks],
-        "phases": {label: (round(a - started, 3), round(b - started, 3)) for label, a, b in phases},
+        "phases": _spans(recorder.between(started, connected), started),
+        "close_phases": _spans(recorder.between(closing, closed), closing),
     }
-    wait = sample["phases"].get(PHASES[0][1])
+    if timeline is not None:
+        sample["pods"] = pod_marks(timeline, session.session_id, started)
+    wait = sample["phases"].get(AGENT_READY)
     if wait:  # the plugin saw the pod Ready (it polls every 0.25 s)
         sample["agent_ready_polled_s"] = wait[1]
     for at, line in marks:
@@ -312,7 +377,7 @@ def connect_once(cluster: kc.Cluster, settings: BridgeSettings, wait_events: boo
             sample["agent_pod_ready_s"] = at - started
             break
     # The events are recorded asynchronously; they outlive the pods.
-    deadline = time.monotonic() + (20 if wait_events else 5)
+    deadline = time.monotonic() + events_wait
     while True:
         events = _pulled_events(cluster, settings.agent_image, wall)
         if any(e["pod"] == agent_pod for e in events) or time.monotonic() > deadline:
@@ -392,7 +457,7 @@ def render(results: dict[str, Any]) -> str:
         )
     if cold and warm:
         lines += ["", "| connect() step | cold s (median) | warm s |", "| --- | ---: | ---: |"]
-        for _, label in PHASES:
+        for label in PHASES:
             spans = [s["phases"][label][1] - s["phases"][label][0] for s in cold if label in s.get("phases", {})]
             span = warm.get("phases", {}).get(label)
             lines.append(
@@ -430,15 +495,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         finished = False
 
         def cleanup_images() -> None:
-            removed = remove_cold_images(layout)
-            # Interrupted mid-pull, kubelet's pull goes on without the pod; one already unpacking stores
-            # the image a moment later: remove what shows up until nothing has for a few seconds.
-            quiet_since = time.monotonic()
-            while not finished and time.monotonic() - quiet_since < 5:
-                time.sleep(0.5)
-                if late := remove_cold_images(layout):
-                    removed += late
-                    quiet_since = time.monotonic()
+            removed = remove_settled(layout, lambda ref: bool(COLD_REF.match(ref)), 0 if finished else 5)
             log.info("removed from containerd: %s", ", ".join(removed) or "nothing")
 
         # Last in, first out: the registry stops first, so a pull still running for an interrupted
@@ -452,7 +509,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
             log.info("removed cold images of earlier runs: %s", ", ".join(leftovers))
         log.info("sample app in namespace %s: applying and waiting until Available", args.namespace)
         results["sample_app_ready_s"] = round(kc.ensure_sample_app(cluster), 2)
-        saved = save_python(layout, workdir)
+        saved = save_image(layout, workdir)
         results["image"] = {
             "source": PYTHON.ref,
             "layers": len(saved.layers),
@@ -472,7 +529,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
                 raise RuntimeError(f"{ref} is still in containerd")
             log.info("rep %d/%d: %s pushed in %.1fs; connecting (cold)", rep, args.reps, ref, pushed.push_s)
             mark = registry.mark()
-            sample = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=True)
+            sample = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), events_wait=20)
             sample.update(
                 image=ref,
                 layers=len(pushed.layers),
@@ -497,7 +554,7 @@ def run(args: argparse.Namespace, results: dict[str, Any]) -> None:
         )
         log.info("warm connect with %s (present on the node)", ref)
         mark = registry.mark()
-        warm = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), wait_events=False)
+        warm = connect_once(cluster, _settings(args.namespace, args.kubeconfig, ref), events_wait=5)
         warm.update(image=ref, layers_fetched=registry.blobs_fetched(mark, COLD_REPO, pushes[-1].layers))
         results["warm"] = warm
         finished = True

@@ -83,7 +83,7 @@ class PhaseRecorder:
         (isolation, "_open_tunnel", "open the tunnel"),
         (isolation, "prove_live", "canary through the router"),
     )
-    KUBE_CALLS = (
+    KUBE_CALLS: tuple[str, ...] = (
         "create route pod", "create the route token", "tie the token", "list ingresses", "delete the route pod",
         "delete the route token",
     )  # fmt: skip
@@ -139,13 +139,18 @@ class PhaseRecorder:
 class Timeline:
     """What the cluster did, as seen from here (monotonic clock of this process).
 
-    - route pods (watch): first seen, scheduled (``nodeName``), every container running, Ready;
+    - pods (watch; our routing pods unless ``pods`` selects others): first seen, scheduled
+      (``nodeName``), every container running, Ready;
     - router ConfigMaps (watch): each generation and the routes it contains;
     - routers (``GET <router pod IP>:47180/healthz`` every 20 ms): which generation nginx runs.
+
+    ``routing=False`` watches the pods only.
     """
 
-    def __init__(self, cluster: kc.Cluster) -> None:
+    def __init__(self, cluster: kc.Cluster, pods: str = COMPONENT, routing: bool = True) -> None:
         self.cluster = kc.load(cluster.kubeconfig, cluster.namespace, cluster.kubectl)  # own client for threads
+        self.pod_selector = pods
+        self.routing = routing
         self.pods: dict[str, dict[str, float]] = {}
         self.pod_status: dict[str, dict[str, str]] = {}
         self.pod_labels: dict[str, dict[str, str]] = {}
@@ -157,7 +162,10 @@ class Timeline:
         self._threads: list[threading.Thread] = []
 
     def __enter__(self) -> Timeline:
-        for target in (self._watch_pods, self._watch_configs, self._watch_services, self._poll_routers):
+        targets = [self._watch_pods]
+        if self.routing:
+            targets += [self._watch_configs, self._watch_services, self._poll_routers]
+        for target in targets:
             thread = threading.Thread(
                 target=self._forever, args=(target,), daemon=True, name=f"bench-{target.__name__}"
             )
@@ -184,7 +192,7 @@ class Timeline:
         c = self.cluster
         w = watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(  # type: ignore[no-untyped-call]
-            c.core.list_namespaced_pod, c.namespace, label_selector=COMPONENT, timeout_seconds=2
+            c.core.list_namespaced_pod, c.namespace, label_selector=self.pod_selector, timeout_seconds=2
         ):
             now = time.monotonic()
             pod: Any = event["object"]
@@ -412,7 +420,7 @@ class Routes:
                         f"route live {route.timings['live']:.2f}s (pod serving {route.timings['pod_ready']:.2f}s)"
                     )
                     for i in range(p.route_warm_reps):
-                        warm.append(self._one_warm(session, recorder, timeline, i))
+                        warm.append(self.per_test_route(session, recorder, timeline, i))
                     closing = time.monotonic()
                     session.close()
                     sample["close_s"] = round(time.monotonic() - closing, 4)
@@ -424,7 +432,9 @@ class Routes:
                 )
         self.results_isolated(cold, warm)
 
-    def _one_warm(self, session: BridgeSession, recorder: PhaseRecorder, timeline: Timeline, i: int) -> dict[str, Any]:
+    def per_test_route(
+        self, session: BridgeSession, recorder: PhaseRecorder, timeline: Timeline, i: int
+    ) -> dict[str, Any]:
         started = time.monotonic()
         route = session.open_route(ROUTED, per_test=True)
         opened = time.monotonic()
