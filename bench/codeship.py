@@ -7,7 +7,7 @@ ConfigMap is created. Both are measured side by side in interleaved rounds (the 
 round), so both see the same noise of this shared machine:
 
 - ``warm``: ``BridgeSession.connect()`` of ``orders``, every image on the node (an uncounted
-  warm-up connect of each mode comes first; the image mode's pulls the agent image);
+  warm-up connect of each mode comes first; the image mode's one pulls the agent image);
 - ``cold``: the same with the image not on the node, pulled by kubelet from the loopback
   registry, by the method of :mod:`bench.coldstart`: each round pushes the image under a new name
   with a salted bottom layer and removes earlier cold images from containerd first, so every
