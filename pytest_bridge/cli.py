@@ -24,7 +24,7 @@ from pytest_bridge_routing import objects as ro
 from . import bundle, images, kube, restore
 from .errors import BridgeError, NotFoundError
 from .patch import SESSION_LABEL
-from .session import _session_alive
+from .session import _session_alive, session_liveness
 
 __all__ = ["main", "rbac_role"]
 
@@ -98,7 +98,7 @@ def status(k: kube.Kube, out: Any = sys.stdout) -> int:
     print(f"namespace {ns} (context {k.context})", file=out)
     records = restore.read_records(k, ns)
     for record in records:
-        alive = "alive" if _session_alive(k, record.session) else "dead"
+        alive = session_liveness(k, record.session)
         print(f"  bridged: {record.kind} {record.name} by session {record.session} ({alive}; {record.owner})", file=out)
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, ns, label_selector=f"{ro.COMPONENT}=route")
     for pod in pods.items:

@@ -145,9 +145,8 @@ def route_pod(
     else:
         spec = copy.deepcopy(dict(pod_template_spec(workload)))
     original = spec["containers"][plan.container_index]
-    container = agent_container(original, plan, agent, spec)
+    container = agent_container(original, plan, replace(agent, exit_when_idle=exit_when_idle), spec)
     add_code_volumes(spec, agent.code)
-    container["env"].append({"name": "PYTEST_BRIDGE_EXIT_WHEN_IDLE", "value": f"{exit_when_idle:g}"})
     if "readinessProbe" in container:  # a route counts from Ready: probe often, the agent starts fast
         container["readinessProbe"]["periodSeconds"] = 1
     spec["containers"][plan.container_index] = container

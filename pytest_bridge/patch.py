@@ -99,6 +99,7 @@ class AgentSpec:
     image_pull_policy: str = "IfNotPresent"
     keep_probes: bool = False  # KubernetesLocalProcessConfig enableFeatures: Probes
     keep_lifecycle: bool = False  # enableFeatures: LifecycleHooks
+    exit_when_idle: float = 0.0  # the agent exits after this long without a client (0: never)
     code: Code = field(default_factory=Code)  # where the agent's code comes from (a ConfigMap volume, or the image)
 
 
@@ -180,7 +181,14 @@ def agent_container(
         {"name": "PYTEST_BRIDGE_CONTROL_PORT", "value": str(AGENT_CONTROL_PORT)},
         {"name": "PYTEST_BRIDGE_STATUS_PORT", "value": str(AGENT_STATUS_PORT)},
         {"name": "PYTEST_BRIDGE_SESSION", "value": agent.session},
+        # Where the kubelet reads the termination message: the agent says there why it left.
+        {
+            "name": "PYTEST_BRIDGE_TERMINATION_LOG",
+            "value": container.get("terminationMessagePath") or "/dev/termination-log",
+        },
     ]
+    if agent.exit_when_idle > 0:
+        env.append({"name": "PYTEST_BRIDGE_EXIT_WHEN_IDLE", "value": f"{agent.exit_when_idle:g}"})
     container["env"] = env
     return container
 

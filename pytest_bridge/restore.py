@@ -5,12 +5,16 @@ Everything a session creates hangs off one object, the **guard Job**
 token Secret and the **restore record** Secret carry an ownerReference to it, so deleting
 the Job (with background propagation) removes all of them. Order on connect:
 
-1. the Job, suspended (so nothing runs before its permissions and record exist);
+1. the Job, running, with a **setup deadline** (``activeDeadlineSeconds``): if the plugin dies
+   before step 4, the Job fails at the deadline and its ``ttlSecondsAfterFinished`` deletes it,
+   and everything below with it (a suspended Job, as before, stayed for ever);
 2. ServiceAccount, Role (least privilege: only the named objects), RoleBinding;
-3. token Secret and the restore record (original object, reverse JSON Patch);
-4. unsuspend the Job; only then is the workload changed.
+3. token Secret, the restore record (original object, reverse JSON Patch), the code ConfigMap;
+4. **arm** the guard: lift the deadline; only then is the workload changed.
 
-The guard (``python3 -m pytest_bridge_agent.guard`` in the agent image) polls the agent's
+The guard's pod starts as soon as its ServiceAccount exists and waits for the record; a record
+that disappears after it was seen means the plugin restored the workload itself.
+The guard (``python3 -I pytest-bridge.pyz guard`` on the Python image) polls the agent's
 ``/status``; when no client has been connected for the TTL it applies the reverse patch
 (or re-creates a bare Pod), then deletes its Job. The builders here are pure; ``apply_*``
 and ``sweep_*`` do the I/O through ``kube.call``.
@@ -27,8 +31,8 @@ from typing import Any
 
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
-from . import bundle, kube
-from .errors import NotFoundError
+from . import bundle, faults, kube
+from .errors import ConnectError, NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
 __all__ = [
@@ -42,6 +46,8 @@ __all__ = [
 ]
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "pytest-bridge"}
+# Seconds the plugin has from creating the guard Job to arming it (normally well under one).
+SETUP_DEADLINE = 20
 ROLE_LABEL = "pytest-bridge.io/role"
 
 
@@ -85,7 +91,7 @@ class RestoreRecord:
 def guard_job(
     session: str, namespace: str, image: str, ttl: float, agent_status_port: int, *, code: Code | None = None
 ) -> dict[str, Any]:
-    """The guard Job (suspended): the in-cluster code's ``guard`` role on the Python image, Pod Security ``restricted``."""
+    """The guard Job, with its setup deadline: the code's ``guard`` role on the Python image, Pod Security ``restricted``."""
     name = guard_name(session)
     code = code or Code()
     env = {
@@ -102,9 +108,9 @@ def guard_job(
         "kind": "Job",
         "metadata": {"name": name, "namespace": namespace, "labels": _labels(session, "guard")},
         "spec": {
-            "suspend": True,
+            "activeDeadlineSeconds": SETUP_DEADLINE,
             "backoffLimit": 20,
-            "ttlSecondsAfterFinished": 30,
+            "ttlSecondsAfterFinished": 5,
             "template": {
                 "metadata": {"labels": _labels(session, "guard")},
                 "spec": {
@@ -218,7 +224,7 @@ def create_guard(
     """Steps 1 to 4 of the module docstring; call before the workload is changed.
 
     When ``pod_code`` names a ConfigMap (:func:`code_configmap_name`), it is created too,
-    holding ``code`` and owned by the Job, before the Job is unsuspended.
+    holding ``code`` and owned by the Job, before the guard is armed.
     """
     ns, session = record.namespace, record.session
     job = guard_job(session, ns, image, ttl, status_port, code=pod_code)
@@ -227,6 +233,7 @@ def create_guard(
         verb="create", resource="jobs", namespace=ns,
     )  # fmt: skip
     job = k.to_dict(created)
+    faults.checkpoint("guard-job")
     for obj in guard_rbac(session, ns, record, job):
         kind = obj["kind"]
         create: Any = {
@@ -236,6 +243,7 @@ def create_guard(
         }[kind]
         resource = {"ServiceAccount": "serviceaccounts", "Role": "roles", "RoleBinding": "rolebindings"}[kind]
         kube.call(f"create the guard's {kind}", create, ns, obj, verb="create", resource=resource, namespace=ns)
+    faults.checkpoint("guard-rbac")
     if pod_code.configmap is not None:
         manifest = bundle.configmap(
             code, pod_code.configmap, ns, labels=_labels(session, "code"), owner=_owner_ref(job)
@@ -258,10 +266,25 @@ def create_guard(
             "store the session's secrets", k.core.create_namespaced_secret, ns, secret,
             verb="create", resource="secrets", namespace=ns,
         )  # fmt: skip
-    kube.call(
-        "start the restore guard", k.batch.patch_namespaced_job, job["metadata"]["name"], ns, {"spec": {"suspend": False}},
+    faults.checkpoint("guard-record")
+    name = job["metadata"]["name"]
+    armed: Any = kube.call(
+        "arm the restore guard", k.batch.patch_namespaced_job, name, ns,
+        [{"op": "test", "path": "/metadata/uid", "value": job["metadata"]["uid"]},
+         {"op": "remove", "path": "/spec/activeDeadlineSeconds"}],
         verb="patch", resource="jobs", namespace=ns,
     )  # fmt: skip
+    failed = [
+        c.reason
+        for c in (armed.status.conditions or [])
+        if c.type in ("Failed", "FailureTarget") and c.status == "True"
+    ]
+    if failed:
+        raise ConnectError(
+            f"the restore guard {ns}/{name} failed before it was armed ({', '.join(failed)}): setting it up "
+            f"took longer than {SETUP_DEADLINE}s; is the API server overloaded? Nothing was changed"
+        )
+    faults.checkpoint("guard-armed")
 
 
 def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:

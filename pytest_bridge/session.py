@@ -32,7 +32,7 @@ from typing import Any
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
-from . import bundle, hosts, isolation, kube, names, policy, restore, sessiondir
+from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
@@ -217,6 +217,7 @@ class BridgeSession:
                     self._connections.append(conn)
                     self._bridge(k, conn)
             self._map_names()
+            faults.checkpoint("connected")
         except BaseException:
             self.close()
             raise
@@ -358,10 +359,19 @@ class BridgeSession:
                 f"{plan.workload.kind} {plan.workload.name} is marked as bridged by session {other!r}, but its restore "
                 "record is gone; restore it by hand (kubectl rollout undo) and run again"
             )
-        if _session_alive(k, other):
+        liveness = session_liveness(k, other)
+        if liveness == "alive":
             raise ConflictError(
                 f"service {plan.service!r} is already bridged by a live session {other!r} ({record.owner}); "
                 "wait for it to end, or use an isolated route (--bridge-isolate)"
+            )
+        if liveness == "unknown":
+            raise ConflictError(
+                f"service {plan.service!r} is bridged by session {other!r} ({record.owner}), and whether it is "
+                "alive cannot be told: its agent runs but does not answer through the API server (a "
+                "NetworkPolicy?). If that session is gone, its guard restores the workload within "
+                f"--bridge-restore-ttl of its last client; `pytest-bridge cleanup --force -n {k.namespace}` "
+                "restores it now. Nothing was changed"
             )
         self.report(f"restoring {plan.workload.kind} {plan.workload.name} left bridged by dead session {other}")
         restore.apply_restore(k, record)
@@ -381,6 +391,9 @@ class BridgeSession:
             token=SecretTokenRef(restore.token_secret_name(conn.key)),
             keep_probes=bool(self._config and self._config.has_feature("Probes")),
             keep_lifecycle=bool(self._config and self._config.has_feature("LifecycleHooks")),
+            # Without a client for the TTL the agent leaves, and says so in its pod's status: the
+            # guard's proof that the session is gone even where it cannot reach the agent.
+            exit_when_idle=self.settings.restore_ttl,
             code=pod_code,
         )
         original_container = dict(workload_template_container(workload, plan))
@@ -421,18 +434,44 @@ class BridgeSession:
                 "Deployment": k.apps.patch_namespaced_deployment,
                 "StatefulSet": k.apps.patch_namespaced_stateful_set,
             }[plan.workload.kind]
-            kube.call(
-                f"swap {plan.workload.kind} {plan.workload.name} to the agent", patcher, plan.workload.name, ns,
-                patches.forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
-            )  # fmt: skip
+            # Set before the call: a PATCH whose answer is lost, or interrupted while under way, may
+            # have landed. Undoing one that did not is a no-op (the reverse patch tests our session).
             conn.patched = True
+            try:
+                kube.call(
+                    f"swap {plan.workload.kind} {plan.workload.name} to the agent", patcher, plan.workload.name, ns,
+                    patches.forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
+                )  # fmt: skip
+            except ConflictError as exc:
+                raise self._patch_conflict(k, conn, exc) from exc
+        faults.checkpoint("workload-patched")
         pod = self._wait_for_agent(k, ns, plan, conn.key)
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
+        faults.checkpoint("agent-ready")
         conn.tunnel = self._open_tunnel(k, ns, pod, plan)
         self._prove_routed(conn.tunnel, plan)
+        faults.checkpoint("tunnel-open")
         conn.bridged = self._import(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
+
+    def _patch_conflict(self, k: kube.Kube, conn: _Connection, exc: ConflictError) -> ConflictError:
+        """Why the forward PATCH was refused: another session bridged the workload just now, or
+        someone changed it since it was read. Either way nothing of the workload is ours."""
+        assert conn.plan is not None
+        plan = conn.plan
+        what = f"{plan.workload.kind} {plan.workload.name}"
+        try:
+            other = bridged_session(self._workload(k, plan))
+        except BridgeError:
+            other = None
+        if other and other != conn.key:
+            return ConflictError(
+                f"service {plan.service!r}: {what} was bridged by session {other!r} at the same moment; one "
+                "session at a time can bridge a workload (concurrent sessions: --bridge-isolate). This session "
+                "changed nothing"
+            )
+        return ConflictError(f"service {plan.service!r}: {what} changed while connecting ({exc}); run again")
 
     def _check_policy(
         self,
@@ -735,6 +774,7 @@ class BridgeSession:
                 return
             self._closed = True
         started = time.monotonic()
+        faults.checkpoint("close-start")
         errors: list[str] = []
         if self._resolver_token is not None:
             hosts.uninstall_resolver(self._resolver_token)
@@ -754,6 +794,7 @@ class BridgeSession:
                 try:
                     if conn.patched:
                         restore.apply_restore(self._kube, conn.record)
+                        faults.checkpoint("close-restored")
                     restore.delete_session_objects(self._kube, conn.record.namespace, conn.key)
                 except Exception as exc:
                     errors.append(f"{conn.service}: {exc}")
@@ -804,21 +845,35 @@ def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> d
     return container
 
 
-def _session_alive(k: kube.Kube, session: str) -> bool:
-    """Whether any agent of ``session`` has a connected client (asked through the API server proxy)."""
+def session_liveness(k: kube.Kube, session: str) -> str:
+    """"alive", "dead" or "unknown": whether any agent of ``session`` has a connected client.
+
+    Asked through the API server's pod proxy. An agent that answers with no client, or no
+    agent serving at all, is "dead"; an agent the kubelet finds Ready that the proxy cannot
+    reach (a NetworkPolicy, the proxy down) is "unknown": liveness that cannot be disproven
+    is not death, and callers treat it as alive.
+    """
     pods: Any = kube.call(
         "list agent pods", k.core.list_namespaced_pod, k.namespace, label_selector=f"{SESSION_LABEL}={session}"
     )
+    unknown = False
     for pod in pods.items:
-        if pod.status.phase != "Running":
+        if pod.status.phase != "Running" or (pod.metadata.labels or {}).get(restore.ROLE_LABEL) == "guard":
             continue
         try:
             status = kube.pod_proxy_json(k, pod.metadata.name, AGENT_STATUS_PORT, "status", timeout=3)
         except Exception:
+            containers = pod.status.container_statuses or []
+            unknown = unknown or (bool(containers) and all(c.ready for c in containers))
             continue
         if isinstance(status, dict) and int(status.get("connected_clients", 0)) > 0:
-            return True
-    return False
+            return "alive"
+    return "unknown" if unknown else "dead"
+
+
+def _session_alive(k: kube.Kube, session: str) -> bool:
+    """Whether ``session`` may be alive (see :func:`session_liveness`; "unknown" counts as alive)."""
+    return session_liveness(k, session) != "dead"
 
 
 def required_permissions(workload_kind: str, code: str = "configmap") -> list[tuple[str, str, str]]:

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from .guard import IDLE_EXIT_PREFIX
 from .server import Agent, AgentConfig
 
 __all__ = ["main", "parse_config"]
@@ -97,7 +98,9 @@ async def run(config: AgentConfig) -> None:
                 status = agent.status()
                 idle = float(str(status["idle_seconds"]))
                 if not status["connected_clients"] and idle >= config.exit_when_idle:
-                    log.info("no client for %.0fs: exiting", idle)
+                    message = f"{IDLE_EXIT_PREFIX} {idle:.0f}s (session {os.environ.get('PYTEST_BRIDGE_SESSION', '?')})"
+                    log.info("%s: exiting", message)
+                    _termination_message(message)
                     stop.set()
 
         watchdog = asyncio.create_task(idle_exit())
@@ -105,6 +108,20 @@ async def run(config: AgentConfig) -> None:
     if config.exit_when_idle > 0:
         watchdog.cancel()
     await agent.shutdown()
+
+
+def _termination_message(message: str) -> None:
+    """Leave ``message`` where the kubelet reads a container's termination message.
+
+    It reaches the pod's status through the API server, so the restore guard learns that this
+    session's client is gone even when it cannot reach this pod over the network.
+    """
+    path = os.environ.get("PYTEST_BRIDGE_TERMINATION_LOG", "/dev/termination-log")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(message)
+    except OSError as e:
+        log.debug("cannot write the termination message to %s: %s", path, e)
 
 
 def main(argv: list[str] | None = None) -> int:

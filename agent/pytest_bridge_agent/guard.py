@@ -1,11 +1,11 @@
 """``python3 -m pytest_bridge_agent.guard``: the in-cluster restore guard of one bridge session.
 
-Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.restore`` creates. Every
-second it reads the session's restore record (a Secret) and asks the session's agent pods for
-``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
+Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.restore`` creates (it may
+start before the plugin has written the record: it waits for it). Every second it reads the
+session's restore record (a Secret) and asks the session's agent pods for ``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
 reverse JSON Patch, or deleting the agent pod and re-creating a bare Pod from the record), then
 deletes its own Job, whose ownerReferences take the ServiceAccount, Role, RoleBinding and Secrets
-with it. The record Secret disappearing means the plugin restored the workload itself: exit 0.
+with it. The record Secret disappearing, once seen, means the plugin restored the workload itself: exit 0.
 
 Configuration (env): GUARD_SESSION, GUARD_NAMESPACE, GUARD_TTL_SECONDS, GUARD_RECORD_SECRET,
 GUARD_JOB, GUARD_SESSION_LABEL, GUARD_STATUS_PORT; for tests GUARD_API_URL (default
@@ -34,6 +34,8 @@ from types import FrameType
 from typing import Any, Protocol
 
 __all__ = [
+    "IDLE_EXIT_PREFIX",
+    "AgentPod",
     "AgentStatus",
     "ApiClient",
     "ApiEndpoint",
@@ -44,6 +46,7 @@ __all__ = [
     "Request",
     "Response",
     "Watchdog",
+    "agent_pods",
     "agent_targets",
     "config_from_env",
     "endpoint_from_env",
@@ -61,6 +64,8 @@ ROLE_LABEL = "pytest-bridge.io/role"
 JSON_PATCH = "application/json-patch+json"
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Pod": "pods"}
 MAX_BACKOFF = 30.0
+# How an agent that exits for want of a client begins its termination message (pytest_bridge_agent.__main__).
+IDLE_EXIT_PREFIX = "pytest-bridge: no client for"
 POD_GONE_TIMEOUT = 60.0
 EXIT_TERMINATED = 143  # 128 + SIGTERM: the Job replaces a pod that failed, not one that succeeded
 
@@ -410,9 +415,32 @@ def parse_status(pod: str, body: Any) -> AgentStatus:
     )
 
 
-def agent_targets(pod_list: Any, config: GuardConfig) -> list[tuple[str, str]]:
-    """(pod name, pod IP) of the Running pods to ask for ``/status``: not the guard's own pod."""
-    targets = []
+@dataclass(frozen=True)
+class AgentPod:
+    """What the pod list says of one agent pod (no network needed to know it)."""
+
+    name: str
+    ip: str
+    ready: bool  # every container Ready: the kubelet reaches the agent's /healthz
+    restarts: int  # restarts of containers, summed
+    idle_exit: str | None  # the agent's last "no client" termination message, if it left one
+
+
+def _idle_exit(container_statuses: Any) -> str | None:
+    for status in container_statuses if isinstance(container_statuses, list) else []:
+        if not isinstance(status, dict):
+            continue
+        for key in ("state", "lastState"):
+            terminated = (status.get(key) or {}).get("terminated") or {}
+            message = str(terminated.get("message") or "")
+            if message.startswith(IDLE_EXIT_PREFIX):
+                return message.strip()
+    return None
+
+
+def agent_pods(pod_list: Any, config: GuardConfig) -> list[AgentPod]:
+    """The Running agent pods of the session (not the guard's own pod), from a pod list."""
+    pods = []
     items = pod_list.get("items") if isinstance(pod_list, dict) else None
     for pod in items if isinstance(items, list) else []:
         if not isinstance(pod, dict):
@@ -427,9 +455,25 @@ def agent_targets(pod_list: Any, config: GuardConfig) -> list[tuple[str, str]]:
             or name == config.own_pod
         ):
             continue
-        if status.get("phase") == "Running" and status.get("podIP"):
-            targets.append((name, str(status["podIP"])))
-    return targets
+        if status.get("phase") != "Running" or not status.get("podIP"):
+            continue
+        containers = status.get("containerStatuses") or []
+        containers = [c for c in containers if isinstance(c, dict)] if isinstance(containers, list) else []
+        pods.append(
+            AgentPod(
+                name=name,
+                ip=str(status["podIP"]),
+                ready=bool(containers) and all(c.get("ready") is True for c in containers),
+                restarts=sum(int(c.get("restartCount") or 0) for c in containers),
+                idle_exit=_idle_exit(containers),
+            )
+        )
+    return pods
+
+
+def agent_targets(pod_list: Any, config: GuardConfig) -> list[tuple[str, str]]:
+    """(pod name, pod IP) of the Running pods to ask for ``/status``: not the guard's own pod."""
+    return [(pod.name, pod.ip) for pod in agent_pods(pod_list, config)]
 
 
 @dataclass
@@ -446,14 +490,20 @@ class Watchdog:
     ttl: float
     last_alive: float
 
-    def observe(self, now: float, statuses: Iterable[AgentStatus]) -> None:
-        best = self.last_alive
+    def observe(self, now: float, statuses: Iterable[AgentStatus], *, unknown: bool = False) -> None:
+        """``unknown``: an agent serves (the kubelet says so) but its status cannot be read: liveness
+        that cannot be disproven counts as alive (a NetworkPolicy must not get a live session restored)."""
+        best = now if unknown else self.last_alive
         for status in statuses:
             if status.connected_clients > 0:
                 best = max(best, now)
             elif status.idle_seconds is not None and status.sessions_total:
                 best = max(best, now - max(0.0, status.idle_seconds))
         self.last_alive = best
+
+    def gone(self, now: float) -> None:
+        """Proof that no client is coming back (the agent left for want of one): restore now."""
+        self.last_alive = min(self.last_alive, now - self.ttl - 1.0)
 
     def idle_for(self, now: float) -> float:
         return max(0.0, now - self.last_alive)
@@ -463,6 +513,13 @@ class Watchdog:
 
 
 # --- the guard -------------------------------------------------------------------------------
+
+
+@dataclass
+class Observation:
+    statuses: list[AgentStatus]
+    unknown: bool = False  # an agent serves but cannot be asked (or the pods cannot be listed)
+    idle_exit: str | None = None  # an agent left for want of a client since first seen
 
 
 class Terminated(BaseException):
@@ -487,6 +544,8 @@ class Guard:
     critical: bool = False  # inside a restore: a signal is remembered, not acted on
     stop_requested: bool = False
     _pod_errors: dict[str, str] = field(default_factory=dict)
+    _restarts: dict[str, int] = field(default_factory=dict)  # per agent pod: restarts when first seen
+    _record_seen: bool = False  # a record that is missing before it was ever seen is not written yet
     _alive: bool | None = None
     _last_idle_log: float = 0.0
 
@@ -518,35 +577,45 @@ class Guard:
         return EXIT_TERMINATED
 
     # ---- one round ----
-    def observe(self) -> list[AgentStatus]:
+    def observe(self) -> Observation:
+        """What the session's agent pods say: their statuses, whether one is out of reach while it
+        serves, and whether one left for want of a client since the guard first saw it."""
         try:
             response = self.send(pods_request(self.config))
         except OSError as e:
             log.warning("cannot list the session's pods: %s", e)
-            return []
+            return Observation([], unknown=True)  # not knowing is not evidence of death
         if response.status != 200:
             log.warning("cannot list the session's pods: %s", response.message())
-            return []
-        statuses = []
+            return Observation([], unknown=True)
+        result = Observation([])
         seen = set()
-        for pod, ip in agent_targets(response.body, self.config):
-            seen.add(pod)
+        for pod in agent_pods(response.body, self.config):
+            seen.add(pod.name)
+            baseline = self._restarts.setdefault(pod.name, pod.restarts)
+            if pod.idle_exit and pod.restarts > baseline:
+                result.idle_exit = f"pod {pod.name}: {pod.idle_exit}"
             try:
-                status = parse_status(pod, self.fetch(ip, self.config.status_port, self.config.status_timeout))
+                status = parse_status(pod.name, self.fetch(pod.ip, self.config.status_port, self.config.status_timeout))
             except (OSError, ValueError) as e:
                 error = str(e) or type(e).__name__
-                if self._pod_errors.get(pod) != error:
+                # The kubelet reaches the agent (Ready) and we do not: the network is in the way
+                # (a NetworkPolicy). An agent that is not Ready is not serving anyone.
+                result.unknown = result.unknown or pod.ready
+                if self._pod_errors.get(pod.name) != error:
+                    why = "liveness unknown: waiting for it to leave when idle" if pod.ready else "not serving"
                     log.warning(
-                        "agent status of pod %s (%s:%d) unreachable: %s", pod, ip, self.config.status_port, error
-                    )
-                self._pod_errors[pod] = error
+                        "agent status of pod %s (%s:%d) unreachable (%s): %s",
+                        pod.name, pod.ip, self.config.status_port, error, why,
+                    )  # fmt: skip
+                self._pod_errors[pod.name] = error
                 continue
-            if self._pod_errors.pop(pod, None) is not None:
-                log.info("agent status of pod %s reachable again", pod)
-            statuses.append(status)
-        for pod in set(self._pod_errors) - seen:
-            del self._pod_errors[pod]
-        return statuses
+            if self._pod_errors.pop(pod.name, None) is not None:
+                log.info("agent status of pod %s reachable again", pod.name)
+            result.statuses.append(status)
+        for pod_name in set(self._pod_errors) - seen:
+            del self._pod_errors[pod_name]
+        return result
 
     def report(self, watchdog: Watchdog, now: float, statuses: list[AgentStatus]) -> None:
         alive = [s for s in statuses if s.connected_clients > 0]
@@ -695,16 +764,29 @@ class Guard:
         """One poll: the exit code when done, None to poll again; Retry to back off."""
         cfg = self.config
         record = self._read_record()
+        if record is None and not self._record_seen:
+            # The plugin starts the guard first and writes the record after; if it dies before
+            # arming the guard, the Job's setup deadline ends it (pytest_bridge.restore).
+            return None
         if record is None:
             log.info(
                 "restore record %s is gone: the session's client restored and is cleaning up; exiting",
                 cfg.record_secret,
             )
             return 0
-        statuses = self.observe()
+        if not self._record_seen:
+            log.info("restore record %s read: guarding %s %s", cfg.record_secret, record.kind, record.name)
+            self._record_seen = True
+            watchdog.last_alive = self.clock()  # the session's full TTL to connect counts from here
+        seen = self.observe()
         now = self.clock()
-        watchdog.observe(now, statuses)
-        self.report(watchdog, now, statuses)
+        alive = any(s.connected_clients > 0 for s in seen.statuses)
+        if seen.idle_exit and not alive:
+            log.info("the agent left for want of a client (%s): restoring now", seen.idle_exit)
+            watchdog.gone(now)
+        else:
+            watchdog.observe(now, seen.statuses, unknown=seen.unknown)
+        self.report(watchdog, now, seen.statuses)
         if not watchdog.expired(now):
             return None
         log.info(

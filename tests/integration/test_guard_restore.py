@@ -337,10 +337,15 @@ def test_no_restore_while_connected_then_restore_after_ttl(
 
 def test_record_gone_exits_without_restoring(api: FakeApi, run_guard: Callable[[int], Proc]) -> None:
     api.deployment = copy.deepcopy(BRIDGED_DEPLOYMENT)
-    guard = run_guard(free_port())
+    guard = run_guard(free_port())  # started before the plugin wrote the record: it waits
+    time.sleep(1.5)
+    assert guard.proc.poll() is None, "a record not written yet is not a record gone"
+    api.secret = record_secret(deployment_record())
+    guard.wait_for_log("restore record .* read: guarding")
+    api.secret = None  # the plugin restored and deletes the session's objects
     assert guard.wait(5) == 0
     guard.wait_for_log("restore record .* is gone")
-    assert [r.method for r in api.requests] == ["GET"]
+    assert {r.method for r in api.requests} == {"GET"}
     assert api.deployment == BRIDGED_DEPLOYMENT
 
 

@@ -368,11 +368,70 @@ def test_loop_restores_after_the_ttl_then_deletes_its_job(caplog: pytest.LogCapt
     assert messages[-1] == f"exiting: session {SESSION} restored"
 
 
-def test_loop_exits_when_the_record_is_gone() -> None:
+def test_loop_waits_for_the_record_then_exits_when_it_is_gone(caplog: pytest.LogCaptureFixture) -> None:
+    """The guard starts before the plugin writes the record: missing at first means "not yet"."""
     cluster = Cluster()
-    cluster.routes["GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"] = answer(404)
+    reads = iter([404, 404, 404, 200, 200, 404])
+    cluster.routes["GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"] = lambda request: (
+        g.Response(code, secret(record()) if code == 200 else {"message": "not found"})
+        for code in [next(reads)]
+    ).__next__()
+    caplog.set_level("INFO", "pytest_bridge_guard")
+    assert make_guard(cluster, lambda: {"connected_clients": 1, "idle_seconds": 0, "sessions_total": 1}).run() == 0
+    assert not [r for r in cluster.log if r.method in ("PATCH", "DELETE")]
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("restore record pytest-bridge-restore-") and "read: guarding" in m for m in messages)
+    assert "is gone" in messages[-1]
+
+
+def ready_pod(name: str = "agent", restarts: int = 0, idle_exit: str | None = None) -> dict[str, Any]:
+    """An agent pod the kubelet finds Ready, with its restarts and its last termination message."""
+    container: dict[str, Any] = {"name": "app", "ready": True, "restartCount": restarts, "state": {"running": {}}}
+    if idle_exit:
+        container["lastState"] = {"terminated": {"exitCode": 0, "message": idle_exit}}
+    result = pod(name)
+    result["status"]["containerStatuses"] = [container]
+    return result
+
+
+def test_an_agent_that_serves_but_cannot_be_reached_is_never_taken_for_dead(caplog: pytest.LogCaptureFixture) -> None:
+    """A NetworkPolicy between guard and agent: liveness unknown is not death, however long."""
+    cluster = Cluster()
+    pods_path = g.pods_request(config()).path.split("?")[0]
+    cluster.routes["GET", pods_path] = answer(200, {"items": [ready_pod()]})
+    guard = make_guard(cluster)  # fetch: connection refused / timed out
+    caplog.set_level("INFO", "pytest_bridge_guard")
+    with pytest.raises(AssertionError, match="loops forever"):
+        guard.run()
+    assert not [r for r in cluster.log if r.method == "PATCH"]
+    assert any("liveness unknown" in r.getMessage() for r in caplog.records)
+
+
+def test_an_agent_that_left_for_want_of_a_client_is_proof_even_out_of_reach() -> None:
+    cluster = Cluster()
+    cluster.routes["PATCH", DEPLOY] = answer(200, {})
+    pods_path = g.pods_request(config()).path.split("?")[0]
+    states = iter([ready_pod(restarts=1, idle_exit=f"{g.IDLE_EXIT_PREFIX} 9s (session old)")] * 3)
+
+    def pods(request: g.Request) -> g.Response:
+        current = next(states, None)
+        if current is None:  # the agent left idle since: one more restart, its message
+            current = ready_pod(restarts=2, idle_exit=f"{g.IDLE_EXIT_PREFIX} 5s (session {SESSION})")
+        return g.Response(200, {"items": [current]})
+
+    cluster.routes["GET", pods_path] = pods
     assert make_guard(cluster).run() == 0
-    assert len(cluster.log) == 1
+    patches = [r for r in cluster.log if r.method == "PATCH"]
+    assert len(patches) == 1
+    assert cluster.now < 1005.0, "restored on the proof, before the TTL"
+
+
+def test_unknown_liveness_keeps_it_alive_and_proof_of_idleness_expires_it() -> None:
+    dog = g.Watchdog(ttl=10, last_alive=0.0)
+    dog.observe(50.0, [], unknown=True)
+    assert dog.last_alive == 50.0 and not dog.expired(55.0)
+    dog.gone(56.0)
+    assert dog.expired(56.0)
 
 
 def test_loop_retries_api_errors_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
@@ -383,7 +442,7 @@ def test_loop_retries_api_errors_with_backoff(caplog: pytest.LogCaptureFixture) 
         g.Response(403, {"message": "forbidden"}),
         g.Response(500),
     ]
-    answers = iter(script * 3)
+    answers = iter([*script * 3, g.Response(200, secret(record()))])  # then gone: the plugin restored
     sleeps: list[float] = []
 
     def flaky(request: g.Request) -> g.Response:
@@ -396,7 +455,7 @@ def test_loop_retries_api_errors_with_backoff(caplog: pytest.LogCaptureFixture) 
     guard = make_guard(cluster)
     guard.sleep = sleeps.append
     assert guard.run() == 0
-    assert sleeps == [1, 2, 4, 8, 16, 30, 30, 30, 30]
+    assert sleeps == [1, 2, 4, 8, 16, 30, 30, 30, 30, 1]  # backing off, then one poll with the record
     assert "forbidden" in caplog.text
 
 
