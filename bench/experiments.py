@@ -69,7 +69,8 @@ class Live:
     def tunnel(self, connect: Any, window: int | None = None) -> BackgroundTunnel:
         """A second client of the same agent; it gets the cluster -> local streams while it is connected."""
         options = {"window": window} if window else {}
-        token = self.session._token  # the experiment's own session
+        token = self.session.tunnel_token("orders")  # the experiment's own bridge
+        assert token is not None
         tunnel = BackgroundTunnel(connect, token, {TARGET_PORT: self.local_port}, **options)
         tunnel.start()
         time.sleep(0.3)

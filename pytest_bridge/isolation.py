@@ -41,9 +41,9 @@ from .patch import (
     SESSION_ANNOTATION,
     SESSION_LABEL,
     AgentSpec,
-    SecretTokenRef,
     add_code_volumes,
     agent_container,
+    token_sha256,
 )
 from .plan import BridgePlan, pod_template_spec
 from .ports import free_port
@@ -117,10 +117,6 @@ def check_hosts_fit(route: str, hosts: Iterable[str]) -> None:
 
 def route_pod_name(service: str, route: str) -> str:
     return ro.dns_label(service, route)
-
-
-def route_secret_name(service: str, route: str) -> str:
-    return ro.dns_label(service, route, "token", limit=253)
 
 
 def route_labels(service: str, route: str, session: str) -> dict[str, str]:
@@ -258,9 +254,6 @@ def required_permissions() -> list[tuple[str, str, str]]:
         ("list", "networking.k8s.io", "ingresses"),
         ("get", "", "pods/portforward"),  # the WebSocket upgrade is a GET
         ("create", "", "pods/portforward"),
-        ("create", "", "secrets"),
-        ("patch", "", "secrets"),
-        ("delete", "", "secrets"),
         ("get", "", "configmaps"),  # the manager's code ConfigMap (--bridge-code=configmap)
         ("create", "", "configmaps"),
         ("patch", "", "configmaps"),
@@ -489,12 +482,14 @@ def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: 
     )
 
 
-def _open_tunnel(bs: BridgeSession, k: kube.Kube, pod: str, plan: BridgePlan, timeout: float) -> BackgroundTunnel:
+def _open_tunnel(
+    bs: BridgeSession, k: kube.Kube, pod: str, plan: BridgePlan, *, token: str, timeout: float
+) -> BackgroundTunnel:
     """The tunnel to a route pod that has just started: its agent may need a moment to listen."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return bs._open_tunnel(k, k.namespace, pod, plan)
+            return bs._open_tunnel(k, k.namespace, pod, plan, token)
         except Exception:
             if time.monotonic() > deadline:
                 raise
@@ -674,23 +669,14 @@ def open_route(
     runtime = routing_runtime(settings, code)
     ensure_manager(k, ns, runtime=runtime, code=code, idle_seconds=settings.routing_idle, report=report)
     workload = bs._workload(k, plan)
-    secret_name = route_secret_name(service, route)
+    conn = _Connection(service, plan)  # with its own token: every route's tunnel has its own
     agent = AgentSpec(
-        image=settings.agent_image, session=bs.session_id, token=SecretTokenRef(secret_name), code=runtime.code
+        image=settings.agent_image, session=bs.session_id, token_sha256=token_sha256(conn.token), code=runtime.code
     )
     pod_manifest = route_pod(workload, plan, agent, route, exit_when_idle=settings.restore_ttl, observe=observe)
     pod_name = pod_manifest["metadata"]["name"]
-    secret = {
-        "apiVersion": "v1",
-        "kind": "Secret",
-        "metadata": {"name": secret_name, "labels": route_labels(service, route, bs.session_id)},
-        "stringData": {"token": bs._token},
-    }
-    conn = _Connection(service, plan)
     created: list[tuple[str, str]] = []
     try:
-        kube.call("create the route token", k.core.create_namespaced_secret, ns, secret)
-        created.append(("secret", secret_name))
         try:
             kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
         except ForbiddenError as exc:
@@ -703,14 +689,9 @@ def open_route(
                 raise
             raise refused from exc
         created.append(("pod", pod_name))
-        pod = _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
-        owner = {"apiVersion": "v1", "kind": "Pod", "name": pod_name, "uid": pod.metadata.uid}
-        kube.call(
-            "tie the token to the route pod", k.core.patch_namespaced_secret, secret_name, ns,
-            {"metadata": {"ownerReferences": [owner]}},
-        )  # fmt: skip
+        _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
         ready_at = time.monotonic()
-        conn.tunnel = _open_tunnel(bs, k, pod_name, plan, settings.connect_timeout)
+        conn.tunnel = _open_tunnel(bs, k, pod_name, plan, token=conn.token, timeout=settings.connect_timeout)
         prove_live(
             conn.tunnel, plan, route, settings.connect_timeout, diagnose=lambda: routing_problem(k, service, settings)
         )
@@ -743,16 +724,13 @@ def open_route(
 
 
 def _delete(k: kube.Kube, namespace: str, created: list[tuple[str, str]]) -> None:
-    for kind, name in reversed(created):
+    for _kind, name in reversed(created):  # only the route pod (the token is in no object of the cluster)
         with contextlib.suppress(NotFoundError, ForbiddenError):
-            if kind == "pod":
-                kube.call("delete the route pod", k.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0)
-            else:
-                kube.call("delete the route token", k.core.delete_namespaced_secret, name, namespace)
+            kube.call("delete the route pod", k.core.delete_namespaced_pod, name, namespace, grace_period_seconds=0)
 
 
 def close_route(k: kube.Kube, route: Route) -> None:
-    """Disconnect, then delete the route pod and its token; the manager restores the service.
+    """Disconnect, then delete the route pod; the manager restores the service.
 
     The pod is deleted right after, so the tunnel does not wait for the agent's goodbye (which
     does not come back through the port-forward in time anyway): about 1 s saved per route.
@@ -760,5 +738,5 @@ def close_route(k: kube.Kube, route: Route) -> None:
     if route.tunnel is not None:
         route.tunnel.stop(grace=0.05)
         route.tunnel = None
-    _delete(k, route.namespace, [("secret", route_secret_name(route.service, route.name)), ("pod", route.pod)])
+    _delete(k, route.namespace, [("pod", route.pod)])
     shutil.rmtree(route.bridged.session_dir, ignore_errors=True)

@@ -23,6 +23,7 @@ mutated.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +42,6 @@ __all__ = [
     "SESSION_ANNOTATION",
     "SESSION_LABEL",
     "AgentSpec",
-    "SecretTokenRef",
     "WorkloadPatches",
     "add_code_volumes",
     "agent_container",
@@ -49,6 +49,7 @@ __all__ = [
     "bridged_session",
     "pod_for_recreate",
     "strip_server_fields",
+    "token_sha256",
     "workload_patches",
 ]
 
@@ -80,20 +81,12 @@ JsonOps = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
-class SecretTokenRef:
-    """Take the agent token from a Secret key instead of a literal value."""
-
-    secret_name: str
-    key: str = "token"
-
-
-@dataclass(frozen=True)
 class AgentSpec:
     """What the agent container runs with."""
 
     image: str
     session: str
-    token: str | SecretTokenRef
+    token_sha256: str  # of the client's token (hex): the pod never carries the token itself
     command: tuple[str, ...] = DEFAULT_AGENT_COMMAND
     args: tuple[str, ...] = ()
     image_pull_policy: str = "IfNotPresent"
@@ -119,11 +112,10 @@ def _check_session(session: str) -> None:
         )
 
 
-def _token_env(token: str | SecretTokenRef) -> dict[str, Any]:
-    if isinstance(token, SecretTokenRef):
-        ref = {"name": token.secret_name, "key": token.key}
-        return {"name": "PYTEST_BRIDGE_TOKEN", "valueFrom": {"secretKeyRef": ref}}
-    return {"name": "PYTEST_BRIDGE_TOKEN", "value": token}
+def token_sha256(token: str) -> str:
+    """What an agent is given of its client's token: the SHA-256 (hex). Anyone who may read the
+    pod spec may read this; only the client, which made the token, can present it."""
+    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def agent_container(
@@ -176,7 +168,7 @@ def agent_container(
         container["securityContext"] = security
     env = [e for e in container.get("env") or [] if not str(e.get("name", "")).startswith(_AGENT_ENV_PREFIX)]
     env += [
-        _token_env(agent.token),
+        {"name": "PYTEST_BRIDGE_TOKEN_SHA256", "value": agent.token_sha256},
         {"name": "PYTEST_BRIDGE_LISTEN_PORTS", "value": ",".join(map(str, plan.target_ports))},
         {"name": "PYTEST_BRIDGE_CONTROL_PORT", "value": str(AGENT_CONTROL_PORT)},
         {"name": "PYTEST_BRIDGE_STATUS_PORT", "value": str(AGENT_STATUS_PORT)},

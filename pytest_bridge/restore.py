@@ -1,15 +1,15 @@
 """Record-before-change and restore: the session's objects in the cluster, and the guard.
 
 Everything a session creates hangs off one object, the **guard Job**
-``pytest-bridge-guard-<session>``: its ServiceAccount, Role and RoleBinding, the agent
-token Secret and the **restore record** Secret carry an ownerReference to it, so deleting
+``pytest-bridge-guard-<session>``: its ServiceAccount, Role and RoleBinding, the code
+ConfigMap and the **restore record** Secret carry an ownerReference to it, so deleting
 the Job (with background propagation) removes all of them. Order on connect:
 
 1. the Job, running, with a **setup deadline** (``activeDeadlineSeconds``): if the plugin dies
    before step 4, the Job fails at the deadline and its ``ttlSecondsAfterFinished`` deletes it,
    and everything below with it (a suspended Job, as before, stayed for ever);
 2. ServiceAccount, Role (least privilege: only the named objects), RoleBinding;
-3. token Secret, the restore record (original object, reverse JSON Patch), the code ConfigMap;
+3. the restore record (original object, reverse JSON Patch; a Secret), the code ConfigMap;
 4. **arm** the guard: lift the deadline; only then is the workload changed.
 
 The guard's pod starts as soon as its ServiceAccount exists and waits for the record; a record
@@ -53,10 +53,6 @@ ROLE_LABEL = "pytest-bridge.io/role"
 
 def guard_name(session: str) -> str:
     return f"pytest-bridge-guard-{session}"[:63].rstrip("-")
-
-
-def token_secret_name(session: str) -> str:
-    return f"pytest-bridge-token-{session}"[:63].rstrip("-")
 
 
 def record_secret_name(session: str) -> str:
@@ -217,7 +213,6 @@ def create_guard(
     image: str,
     ttl: float,
     status_port: int,
-    token: str,
     code: bundle.Bundle,
     pod_code: Code,
 ) -> None:
@@ -249,23 +244,14 @@ def create_guard(
             code, pod_code.configmap, ns, labels=_labels(session, "code"), owner=_owner_ref(job)
         )
         bundle.ship(k, manifest, code)
-    for secret in (
-        owned_secret(
-            token_secret_name(session), session=session, namespace=ns, role="token", job=job, data={"token": token}
-        ),
-        owned_secret(
-            record_secret_name(session),
-            session=session,
-            namespace=ns,
-            role="restore-record",
-            job=job,
-            data={"record.json": record.to_json()},
-        ),
-    ):
-        kube.call(
-            "store the session's secrets", k.core.create_namespaced_secret, ns, secret,
-            verb="create", resource="secrets", namespace=ns,
-        )  # fmt: skip
+    secret = owned_secret(
+        record_secret_name(session), session=session, namespace=ns, role="restore-record", job=job,
+        data={"record.json": record.to_json()},
+    )  # fmt: skip
+    kube.call(
+        "store the restore record", k.core.create_namespaced_secret, ns, secret,
+        verb="create", resource="secrets", namespace=ns,
+    )  # fmt: skip
     faults.checkpoint("guard-record")
     name = job["metadata"]["name"]
     armed: Any = kube.call(

@@ -45,11 +45,11 @@ from .patch import (
     AGENT_STATUS_PORT,
     SESSION_LABEL,
     AgentSpec,
-    SecretTokenRef,
     agent_pod,
     bridged_session,
     pod_for_recreate,
     strip_server_fields,
+    token_sha256,
     workload_patches,
 )
 from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
@@ -144,6 +144,8 @@ class _Connection:
     guard: bool = False
     tunnel: BackgroundTunnel | None = None
     bridged: BridgedService | None = None
+    # The tunnel's secret, one per bridged service or route; the cluster sees only its SHA-256.
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
 
 @dataclass
@@ -160,7 +162,6 @@ class BridgeSession:
         self._connections: list[_Connection] = []
         self._kube: kube.Kube | None = None
         self._config: LocalProcessConfig | None = None
-        self._token = secrets.token_urlsafe(32)
         self._transport_fallback: str | None = None  # "auto" resolved once per session
         self._lock = threading.Lock()
         self._closed = False
@@ -183,6 +184,10 @@ class BridgeSession:
             s = self.settings
             self._kube = kube.load(str(s.kubeconfig) if s.kubeconfig else None, s.context, s.namespace)
         return self._kube
+
+    def tunnel_token(self, service: str) -> str | None:
+        """The secret a client presents to ``service``'s agent (a second client, e.g. the benchmarks')."""
+        return next((conn.token for conn in self._connections if conn.service == service), None)
 
     def tunnel_stats(self, service: str) -> TunnelStats | None:
         """Counters of the tunnel carrying ``service`` (None before it is connected)."""
@@ -388,7 +393,7 @@ class BridgeSession:
         agent = AgentSpec(
             image=self.settings.agent_image,
             session=conn.key,
-            token=SecretTokenRef(restore.token_secret_name(conn.key)),
+            token_sha256=token_sha256(conn.token),
             keep_probes=bool(self._config and self._config.has_feature("Probes")),
             keep_lifecycle=bool(self._config and self._config.has_feature("LifecycleHooks")),
             # Without a client for the TTL the agent leaves, and says so in its pod's status: the
@@ -416,7 +421,7 @@ class BridgeSession:
         conn.guard = True  # set first: a guard created halfway is cleaned up too
         restore.create_guard(
             k, conn.record, image=self.settings.agent_image, ttl=self.settings.restore_ttl,
-            status_port=AGENT_STATUS_PORT, token=self._token, code=code, pod_code=pod_code,
+            status_port=AGENT_STATUS_PORT, code=code, pod_code=pod_code,
         )  # fmt: skip
         if plan.workload.kind == "Pod":
             conn.patched = True
@@ -449,7 +454,7 @@ class BridgeSession:
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         faults.checkpoint("agent-ready")
-        conn.tunnel = self._open_tunnel(k, ns, pod, plan)
+        conn.tunnel = self._open_tunnel(k, ns, pod, plan, conn.token)
         self._prove_routed(conn.tunnel, plan)
         faults.checkpoint("tunnel-open")
         conn.bridged = self._import(k, conn, pod, original_container)
@@ -601,16 +606,16 @@ class BridgeSession:
             self._transport_fallback = "kubectl" if kubectl_or_none() else "websocket"
         return self._transport_fallback
 
-    def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
+    def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str) -> BackgroundTunnel:
         """The tunnel to the agent in ``pod``, connected, and the agent proven to run this plugin's code."""
-        tunnel = self._start_tunnel(k, ns, pod, plan)
+        tunnel = self._start_tunnel(k, ns, pod, plan, token)
         problem = agent_code_mismatch(tunnel.tunnel.agent_info, bundle.build(), self.settings)
         if problem:
             tunnel.stop(grace=0)
             raise ConnectError(f"pod {ns}/{pod}: {problem}")
         return tunnel
 
-    def _start_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan) -> BackgroundTunnel:
+    def _start_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str) -> BackgroundTunnel:
         local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
         if self.transport == "kubectl":
             forward = KubectlForward(
@@ -618,7 +623,7 @@ class BridgeSession:
                 context=k.context, timeout=self.settings.connect_timeout,
             )  # fmt: skip
             tunnel = BackgroundTunnel(
-                forward.connect, self._token, local_ports, lane_connect=forward.connect_socket, lanes=lane_pool()
+                forward.connect, token, local_ports, lane_connect=forward.connect_socket, lanes=lane_pool()
             )
             tunnel.cleanups.append(forward.stop)
             try:
@@ -638,7 +643,7 @@ class BridgeSession:
             forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
             return forward.reader, forward.writer
 
-        tunnel = BackgroundTunnel(connect, self._token, local_ports)
+        tunnel = BackgroundTunnel(connect, token, local_ports)
         tunnel.start(timeout=self.settings.connect_timeout)
         return tunnel
 
@@ -846,7 +851,7 @@ def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> d
 
 
 def session_liveness(k: kube.Kube, session: str) -> str:
-    """"alive", "dead" or "unknown": whether any agent of ``session`` has a connected client.
+    """Whether any agent of ``session`` has a connected client: "alive", "dead" or "unknown".
 
     Asked through the API server's pod proxy. An agent that answers with no client, or no
     agent serving at all, is "dead"; an agent the kubelet finds Ready that the proxy cannot

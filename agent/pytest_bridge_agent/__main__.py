@@ -31,7 +31,7 @@ def _ports(value: str) -> list[int]:
 
 def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> AgentConfig:
     env = os.environ if environ is None else environ
-    defaults = AgentConfig(token="")
+    defaults = AgentConfig()
     parser = argparse.ArgumentParser(prog="pytest_bridge_agent", description="pytest-bridge in-cluster agent")
 
     def opt(flag: str, var: str, default: object, kind: type = str, help: str = "") -> None:
@@ -39,11 +39,13 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
             flag, type=kind, default=env.get(var, default), help=f"{help} (env {var}, default {default})"
         )
 
-    opt("--token", "PYTEST_BRIDGE_TOKEN", "", help="per-session token clients must present (required)")
+    opt("--token", "PYTEST_BRIDGE_TOKEN", "", help="the token clients must present")
+    opt("--token-sha256", "PYTEST_BRIDGE_TOKEN_SHA256", "", help="or only its SHA-256, hex (what pods carry)")
     opt("--control-port", "PYTEST_BRIDGE_CONTROL_PORT", defaults.control_port, int, "tunnel port")
     opt("--status-port", "PYTEST_BRIDGE_STATUS_PORT", defaults.status_port, int, "HTTP /status, /healthz")
     opt("--listen-ports", "PYTEST_BRIDGE_LISTEN_PORTS", "", help="comma list of service target ports")
-    opt("--bind-host", "PYTEST_BRIDGE_BIND_HOST", defaults.bind_host, help="address to listen on")
+    opt("--bind-host", "PYTEST_BRIDGE_BIND_HOST", defaults.bind_host, help="address of the service and status ports")
+    opt("--control-host", "PYTEST_BRIDGE_CONTROL_HOST", defaults.control_host, help="address of the control port")
     opt("--window", "PYTEST_BRIDGE_WINDOW", defaults.window, int, "per-stream receive window, bytes")
     opt("--connect-timeout", "PYTEST_BRIDGE_CONNECT_TIMEOUT", defaults.connect_timeout, float, "outbound dial")
     opt("--hold-seconds", "PYTEST_BRIDGE_HOLD_SECONDS", defaults.hold_seconds, float, "wait for a client")
@@ -54,11 +56,13 @@ def parse_config(argv: list[str] | None = None, environ: dict[str, str] | None =
     opt("--exit-when-idle", "PYTEST_BRIDGE_EXIT_WHEN_IDLE", 0.0, float, "exit 0 after no client this long (0: never)")
     opt("--log-level", "PYTEST_BRIDGE_LOG_LEVEL", "INFO", help="DEBUG, INFO, WARNING")
     args = parser.parse_args(argv)
-    if not args.token:
-        parser.error("a token is required (PYTEST_BRIDGE_TOKEN or --token)")
+    if not args.token and not args.token_sha256:
+        parser.error("a token is required (PYTEST_BRIDGE_TOKEN_SHA256 or --token-sha256, or --token)")
     logging.getLogger().setLevel(str(args.log_level).upper())
     return AgentConfig(
         token=str(args.token),
+        token_sha256=str(args.token_sha256).lower(),
+        control_host=str(args.control_host),
         control_port=int(args.control_port),
         status_port=int(args.status_port),
         listen_ports=_ports(str(args.listen_ports)),

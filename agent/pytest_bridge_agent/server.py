@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import hmac
 import io
 import json
@@ -42,7 +43,7 @@ from .wire import (
     encode_json_frame,
 )
 
-__all__ = ["Agent", "AgentConfig", "agent_env", "tar_path"]
+__all__ = ["Agent", "AgentConfig", "agent_env", "tar_path", "token_digest"]
 
 _CODE = running_code()
 log = logging.getLogger("pytest_bridge_agent")
@@ -54,13 +55,20 @@ MAX_IDLE_LANES = 64  # idle "in" lanes kept per session; older ones are closed b
 
 @dataclass
 class AgentConfig:
-    token: str
+    # The clients' secret, or only its SHA-256 (hex): what the cluster stores, so that reading the
+    # pod spec does not let anyone else take over the session's traffic.
+    token: str = ""
+    token_sha256: str = ""
     control_port: int = 47100
     status_port: int = 47101
     listen_ports: list[int] = field(default_factory=list)
-    bind_host: str = "0.0.0.0"
+    bind_host: str = "0.0.0.0"  # the service ports and the status port (the guard and the kubelet ask it)
+    # The control port (tunnel and lanes) is reached only through port-forward, which connects to
+    # the pod's loopback: nobody in the cluster can reach it over the network.
+    control_host: str = "127.0.0.1"
     window: int = DEFAULT_WINDOW
-    handshake_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    max_pending_handshakes: int = 32  # connections not yet authenticated; more are closed at once
     connect_timeout: float = 10.0
     open_timeout: float = 15.0
     # How long a connection arriving on a listen port waits for a client (e.g. during a reconnect)
@@ -73,6 +81,18 @@ class AgentConfig:
     max_window: int = 8 * 1024 * 1024  # receive windows may grow to this while drained...
     window_budget: int = 32 * 1024 * 1024  # ...by at most this much per client in total
     exit_when_idle: float = 0.0  # seconds without a client before the process exits (0: never)
+
+
+def token_digest(config: AgentConfig) -> bytes:
+    """The SHA-256 clients' tokens must hash to; ValueError when the config has neither form."""
+    if config.token_sha256:
+        digest = bytes.fromhex(config.token_sha256)
+        if len(digest) != hashlib.sha256().digest_size:
+            raise ValueError("the token's SHA-256 must be 64 hex digits")
+        return digest
+    if config.token:
+        return hashlib.sha256(config.token.encode()).digest()
+    raise ValueError("a token (or its SHA-256) is required")
 
 
 @dataclass
@@ -119,6 +139,8 @@ def tar_path(path: str) -> bytes:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
+        self._token_digest = token_digest(config)
+        self._pending_handshakes = 0
         self.stats = MuxStats()
         self._sessions: list[Mux] = []
         self._session_ids = 0
@@ -136,7 +158,7 @@ class Agent:
     # ---- lifecycle ----
     async def start(self) -> None:
         cfg = self.config
-        control = await SocketServer.start(self._on_control, cfg.bind_host, cfg.control_port)
+        control = await SocketServer.start(self._on_control, cfg.control_host, cfg.control_port)
         self._servers.append(control)
         self.control_address = control.address
         for port in cfg.listen_ports:
@@ -191,7 +213,14 @@ class Agent:
     async def _on_control(self, sock: socket.socket) -> None:
         self._track(self._connections)
         peer = _sock_peer(sock)
+        if self._pending_handshakes >= self.config.max_pending_handshakes:
+            log.warning(
+                "control %s: refused: %d connections already wait to authenticate", peer, self._pending_handshakes
+            )
+            abort_socket(sock)
+            return
         first: Frame | Exception
+        self._pending_handshakes += 1
         try:
             async with asyncio.timeout(self.config.handshake_timeout):
                 first = await recv_frame(sock, MAX_HANDSHAKE_PAYLOAD)
@@ -200,6 +229,8 @@ class Agent:
             raise
         except (TimeoutError, asyncio.IncompleteReadError, ProtocolError, OSError) as e:
             first = e
+        finally:
+            self._pending_handshakes -= 1
         if isinstance(first, Frame) and first.type is FrameType.LANE:
             await self._on_lane(sock, first, peer)
             return
@@ -270,7 +301,9 @@ class Agent:
         if hello.get("version") != PROTOCOL_VERSION:
             return f"protocol version mismatch: agent speaks {PROTOCOL_VERSION}, client sent {hello.get('version')}"
         token = hello.get("token")
-        if not isinstance(token, str) or not hmac.compare_digest(token.encode(), self.config.token.encode()):
+        if not isinstance(token, str) or not hmac.compare_digest(
+            hashlib.sha256(token.encode()).digest(), self._token_digest
+        ):
             return "authentication failed: wrong session token"
         return None
 

@@ -207,6 +207,43 @@ async def test_wrong_token_is_refused(start_agent: StartAgent) -> None:
 
 
 @pytest.mark.asyncio
+async def test_the_agent_can_be_given_only_the_tokens_hash(start_agent: StartAgent) -> None:
+    """What a pod carries is the SHA-256: reading the pod spec does not let anyone connect."""
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    agent = start_agent(extra_env={"PYTEST_BRIDGE_TOKEN": "", "PYTEST_BRIDGE_TOKEN_SHA256": digest})
+    tunnel = agent.tunnel()
+    await tunnel.start()
+    await tunnel.close()
+    with pytest.raises(AuthenticationError, match="wrong session token"):
+        await agent.tunnel(token=digest).start()  # the hash itself is no token
+
+
+def test_the_control_port_listens_on_loopback_only(start_agent: StartAgent) -> None:
+    """Port-forward reaches the pod's loopback; nobody in the cluster reaches the control port."""
+    agent = start_agent(extra_env={"PYTEST_BRIDGE_BIND_HOST": "0.0.0.0"})
+    assert re.search(r"ready control=127\.0\.0\.1:\d+ status=0\.0\.0\.0:", agent.logs[0]), agent.logs[0]
+    body = status(agent.status_port)
+    assert set(body) == {
+        "connected_clients", "idle_seconds", "sessions_total", "streams_open", "streams_total",
+        "bytes_to_clients", "bytes_from_clients", "idle_lanes", "listen_ports",
+    }, "/status says how busy the agent is, nothing about who or what"  # fmt: skip
+
+
+def test_connections_that_do_not_authenticate_are_capped(start_agent: StartAgent) -> None:
+    agent = start_agent()
+    silent = [socket.create_connection((LOOPBACK, agent.control_port), timeout=5) for _ in range(32)]
+    try:
+        time.sleep(0.5)  # the agent has accepted them; none has sent anything
+        extra = socket.create_connection((LOOPBACK, agent.control_port), timeout=5)
+        with extra, pytest.raises(ConnectionResetError):  # the 33rd waiting to authenticate: reset at once
+            extra.recv(1)
+        agent.wait_for_log("already wait to authenticate")
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+@pytest.mark.asyncio
 async def test_non_protocol_client_is_refused(start_agent: StartAgent) -> None:
     agent = start_agent()
     reader, writer = await asyncio.open_connection(LOOPBACK, agent.control_port)

@@ -373,8 +373,7 @@ def test_loop_waits_for_the_record_then_exits_when_it_is_gone(caplog: pytest.Log
     cluster = Cluster()
     reads = iter([404, 404, 404, 200, 200, 404])
     cluster.routes["GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"] = lambda request: (
-        g.Response(code, secret(record()) if code == 200 else {"message": "not found"})
-        for code in [next(reads)]
+        g.Response(code, secret(record()) if code == 200 else {"message": "not found"}) for code in [next(reads)]
     ).__next__()
     caplog.set_level("INFO", "pytest_bridge_guard")
     assert make_guard(cluster, lambda: {"connected_clients": 1, "idle_seconds": 0, "sessions_total": 1}).run() == 0

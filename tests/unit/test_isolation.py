@@ -10,10 +10,10 @@ from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders
 from pytest_bridge_routing import objects as o
 
 from pytest_bridge import isolation
-from pytest_bridge.patch import SESSION_LABEL, AgentSpec, SecretTokenRef
+from pytest_bridge.patch import SESSION_LABEL, AgentSpec
 from pytest_bridge.plan import BridgePlan, make_plan
 
-AGENT = AgentSpec(image="agent:1", session="s-1a2b", token=SecretTokenRef("orders-r-token"))
+AGENT = AgentSpec(image="agent:1", session="s-1a2b", token_sha256="ef" * 32)
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 

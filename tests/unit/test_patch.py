@@ -27,7 +27,6 @@ from pytest_bridge.patch import (
     SESSION_ANNOTATION,
     SESSION_LABEL,
     AgentSpec,
-    SecretTokenRef,
     agent_container,
     agent_pod,
     bridged_session,
@@ -37,7 +36,7 @@ from pytest_bridge.patch import (
 )
 from pytest_bridge.plan import BridgePlan, make_plan
 
-AGENT = AgentSpec(image="localhost/pytest-bridge/agent:0.1.0", session="s-1a2b", token="t0ken")
+AGENT = AgentSpec(image="localhost/pytest-bridge/agent:0.1.0", session="s-1a2b", token_sha256="01" * 32)
 
 
 def orders_plan(deployment: dict[str, Any] | None = None) -> BridgePlan:
@@ -71,7 +70,7 @@ def test_agent_env_keeps_original_and_adds_agent_vars() -> None:
     env = env_of(agent_container(original, orders_plan(), AGENT))
     assert env["LOG_LEVEL"] == "debug"
     assert env["DB_PASSWORD"] == {"secretKeyRef": {"name": "orders-db", "key": "password"}}
-    assert env["PYTEST_BRIDGE_TOKEN"] == "t0ken"
+    assert env["PYTEST_BRIDGE_TOKEN_SHA256"] == "01" * 32
     assert env["PYTEST_BRIDGE_LISTEN_PORTS"] == "8080,9090"
     assert env["PYTEST_BRIDGE_CONTROL_PORT"] == str(AGENT_CONTROL_PORT) == "47100"
     assert env["PYTEST_BRIDGE_STATUS_PORT"] == "47101"
@@ -81,17 +80,18 @@ def test_agent_env_keeps_original_and_adds_agent_vars() -> None:
 def test_token_from_secret_and_stale_agent_vars_replaced() -> None:
     original = orders_deployment()["spec"]["template"]["spec"]["containers"][0]
     original["env"].append({"name": "PYTEST_BRIDGE_SESSION", "value": "old"})
-    spec = AgentSpec(image="a", session="s2", token=SecretTokenRef("bridge-s2"), args=("--verbose",))
+    spec = AgentSpec(image="a", session="s2", token_sha256="ab" * 32, args=("--verbose",))
     agent = agent_container(original, orders_plan(), spec)
     names = [e["name"] for e in agent["env"]]
     assert names.count("PYTEST_BRIDGE_SESSION") == 1
-    assert env_of(agent)["PYTEST_BRIDGE_TOKEN"] == {"secretKeyRef": {"name": "bridge-s2", "key": "token"}}
+    assert env_of(agent)["PYTEST_BRIDGE_TOKEN_SHA256"] == "ab" * 32
+    assert "PYTEST_BRIDGE_TOKEN" not in env_of(agent), "the pod never carries the token itself"
     assert agent["args"] == ["--verbose"]
 
 
 def test_features_keep_probes_and_lifecycle() -> None:
     original = orders_deployment()["spec"]["template"]["spec"]["containers"][0]
-    spec = AgentSpec(image="a", session="s", token="t", keep_probes=True, keep_lifecycle=True)
+    spec = AgentSpec(image="a", session="s", token_sha256="t", keep_probes=True, keep_lifecycle=True)
     agent = agent_container(original, orders_plan(), spec)
     for key in ("livenessProbe", "readinessProbe", "startupProbe", "lifecycle"):
         assert agent[key] == original[key]
@@ -111,7 +111,7 @@ def test_invalid_session_id(session: str) -> None:
         agent_container(
             echo_pod()["spec"]["containers"][0],
             make_plan(echo_service(), [echo_pod()]),
-            AgentSpec(image="a", session=session, token="t"),
+            AgentSpec(image="a", session=session, token_sha256="t"),
         )
 
 
@@ -228,8 +228,10 @@ def _shapes() -> list[tuple[str, dict[str, Any], BridgePlan]]:
     "agent",
     [
         AGENT,
-        AgentSpec(image="img:2", session="z", token=SecretTokenRef("sec", "k"), keep_probes=True),
-        AgentSpec(image="python:3", session="c", token="t", code=Code(configmap="pytest-bridge-code-0123456789-c")),
+        AgentSpec(image="img:2", session="z", token_sha256="cd" * 32, keep_probes=True),
+        AgentSpec(
+            image="python:3", session="c", token_sha256="t", code=Code(configmap="pytest-bridge-code-0123456789-c")
+        ),
     ],
     ids=["default", "keep-probes", "code-configmap"],
 )

@@ -131,7 +131,7 @@ def test_agent_container_runs_the_stock_image_as_a_user_when_the_workload_needs_
     spec["securityContext"] = {"runAsNonRoot": True}
     del spec["containers"][0]["securityContext"]["runAsUser"]  # the app image's USER was non-root
     plan = make_plan(orders_service(), [orders_pod()], [orders_replicaset(), deployment])
-    agent = AgentSpec(image="python:3", session="s", token="t")
+    agent = AgentSpec(image="python:3", session="s", token_sha256="t")
     container = agent_container(spec["containers"][0], plan, agent, spec)
     assert container["securityContext"]["runAsUser"] == runtime.RUN_AS
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
