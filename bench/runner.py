@@ -305,7 +305,7 @@ class Bench:
             test = Path(tmp) / "test_bench_trivial.py"
             test.write_text("def test_bridged(bridged_service):\n    assert bridged_service.local_port > 0\n")
             argv = [
-                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:unraisableexception",
+                sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
                 str(test), f"--bridge-service={SERVICE}", f"--bridge-namespace={self.namespace}",
                 f"--bridge-kubeconfig={self.kubeconfig}", "--bridge-name-mapping=in-process",
             ]  # fmt: skip

@@ -32,7 +32,7 @@ from typing import Any
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
-from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir
+from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir, workloads
 from .config import LocalProcessConfig, parse_config
 from .envimport import build_environment, plan_downloads
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
@@ -350,6 +350,7 @@ class BridgeSession:
         required_permissions_check(
             k, required_permissions(plan.workload.kind, self.settings.code), what=f"bridge {plan.service!r}"
         )
+        workloads.check(k, plan, self._workload(k, plan))  # paused, OnDelete, an HPA: see workloads.py
 
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
@@ -413,9 +414,11 @@ class BridgeSession:
         self._check_policy(
             k, conn, workload, replacement if plan.workload.kind == "Pod" else None, agent=agent, pod_code=pod_code
         )
+        extras = workloads.prepare(k, plan, workload, conn.key)
         conn.record = restore.RestoreRecord(
             session=conn.key, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
             reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
+            related=[r.record() for r in extras.related], roll_pods=list(extras.roll_pods),
         )  # fmt: skip
         # Record before change: the guard and the record exist before the workload is touched.
         conn.guard = True  # set first: a guard created halfway is cleaned up too
@@ -449,6 +452,7 @@ class BridgeSession:
                 )  # fmt: skip
             except ConflictError as exc:
                 raise self._patch_conflict(k, conn, exc) from exc
+            workloads.after_patch(k, plan, extras, conn.key, self.report)
         faults.checkpoint("workload-patched")
         pod = self._wait_for_agent(k, ns, plan, conn.key)
         self._wait_for_endpoints(k, ns, plan, pod)
@@ -586,7 +590,7 @@ class BridgeSession:
         deadline = time.monotonic() + self.settings.connect_timeout
         pending = list(plan.service_ports)
         while pending and time.monotonic() < deadline:
-            if tunnel.canary(host, pending[0].port, timeout=1.0, count=CANARY_CONNECTIONS):
+            if tunnel.canary(host, pending[0].port, timeout=0.3, count=CANARY_CONNECTIONS):
                 pending.pop(0)
             else:
                 time.sleep(0.1)
