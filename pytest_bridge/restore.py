@@ -26,12 +26,12 @@ import base64
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
-from . import bundle, faults, kube
+from . import bundle, faults, kube, workloads
 from .errors import ConnectError, NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
@@ -75,6 +75,10 @@ class RestoreRecord:
     original: dict[str, Any]  # stripped of server fields; for a bare Pod, the manifest to re-create
     owner: str  # who/where: user@host pid N, for messages about stale sessions
     created: float
+    # Other objects changed for the bridge, undone before the workload: [{kind, name, reverse_patch}]
+    # (HPAs pinned to one replica; see workloads.py). Pods deleted again after the restore (OnDelete).
+    related: list[dict[str, Any]] = field(default_factory=list)
+    roll_pods: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(vars(self), sort_keys=True)
@@ -163,8 +167,25 @@ def guard_rbac(session: str, namespace: str, record: RestoreRecord, job: dict[st
             "resourceNames": [record.name],
             "verbs": ["get", "patch"],
         }
+    related = sorted({str(r["name"]) for r in record.related if r.get("kind") == workloads.HPA_KIND})
+    extra_rules: list[dict[str, Any]] = []
+    if related:
+        extra_rules.append(
+            {"apiGroups": ["autoscaling"], "resources": ["horizontalpodautoscalers"], "resourceNames": related,
+             "verbs": ["get", "patch"]}
+        )  # fmt: skip
+    if record.roll_pods:
+        extra_rules.append(
+            {
+                "apiGroups": [""],
+                "resources": ["pods"],
+                "resourceNames": list(record.roll_pods),
+                "verbs": ["get", "delete"],
+            }
+        )
     rules = [
         workload_rule,
+        *extra_rules,
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
         {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [record_secret_name(session)], "verbs": ["get"]},
         {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [name], "verbs": ["get", "delete"]},
@@ -324,13 +345,15 @@ def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
             time.sleep(0.2)
         kube.call("re-create the original pod", k.core.create_namespaced_pod, ns, record.original)
         return
+    workloads.before_restore(k, record)  # HPAs first: pinned to one replica, they would scale the restore down
     patcher = {"Deployment": k.apps.patch_namespaced_deployment, "StatefulSet": k.apps.patch_namespaced_stateful_set}
     reader = {"Deployment": k.apps.read_namespaced_deployment, "StatefulSet": k.apps.read_namespaced_stateful_set}
     current = k.to_dict(kube.call(f"read {record.kind} {name}", reader[record.kind], name, ns))
     annotations = (current.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
-    if annotations.get(SESSION_ANNOTATION) != record.session:
-        return  # already restored (or re-deployed by someone else): nothing of ours to undo
-    kube.call(
-        f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, record.reverse_patch,
-        verb="patch", resource=record.kind.lower() + "s", namespace=ns,
-    )  # fmt: skip
+    # Not carrying the session: already restored (or re-deployed by someone else), nothing of ours to undo.
+    if annotations.get(SESSION_ANNOTATION) == record.session:
+        kube.call(
+            f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, record.reverse_patch,
+            verb="patch", resource=record.kind.lower() + "s", namespace=ns,
+        )  # fmt: skip
+    workloads.after_restore(k, record)  # an OnDelete StatefulSet's pod still runs the agent until deleted

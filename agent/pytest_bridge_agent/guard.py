@@ -63,6 +63,10 @@ SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 ROLE_LABEL = "pytest-bridge.io/role"
 JSON_PATCH = "application/json-patch+json"
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Pod": "pods"}
+# Objects other than the workload that a bridge may change (pytest_bridge.workloads): undone first.
+RELATED_KINDS = {
+    "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers/{name}"
+}
 MAX_BACKOFF = 30.0
 # How an agent that exits for want of a client begins its termination message (pytest_bridge_agent.__main__).
 IDLE_EXIT_PREFIX = "pytest-bridge: no client for"
@@ -142,6 +146,8 @@ class Record:
     original: dict[str, Any]
     owner: str = ""
     created: float = 0.0
+    related: list[dict[str, Any]] = field(default_factory=list)  # [{kind, name, reverse_patch}]
+    roll_pods: list[str] = field(default_factory=list)  # deleted after the restore (StatefulSet OnDelete)
 
 
 def parse_record(secret: Any, config: GuardConfig) -> Record:
@@ -163,11 +169,16 @@ def parse_record(secret: Any, config: GuardConfig) -> Record:
             original=dict(data.get("original") or {}),
             owner=str(data.get("owner", "")),
             created=float(data.get("created", 0.0)),
+            related=[dict(r) for r in data.get("related") or []],
+            roll_pods=[str(p) for p in data.get("roll_pods") or []],
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"record.json lacks or mistypes a field: {e}") from e
     if record.kind not in KINDS:
         raise ValueError(f"record kind {record.kind!r} is not one of {sorted(KINDS)}")
+    for related in record.related:
+        if related.get("kind") not in RELATED_KINDS or not related.get("name") or not related.get("reverse_patch"):
+            raise ValueError(f"record names a related object it cannot restore: {related!r}")
     if (record.session, record.namespace) != (config.session, config.namespace):
         raise ValueError(
             f"record is for session {record.session!r} in {record.namespace!r}, "
@@ -223,6 +234,10 @@ def pods_request(config: GuardConfig) -> Request:
 def object_path(kind: str, namespace: str, name: str) -> str:
     group = "/api/v1" if kind == "Pod" else "/apis/apps/v1"
     return f"{group}/namespaces/{_q(namespace)}/{KINDS[kind]}/{_q(name)}"
+
+
+def related_path(record: Record, related: Mapping[str, Any]) -> str:
+    return RELATED_KINDS[str(related["kind"])].format(namespace=_q(record.namespace), name=_q(str(related["name"])))
 
 
 def get_request(record: Record) -> Request:
@@ -648,11 +663,80 @@ class Guard:
         return bool(marks.get(self.config.session_label) == self.config.session)
 
     def restore(self, record: Record) -> None:
-        """Undo the bridge; Retry if that is not possible now (OSError: no answer)."""
+        """Undo the bridge; Retry if that is not possible now (OSError: no answer).
+
+        Related objects (an HPA pinned to one replica) first, then the workload, then the pods its
+        controller only replaces when deleted (StatefulSet OnDelete). Each step is idempotent: a
+        retried restore does again only what is left.
+        """
         what = f"{record.kind} {record.namespace}/{record.name}"
         if record.kind == "Pod":
             self._restore_pod(record, what)
             return
+        for related in record.related:
+            self._restore_related(record, related)
+        self._restore_workload(record, what)
+        if record.roll_pods:
+            self._roll_pods(record, what)
+
+    def _restore_related(self, record: Record, related: Mapping[str, Any]) -> None:
+        what = f"{related['kind']} {record.namespace}/{related['name']}"
+        path = related_path(record, related)
+        response = self.send(Request("PATCH", path, json.dumps(related["reverse_patch"]).encode(), JSON_PATCH))
+        if response.status in (200, 201):
+            log.info("restored %s (reverse patch applied)", what)
+            return
+        if response.status == 404:
+            log.info("%s no longer exists: nothing to restore", what)
+            return
+        if response.status not in (409, 422):
+            raise Retry(f"reverse patch of {what} failed: {response.message()}")
+        current = self.send(Request("GET", path))
+        if current.status == 404:
+            return
+        body = current.body if isinstance(current.body, dict) else None
+        if current.status == 200 and body is not None:
+            marks = (body.get("metadata") or {}).get("annotations") or {}
+            if marks.get(self.config.session_label) != self.config.session:
+                log.info("%s no longer carries session %s: already restored", what, record.session)
+                return
+        raise Retry(f"reverse patch of {what} refused ({response.message()})")
+
+    def _roll_pods(self, record: Record, what: str) -> None:
+        """Delete the pods still running the agent, once the controller has seen the restored spec
+        (a pod deleted before that would come back from the agent's template)."""
+        deadline = self.clock() + POD_GONE_TIMEOUT
+        while True:
+            current = self.send(get_request(record))
+            if current.status == 404:
+                return
+            body = current.body if isinstance(current.body, dict) else {}
+            if current.status != 200:
+                raise Retry(f"reading {what} failed: {current.message()}")
+            observed = (body.get("status") or {}).get("observedGeneration") or 0
+            if observed >= (body.get("metadata") or {}).get("generation", 0):
+                break
+            if self.clock() > deadline:
+                raise Retry(f"the controller of {what} has not taken up the restore")
+            self.sleep(0.2)
+        for name in record.roll_pods:
+            pod = Record(record.session, record.namespace, "Pod", name, [], {})
+            current = self.send(get_request(pod))
+            if current.status == 404:
+                continue
+            if current.status != 200:
+                raise Retry(f"reading pod {name} failed: {current.message()}")
+            meta = (current.body.get("metadata") or {}) if isinstance(current.body, dict) else {}
+            if meta.get("deletionTimestamp") or (meta.get("labels") or {}).get(self.config.session_label) != (
+                self.config.session
+            ):
+                continue  # already replaced from the restored template
+            deleted = self.send(delete_pod_request(pod, meta.get("uid")))
+            if deleted.status not in (200, 202, 404):
+                raise Retry(f"deleting pod {name} (it still runs the agent) failed: {deleted.message()}")
+            log.info("deleted pod %s: its StatefulSet replaces pods only when they are deleted (OnDelete)", name)
+
+    def _restore_workload(self, record: Record, what: str) -> None:
         response = self.send(reverse_patch_request(record))
         if response.status in (200, 201):
             log.info("restored %s (reverse patch applied)", what)
