@@ -29,6 +29,7 @@ from pytest_bridge.errors import NameMappingError
 
 __all__ = [
     "FIRST_LOOPBACK_IP",
+    "PUBLIC_SUFFIXES",
     "AddressMode",
     "Endpoint",
     "EndpointPort",
@@ -44,6 +45,7 @@ __all__ = [
     "remove_hosts_blocks",
     "render_hosts_block",
     "service_link_env",
+    "unsafe_name",
     "update_hosts_text",
 ]
 
@@ -177,15 +179,42 @@ def loopback_ips(first: str = FIRST_LOOPBACK_IP) -> Iterator[str]:
         address += 1
 
 
+# Names that mean this machine (RFC 6761): a Service called "localhost" must not take them over.
+_LOCAL_NAMES = frozenset({"localhost", "localhost.localdomain", "broadcasthost", "ip6-localhost", "ip6-loopback"})
+# Top-level domains in wide use: ``svc.ns`` with such a namespace is a public name (a Service "api"
+# in namespace "com" would be "api.com"), so only the ``.svc`` forms are mapped. Two-letter
+# namespaces are treated as country-code domains. Not every TLD: the most used ones.
+PUBLIC_SUFFIXES = frozenset(
+    {"com", "net", "org", "edu", "gov", "mil", "int", "info", "biz", "io", "dev", "app", "ai", "xyz", "cloud", "page",
+     "online", "site", "tech", "arpa", "local", "internal"}
+)  # fmt: skip
+
+
+def unsafe_name(name: str) -> str | None:
+    """Why ``name`` must not be mapped to a cluster address, or None if it may."""
+    lowered = name.lower().rstrip(".")
+    if lowered in _LOCAL_NAMES or lowered.endswith(".localhost"):
+        return "it names this machine"
+    labels = lowered.split(".")
+    if len(labels) == 2 and (labels[1] in PUBLIC_SUFFIXES or (len(labels[1]) == 2 and labels[1].isalpha())):
+        return f"it is a public domain name (.{labels[1]})"
+    return None
+
+
 def hostnames_for(endpoint: Endpoint, namespace: str, cluster_domain: str = "cluster.local") -> tuple[str, ...]:
-    """Names code may use for ``endpoint``; the bare name only in the bridged namespace."""
+    """Names code may use for ``endpoint``; the bare name only in the bridged namespace.
+
+    Names that would take over this machine's own names or a public domain are left out
+    (:func:`unsafe_name`): a Service called ``localhost``, or ``svc.ns`` when ``ns`` is a
+    top-level domain; the ``.svc`` forms still reach the service.
+    """
     if endpoint.is_external:
         return (endpoint.name,)
     qualified = f"{endpoint.name}.{endpoint.namespace}"
     names = [qualified, f"{qualified}.svc", f"{qualified}.svc.{cluster_domain}"]
     if endpoint.namespace == namespace:
         names.insert(0, endpoint.name)
-    return tuple(names)
+    return tuple(name for name in names if unsafe_name(name) is None)
 
 
 def _merge(endpoints: Iterable[Endpoint]) -> list[Endpoint]:

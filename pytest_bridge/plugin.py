@@ -194,6 +194,13 @@ class LocalService:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.service, name)
 
+    def __repr__(self) -> str:
+        # The env holds the service's secrets: a failing test's locals must not print them.
+        return (
+            f"<{type(self).__name__} {self.service.name}.{self.service.namespace}: local ports {self.service.local_ports}, "
+            f"{len(self.service.env)} env vars (values hidden)>"
+        )
+
     def start(
         self, argv: Sequence[str], *, port: int | None = None, env: dict[str, str] | None = None,
         cwd: str | Path | None = None, timeout: float = 30.0,
@@ -325,7 +332,7 @@ class IsolatedRoute(LocalService):
         return self.route.urls
 
     def __repr__(self) -> str:
-        return f"<IsolatedRoute {self.route.name} of {self.route.service}>"
+        return f"<IsolatedRoute {self.route.name} of {self.route.service}: {len(self.service.env)} env vars (values hidden)>"
 
     def check_propagation(
         self, entry: str, path: str = "/", *, port: int | None = None, services: Sequence[str] | None = None

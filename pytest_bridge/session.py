@@ -112,9 +112,9 @@ class BridgedService:
     namespace: str
     plan: BridgePlan
     local_ports: dict[int, int]  # target port in the pod -> local port the traffic goes to
-    env: dict[str, str]
+    env: dict[str, str] = field(repr=False)  # secrets among them: never in a traceback or report
     session_dir: Path
-    mapping: names.NameMapping
+    mapping: names.NameMapping = field(repr=False)
     agent_pod: str
     dropped_env: tuple[str, ...] = ()
 
@@ -128,7 +128,8 @@ class BridgedService:
         svc, _, ns = service.partition(".")
         entry = self.mapping.service(svc, ns or self.namespace)
         remote = port if port is not None else entry.ports[0].remote_port
-        host = f"{svc}.{ns or self.namespace}"
+        qualified = [name for name in entry.hostnames if "." in name]  # svc.ns unless that is a public name
+        host = qualified[0] if qualified else f"{svc}.{ns or self.namespace}.svc"
         return f"http://{host}:{entry.local_port(remote)}{path}"
 
 

@@ -20,6 +20,7 @@ from pytest_bridge.names import (
     remove_hosts_blocks,
     render_hosts_block,
     service_link_env,
+    unsafe_name,
     update_hosts_text,
 )
 
@@ -260,3 +261,33 @@ def test_headless_services_get_no_links() -> None:
     ledger = Endpoint.from_service(ledger_service())
     assert ledger is not None
     assert service_link_env(map_endpoints([ledger], "shop")) == {}
+
+
+# --- names that must not be taken over ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("localhost", "this machine"),
+        ("LOCALHOST.", "this machine"),
+        ("api.localhost", "this machine"),
+        ("api.com", "public domain name (.com)"),
+        ("orders.io", "public domain name (.io)"),
+        ("orders.de", "public domain name (.de)"),
+        ("orders", None),
+        ("orders.shop-dev", None),
+        ("orders.com.svc", None),
+        ("orders.com.svc.cluster.local", None),
+    ],
+)
+def test_unsafe_names(name: str, why: str | None) -> None:
+    reason = unsafe_name(name)
+    assert (reason is None) if why is None else (reason is not None and why in reason)
+
+
+def test_a_service_called_localhost_and_a_tld_namespace_do_not_take_over_names() -> None:
+    local = Endpoint("localhost", "shop", (EndpointPort(80),))
+    assert hostnames_for(local, "shop") == ("localhost.shop", "localhost.shop.svc", "localhost.shop.svc.cluster.local")
+    public = Endpoint("api", "com", (EndpointPort(80),))
+    assert hostnames_for(public, "com") == ("api", "api.com.svc", "api.com.svc.cluster.local")
