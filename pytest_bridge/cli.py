@@ -24,6 +24,7 @@ from pytest_bridge_routing import objects as ro
 from . import bundle, images, kube, restore
 from .errors import BridgeError, NotFoundError
 from .patch import SESSION_LABEL
+from .records import RecordError
 from .session import _session_alive, session_liveness
 
 __all__ = ["main", "rbac_role"]
@@ -96,7 +97,10 @@ def images_command(args: argparse.Namespace, out: Any = None) -> int:
 def status(k: kube.Kube, out: Any = sys.stdout) -> int:
     ns = k.namespace
     print(f"namespace {ns} (context {k.context})", file=out)
-    records = restore.read_records(k, ns)
+    rejected: list[str] = []
+    records = restore.read_records(k, ns, rejected)
+    for why in rejected:
+        print(f"  ignored: {why}", file=out)
     for record in records:
         alive = session_liveness(k, record.session)
         print(f"  bridged: {record.kind} {record.name} by session {record.session} ({alive}; {record.owner})", file=out)
@@ -125,13 +129,20 @@ def status(k: kube.Kube, out: Any = sys.stdout) -> int:
 
 def cleanup(k: kube.Kube, force: bool, out: Any = sys.stdout) -> int:
     ns = k.namespace
-    for record in restore.read_records(k, ns):
+    rejected: list[str] = []
+    for record in restore.read_records(k, ns, rejected):
         if not force and _session_alive(k, record.session):
             print(f"  kept: {record.kind} {record.name} (session {record.session} is alive)", file=out)
             continue
-        restore.apply_restore(k, record)
+        try:
+            restore.apply_restore(k, record)
+        except RecordError as exc:
+            print(f"  not restored: {exc}", file=out)
+            continue
         restore.delete_session_objects(k, ns, record.session)
         print(f"  restored: {record.kind} {record.name} (session {record.session})", file=out)
+    for why in rejected:
+        print(f"  ignored (not used, not deleted): {why}", file=out)
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, ns, label_selector=f"{ro.COMPONENT}=route")
     for pod in pods.items:
         session = (pod.metadata.labels or {}).get(SESSION_LABEL, "")

@@ -31,7 +31,7 @@ from typing import Any
 
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
-from . import bundle, faults, kube, workloads
+from . import bundle, faults, kube, records, workloads
 from .errors import ConnectError, NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
@@ -316,24 +316,51 @@ def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
                 kube.call("delete a session object", deleter, item.metadata.name, namespace)
 
 
-def read_records(k: kube.Kube, namespace: str) -> list[RestoreRecord]:
+def read_records(k: kube.Kube, namespace: str, rejected: list[str] | None = None) -> list[RestoreRecord]:
+    """The namespace's restore records that have the shape this plugin writes (:mod:`.records`);
+    why each other one is not used is appended to ``rejected``."""
     selector = f"{ROLE_LABEL}=restore-record,app.kubernetes.io/managed-by=pytest-bridge"
     secrets = kube.call(
         "list restore records", k.core.list_namespaced_secret, namespace, label_selector=selector,
         verb="list", resource="secrets", namespace=namespace,
     ).items  # fmt: skip
-    records = []
+    found = []
     for secret in secrets:
-        raw = (secret.data or {}).get("record.json")
-        if raw:
-            records.append(RestoreRecord.from_json(base64.b64decode(raw).decode()))
-    return records
+        try:
+            found.append(_record_from_secret(k.to_dict(secret), namespace))
+        except records.RecordError as exc:
+            if rejected is not None:
+                rejected.append(str(exc))
+    return found
+
+
+def _record_from_secret(secret: dict[str, Any], namespace: str) -> RestoreRecord:
+    meta = secret.get("metadata") or {}
+    where = f"restore record Secret {namespace}/{meta.get('name')}"
+    raw = (secret.get("data") or {}).get("record.json")
+    if not raw:
+        raise records.RecordError(f"{where}: no record.json")
+    try:
+        record = RestoreRecord.from_json(base64.b64decode(raw).decode())
+    except (ValueError, TypeError) as exc:
+        raise records.RecordError(f"{where}: not a restore record ({exc})") from exc
+    records.check_record(record, namespace=namespace, where=where)
+    records.check_owner(meta, record.session, guard_name(record.session))
+    return record
 
 
 def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
     """Undo the bridge recorded in ``record``; a workload already restored is left alone."""
     ns, name = record.namespace, record.name
     if record.kind == "Pod":
+        try:
+            current = k.to_dict(kube.call("read the agent pod", k.core.read_namespaced_pod, name, ns))
+        except NotFoundError as exc:
+            raise records.RecordError(
+                f"pod {ns}/{name} of session {record.session} is gone: it is re-created only in place of the agent "
+                "pod it was recorded from (the session's guard does that)"
+            ) from exc
+        records.check_pod_matches(record, current, where=f"the restore record of session {record.session}")
         with contextlib.suppress(NotFoundError):
             kube.call("delete the agent pod", k.core.delete_namespaced_pod, name, ns, grace_period_seconds=0)
         deadline = time.monotonic() + 60

@@ -359,12 +359,15 @@ class BridgeSession:
         other = bridged_session(workload)
         if other is None:
             return
-        records = {r.session: r for r in restore.read_records(k, k.namespace)}
+        rejected: list[str] = []
+        records = {r.session: r for r in restore.read_records(k, k.namespace, rejected)}
         record = records.get(other)
         if record is None:
+            unusable = [why for why in rejected if other in why]
             raise ConflictError(
                 f"{plan.workload.kind} {plan.workload.name} is marked as bridged by session {other!r}, but its restore "
-                "record is gone; restore it by hand (kubectl rollout undo) and run again"
+                + ("record is not usable (" + "; ".join(unusable) + ")" if unusable else "record is gone")
+                + "; restore it by hand (kubectl rollout undo) and run again"
             )
         liveness = session_liveness(k, other)
         if liveness == "alive":

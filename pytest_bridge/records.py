@@ -1,0 +1,129 @@
+"""Restore records are checked before they are used: a forged one must not steer a restore. Pure.
+
+A restore record is a Secret anyone who may write Secrets in the namespace could forge or edit,
+and ``pytest-bridge cleanup`` (or a later session) applies what it says, with the permissions of
+whoever runs it. So a record is used only if it has exactly the shape our plugin writes:
+
+* the Secret is owned by its session's guard Job and labelled with that session;
+* kind, namespace, name and session agree with the Secret it came from;
+* its reverse patch begins with the test that the workload still carries this session, and
+  touches only what a bridge changes (the target container, replicas, our labels and
+  annotations, our code volume);
+* a bare Pod's record is re-created only in place of the agent pod it recorded: every container
+  but the agent's, and every volume but our code volume, must equal the record's.
+
+Anything else is :class:`RecordError`, naming the Secret and what is wrong with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pytest_bridge_agent.runtime import CODE_VOLUME
+
+from .errors import BridgeError
+from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL
+
+__all__ = ["RecordError", "check_owner", "check_pod_matches", "check_record"]
+
+KINDS = ("Deployment", "StatefulSet", "Pod")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+_OURS = "pytest-bridge.io~1"
+# The paths a reverse patch may touch (JSON Pointer, escaped), as pytest_bridge.patch writes them.
+_ALLOWED = tuple(
+    re.compile(p)
+    for p in (
+        r"^/spec/replicas$",
+        r"^/spec/template/spec/containers/\d+(/.*)?$",
+        r"^/spec/template/spec/volumes(/\d+)?$",
+        rf"^/metadata/(labels|annotations)(/{_OURS}[a-z-]+)?$",
+        rf"^/spec/template/metadata/(labels|annotations)(/{_OURS}[a-z-]+)?$",
+    )
+)
+_OPS = ("test", "add", "remove", "replace")
+
+
+class RecordError(BridgeError):
+    """A restore record that is not what this plugin writes: it is not used."""
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def check_owner(secret_meta: Mapping[str, Any], session: str, guard: str) -> None:
+    """The record's Secret is labelled with ``session`` and owned by its guard Job ``guard``."""
+    name = secret_meta.get("name")
+    labels = secret_meta.get("labels") or {}
+    if labels.get(SESSION_LABEL) != session:
+        raise RecordError(f"Secret {name}: its {SESSION_LABEL} label is not the record's session {session!r}")
+    owners = secret_meta.get("ownerReferences") or []
+    if not any(o.get("kind") == "Job" and o.get("name") == guard for o in owners if isinstance(o, Mapping)):
+        raise RecordError(f"Secret {name}: not owned by the guard Job {guard} of session {session!r}")
+
+
+def check_record(record: Any, *, namespace: str, where: str) -> None:
+    """RecordError unless ``record`` (a RestoreRecord) has the shape this plugin writes."""
+    if record.kind not in KINDS:
+        raise RecordError(f"{where}: kind {record.kind!r} is none of {', '.join(KINDS)}")
+    if record.namespace != namespace:
+        raise RecordError(f"{where}: namespace {record.namespace!r} is not the Secret's {namespace!r}")
+    if not isinstance(record.name, str) or not _NAME.match(record.name):
+        raise RecordError(f"{where}: {record.name!r} is not an object name")
+    if not isinstance(record.original, dict) or record.original.get("kind", record.kind) != record.kind:
+        raise RecordError(f"{where}: the original object is not a {record.kind}")
+    if record.kind == "Pod":
+        meta = record.original.get("metadata") or {}
+        if meta.get("name") != record.name or meta.get("namespace", namespace) != namespace:
+            raise RecordError(f"{where}: the original Pod is not {namespace}/{record.name}")
+        if record.reverse_patch:
+            raise RecordError(f"{where}: a bare Pod's record has no reverse patch")
+        return
+    ops = record.reverse_patch
+    if not isinstance(ops, list) or not ops:
+        raise RecordError(f"{where}: no reverse patch")
+    first = ops[0]
+    guard_path = f"/spec/template/metadata/annotations/{_escape(SESSION_ANNOTATION)}"
+    if not (isinstance(first, dict) and first.get("op") == "test" and first.get("path") == guard_path):
+        raise RecordError(f"{where}: the reverse patch does not begin by testing that the workload is still bridged")
+    if first.get("value") != record.session:
+        raise RecordError(
+            f"{where}: the reverse patch tests for session {first.get('value')!r}, not {record.session!r}"
+        )
+    for op in ops:
+        if not isinstance(op, dict) or op.get("op") not in _OPS or not isinstance(op.get("path"), str):
+            raise RecordError(f"{where}: {op!r} is not a test/add/remove/replace operation")
+        if not any(pattern.match(op["path"]) for pattern in _ALLOWED):
+            raise RecordError(f"{where}: the reverse patch touches {op['path']}, which a bridge never changes")
+
+
+def check_pod_matches(record: Any, current: Mapping[str, Any], *, where: str) -> None:
+    """A bare Pod is re-created from ``record`` only in place of the agent pod made from it.
+
+    ``current`` is the live pod: every container but the agent's, and every volume but our
+    code volume, must equal the record's original.
+    """
+    annotations = (current.get("metadata") or {}).get("annotations") or {}
+    if annotations.get(SESSION_ANNOTATION) != record.session:
+        raise RecordError(f"{where}: pod {record.name} is not bridged by session {record.session!r}")
+    agent = annotations.get(CONTAINER_ANNOTATION)
+    live, recorded = current.get("spec") or {}, record.original.get("spec") or {}
+
+    def others(spec: Mapping[str, Any]) -> list[Any]:
+        return [c for c in spec.get("containers") or [] if c.get("name") != agent]
+
+    def volumes(spec: Mapping[str, Any]) -> list[Any]:
+        return [v for v in spec.get("volumes") or [] if v.get("name") != CODE_VOLUME]
+
+    def names(items: list[Any]) -> list[Any]:
+        return [(c.get("name"), c.get("image")) for c in items]
+
+    if names(others(live)) != names(others(recorded)) or [v.get("name") for v in volumes(live)] != [
+        v.get("name") for v in volumes(recorded)
+    ]:
+        raise RecordError(
+            f"{where}: the recorded Pod does not match the agent pod {record.name} it would replace "
+            "(other containers or volumes differ): not re-created"
+        )

@@ -1,0 +1,108 @@
+"""Restore records are used only when they have the shape the plugin writes (forged ones are not)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any
+
+import pytest
+from k8s_samples import echo_pod, echo_service, orders_deployment, orders_pod, orders_replicaset, orders_service
+
+from pytest_bridge.patch import AgentSpec, agent_pod, pod_for_recreate, strip_server_fields, workload_patches
+from pytest_bridge.plan import make_plan
+from pytest_bridge.records import RecordError, check_owner, check_pod_matches, check_record
+from pytest_bridge.restore import RestoreRecord, _record_from_secret, guard_name, owned_secret
+
+AGENT = AgentSpec(image="python:3", session="s-1a2b", token_sha256="00" * 32)
+WHERE = "record"
+
+
+def genuine() -> RestoreRecord:
+    deployment = orders_deployment()
+    plan = make_plan(orders_service(), [orders_pod()], [orders_replicaset(), deployment])
+    patches = workload_patches(deployment, plan, AGENT)
+    return RestoreRecord(
+        session="s-1a2b", namespace=deployment["metadata"]["namespace"], kind="Deployment", name="orders",
+        reverse_patch=patches.reverse, original=strip_server_fields(deployment), owner="me", created=1.0,
+    )  # fmt: skip
+
+
+def test_the_plugins_own_record_passes() -> None:
+    record = genuine()
+    check_record(record, namespace=record.namespace, where=WHERE)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"kind": "ClusterRole"}, "kind 'ClusterRole'"),
+        ({"namespace": "kube-system"}, "namespace 'kube-system'"),
+        ({"name": "../etc"}, "not an object name"),
+        ({"reverse_patch": []}, "no reverse patch"),
+        ({"session": "other"}, "tests for session 's-1a2b', not 'other'"),
+    ],
+)
+def test_forged_fields_are_refused(change: dict[str, Any], message: str) -> None:
+    record = dataclasses.replace(genuine(), **change)
+    with pytest.raises(RecordError, match=message):
+        check_record(record, namespace=genuine().namespace, where=WHERE)
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        {"op": "replace", "path": "/spec/template/spec/serviceAccountName", "value": "admin"},
+        {"op": "add", "path": "/spec/template/spec/hostNetwork", "value": True},
+        {"op": "replace", "path": "/metadata/labels/app", "value": "x"},
+        {"op": "move", "from": "/a", "path": "/spec/replicas"},
+    ],
+)
+def test_a_reverse_patch_may_touch_only_what_a_bridge_changes(op: dict[str, Any]) -> None:
+    record = genuine()
+    forged = dataclasses.replace(record, reverse_patch=[*record.reverse_patch, op])
+    with pytest.raises(RecordError):
+        check_record(forged, namespace=record.namespace, where=WHERE)
+
+
+def test_a_reverse_patch_must_first_test_the_session() -> None:
+    record = genuine()
+    with pytest.raises(RecordError, match="does not begin by testing"):
+        check_record(dataclasses.replace(record, reverse_patch=record.reverse_patch[1:]), namespace=record.namespace,
+                     where=WHERE)  # fmt: skip
+
+
+def test_owner_and_label() -> None:
+    record = genuine()
+    job = {"metadata": {"name": guard_name("s-1a2b"), "uid": "u"}}
+    secret = owned_secret("rec", session="s-1a2b", namespace=record.namespace, role="restore-record", job=job,
+                          data={"record.json": record.to_json()})  # fmt: skip
+    assert _record_from_secret(secret, record.namespace) == record
+    orphan = copy.deepcopy(secret)
+    orphan["metadata"]["ownerReferences"] = []
+    with pytest.raises(RecordError, match="not owned by the guard Job"):
+        _record_from_secret(orphan, record.namespace)
+    with pytest.raises(RecordError, match="label"):
+        check_owner({**secret["metadata"], "labels": {}}, "s-1a2b", guard_name("s-1a2b"))
+    garbage = copy.deepcopy(secret)
+    garbage["data"]["record.json"] = "bm90IGpzb24="  # "not json"
+    with pytest.raises(RecordError, match="not a restore record"):
+        _record_from_secret(garbage, record.namespace)
+
+
+def test_a_bare_pod_is_recreated_only_in_place_of_its_agent_pod() -> None:
+    pod = echo_pod()
+    plan = make_plan(echo_service(), [pod])
+    record = RestoreRecord(
+        session="s-1a2b", namespace=pod["metadata"]["namespace"], kind="Pod", name=pod["metadata"]["name"],
+        reverse_patch=[], original=pod_for_recreate(pod), owner="me", created=1.0,
+    )  # fmt: skip
+    check_record(record, namespace=record.namespace, where=WHERE)
+    live = agent_pod(pod, plan, AGENT)
+    check_pod_matches(record, live, where=WHERE)
+    forged = copy.deepcopy(record.original)
+    forged["spec"]["containers"].append({"name": "miner", "image": "evil:1"})
+    with pytest.raises(RecordError, match="does not match the agent pod"):
+        check_pod_matches(dataclasses.replace(record, original=forged), live, where=WHERE)
+    with pytest.raises(RecordError, match="not bridged by session"):
+        check_pod_matches(record, pod, where=WHERE)
