@@ -8,6 +8,7 @@ layers above wrap foreign exceptions into these (``raise PlanError(...) from e``
 from __future__ import annotations
 
 __all__ = [
+    "ApiUnreachableError",
     "BridgeError",
     "ClusterError",
     "ConfigError",
@@ -68,6 +69,10 @@ class NameMappingError(BridgeError):
 
 class ClusterError(BridgeError):
     """The Kubernetes API answered with an error we can't work around."""
+
+
+class ApiUnreachableError(ClusterError):
+    """The API server did not answer (down, unreachable, too slow): the call timed out or failed."""
 
 
 class NotFoundError(ClusterError):

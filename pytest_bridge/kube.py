@@ -13,16 +13,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from .errors import ClusterError, ConflictError, ForbiddenError, NotFoundError
+from .errors import ApiUnreachableError, ClusterError, ConflictError, ForbiddenError, NotFoundError
 
 __all__ = ["Kube", "call", "load"]
 
 T = TypeVar("T")
+# Every call to the API server: (connect, read) seconds. A stopped or unreachable API server fails
+# the call within this, instead of hanging connect, close or a test.
+REQUEST_TIMEOUT = (5.0, 30.0)
 
 
 @dataclass
@@ -86,6 +90,7 @@ def load(kubeconfig: str | None, context: str | None, namespace: str | None) -> 
         config.load_kube_config(config_file=kubeconfig, context=chosen, client_configuration=configuration)
     except (ConfigException, OSError, ValueError) as exc:
         raise ClusterError(f"kube context {chosen!r} of {kubeconfig or 'the kubeconfig'} is unusable: {exc}") from exc
+    configuration.retries = 1  # one retry of a failed connection, not urllib3's three (each up to the timeout)
     ns = namespace or entry.get("context", {}).get("namespace") or "default"
     return Kube(client.ApiClient(configuration), configuration, str(chosen), ns)
 
@@ -106,8 +111,13 @@ def call(
     ``what`` says what we were doing; ``verb``, ``resource`` and ``namespace`` name the
     permission a 403 lacks. They are for the message only and not passed to ``fn``.
     """
+    kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
     try:
         return fn(*args, **kwargs)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise ApiUnreachableError(
+            f"{what}: the API server did not answer ({type(exc).__name__}: {exc}); is it reachable from here?"
+        ) from exc
     except ApiException as exc:
         reason = _reason(exc)
         if exc.status == 404:

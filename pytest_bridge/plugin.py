@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import signal
 import threading
@@ -118,12 +119,26 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         bridge.connect()
     except BridgeError as exc:
         raise pytest.UsageError(f"pytest-bridge could not connect: {exc}") from exc
+    except Exception as exc:  # a bug of ours: one clear line, not an INTERNALERROR (the cluster is restored)
+        logging.getLogger(__name__).exception("connect failed")
+        raise pytest.UsageError(
+            f"pytest-bridge could not connect: unexpected {type(exc).__name__}: {exc} (a bug of pytest-bridge; "
+            "the cluster was restored)"
+        ) from exc
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
     bridge = session.config.stash.get(_session_key, None)
-    if bridge is not None:
+    if bridge is None:
+        return
+    try:
         bridge.close()
+    except BridgeError as exc:
+        # Not an INTERNALERROR: say it, fail the run; the in-cluster guard restores what was not.
+        terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+        if terminal is not None:
+            terminal.write_line(f"pytest-bridge: {exc}", red=True)
+        session.exitstatus = max(int(session.exitstatus), int(pytest.ExitCode.TESTS_FAILED))
 
 
 def _close_quietly(bridge: BridgeSession) -> None:

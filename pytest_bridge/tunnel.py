@@ -47,6 +47,8 @@ from pytest_bridge_agent.wire import (
     read_frame,
 )
 
+from .errors import ConnectError
+
 __all__ = [
     "AuthenticationError",
     "ConnectionLost",
@@ -90,8 +92,12 @@ LANE_REFILL_QUIET = 0.05
 MAX_ACTIVE_LANES = 64
 
 
-class TunnelError(Exception):
+class TunnelError(ConnectError):
     """The tunnel cannot do what was asked (not connected, handshake failed, ...)."""
+
+
+class TunnelTimeoutError(TunnelError, TimeoutError):
+    """A tunnel operation did not finish in time (the agent or the port-forward does not answer)."""
 
 
 class AuthenticationError(TunnelError):

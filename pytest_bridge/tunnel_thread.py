@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
-from .tunnel import Connector, Tunnel, TunnelError, TunnelStats
+from .tunnel import Connector, Tunnel, TunnelError, TunnelStats, TunnelTimeoutError
 
 __all__ = ["BackgroundTunnel"]
 
@@ -178,7 +178,9 @@ class BackgroundTunnel:
             return future.result(timeout)
         except concurrent.futures.TimeoutError:
             future.cancel()
-            raise TimeoutError(f"tunnel operation timed out after {timeout:g}s") from None
+            raise TunnelTimeoutError(
+                f"the tunnel did not answer within {timeout:g}s (agent or port-forward not responding)"
+            ) from None
 
     def _stop_loop(self) -> None:
         loop, thread = self._loop, self._thread
