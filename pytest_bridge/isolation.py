@@ -502,12 +502,16 @@ def prove_live(
     route: str,
     timeout: float,
     diagnose: Callable[[], str | None] = lambda: None,
+    *,
+    notes: Callable[[], list[str]] = lambda: [],
 ) -> None:
     """A request tagged with ``route``, dialled in-cluster to the Service, must come back to us.
 
     ``diagnose`` is asked about once a second why not yet (:func:`routing_problem`): a problem
-    that will not go away by waiting (an image that cannot be pulled, pods refused by policy)
-    fails the route at once instead of at the timeout.
+    that will not go away by waiting (an image that cannot be pulled, pods refused by policy,
+    an object the routing manager cannot route) fails the route at once instead of at the
+    timeout. ``notes`` (what the manager skipped without blocking a route) go into the timeout's
+    message.
     """
     port = http_port(plan)
     if port is None:
@@ -551,22 +555,38 @@ def prove_live(
             if problem:
                 raise ConnectError(f"route {route!r} cannot go live: {problem}")
         time.sleep(0.05)
+    found = notes()
     raise ConnectError(
         f"route {route!r}: a canary to {host}:{port} with {ROUTE_HEADER}: {route} never reached the route pod "
         f"within {timeout:.0f}s; is the routing manager running (`kubectl -n {plan.namespace} logs "
-        f"deploy/{ro.MANAGER_NAME}`)?"
+        f"deploy/{ro.MANAGER_NAME}`)?" + (f" It notes: {'; '.join(found)}" if found else "")
     )
 
 
-def routing_problem(k: kube.Kube, service: str, settings: BridgeSettings) -> str | None:
+def manager_findings(k: kube.Kube, service: str, route: str) -> tuple[list[str], list[str]]:
+    """What the routing manager says blocks ``route`` of ``service``, and its notes (its status ConfigMap)."""
+    try:
+        status: Any = kube.call(
+            "read the routing status", k.core.read_namespaced_config_map, ro.STATUS_CONFIGMAP, k.namespace
+        )
+    except (NotFoundError, ForbiddenError):
+        return [], []  # no problems (the manager deletes it when there are none), or not ours to read
+    return ro.problems_for(status.data, service, route)
+
+
+def routing_problem(k: kube.Kube, service: str, settings: BridgeSettings, route: str = "") -> str | None:
     """Why the routing manager or ``service``'s router cannot run, if that is visible in the cluster.
 
-    Their pods are made by Deployments, so a refusal (policy) is a ``ReplicaFailure`` condition
-    and an image that cannot be pulled is a container waiting in ``ErrImagePull``; each is named
-    with the setting that chooses the image.
+    First what the manager itself found it cannot route (a malformed object it names; see
+    ``pytest_bridge_routing.manager``). Then the pods: made by Deployments, a refusal (policy) is a
+    ``ReplicaFailure`` condition and an image that cannot be pulled is a container waiting in
+    ``ErrImagePull``; each is named with the setting that chooses the image.
     """
     from .session import PULL_FAILURES  # noqa: PLC0415 - session imports this module
 
+    blocking, _ = manager_findings(k, service, route)
+    if blocking:
+        return f"the routing manager cannot route it: {'; '.join(blocking)}"
     ns = k.namespace
     deployments: Any = kube.call(
         "list routing deployments", k.apps.list_namespaced_deployment, ns, label_selector=ro.COMPONENT
@@ -693,8 +713,10 @@ def open_route(
         ready_at = time.monotonic()
         conn.tunnel = _open_tunnel(bs, k, pod_name, plan, token=conn.token, timeout=settings.connect_timeout)
         prove_live(
-            conn.tunnel, plan, route, settings.connect_timeout, diagnose=lambda: routing_problem(k, service, settings)
-        )
+            conn.tunnel, plan, route, settings.connect_timeout,
+            diagnose=lambda: routing_problem(k, service, settings, route),
+            notes=lambda: manager_findings(k, service, route)[1],
+        )  # fmt: skip
         late = wait_host_routers(k, host_backends, time.monotonic() + settings.connect_timeout)
         if late:  # header routing works; only <route>.<host> requests may still miss the route
             report(

@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from pytest_bridge_routing.objects import record_problem
+
 from pytest_bridge.errors import PlanError
 
 __all__ = [
@@ -378,6 +380,9 @@ def make_plan(
             f"service {service!r} is an ExternalName alias for {spec.get('externalName')!r}; it has no pods "
             "to replace. Bridge the service that actually runs the code"
         )
+    problem = record_problem(service_obj)  # isolated routes' record of its selector, damaged
+    if problem:
+        raise PlanError(f"cannot bridge service {service!r}: {problem}")
     selector = spec.get("selector") or {}
     if not selector:
         raise PlanError(

@@ -14,7 +14,16 @@ backend of an Ingress while any route exists):
 
 When S needs no router any more, its selector is restored first and then the router and the
 default Service are deleted. Each Ingress gets one copy per route with ``<route>.``-prefixed
-hosts. Finished route pods (the agent exits when its session has been gone for a while) are
+hosts (only its rules whose host can carry a route: no wildcard, no host-less rule).
+
+Objects that cannot be routed as they are — a wildcard or missing Ingress host, a backend naming
+a missing Service or port, a Service with no selector, an ExternalName, a malformed
+original-selector annotation, a route pod with a malformed route label or route-on-header
+annotation — never stop the pass or other services' routes: each is skipped, logged once (and
+once more when it is gone), and listed in the status ConfigMap ``pytest-bridge-routing-status``
+(``objects.routing_status``) by the service or route it blocks, where the plugin reads it to
+name the cause in the route's error. A switched Service whose recorded selector is unreadable is
+left exactly as it is. Finished route pods (the agent exits when its session has been gone for a while) are
 deleted. After ``MANAGER_IDLE_SECONDS`` with nothing to manage, the manager deletes its own
 Deployment; ownerReferences take its ServiceAccounts, Roles and RoleBindings with it.
 
@@ -131,6 +140,36 @@ class Observed:
     routers: dict[str, dict[str, Any]]  # service -> router Deployment
     config_maps: dict[str, dict[str, Any]]  # service -> router ConfigMap
     router_pods: list[dict[str, Any]]
+    status: dict[str, Any] | None = None  # the status ConfigMap, if there is one
+    manager_uid: str | None = None  # of the manager's Deployment: the status ConfigMap's owner
+
+
+@dataclass
+class Problems:
+    """What one pass found it cannot route: by the service or route it blocks, or a note (blocks nothing)."""
+
+    services: dict[str, set[str]] = field(default_factory=dict)
+    routes: dict[str, set[str]] = field(default_factory=dict)
+    notes: set[str] = field(default_factory=set)
+
+    def service(self, name: str, problem: str) -> None:
+        self.services.setdefault(name, set()).add(problem)
+
+    def route(self, name: str, problem: str) -> None:
+        self.routes.setdefault(name, set()).add(problem)
+
+    def note(self, problem: str) -> None:
+        self.notes.add(problem)
+
+    def lines(self) -> set[str]:
+        return {p for per in (*self.services.values(), *self.routes.values()) for p in per} | self.notes
+
+    def status(self) -> dict[str, Any]:
+        return o.routing_status(
+            {k: sorted(v) for k, v in self.services.items()},
+            {k: sorted(v) for k, v in self.routes.items()},
+            sorted(self.notes),
+        )
 
 
 @dataclass
@@ -142,6 +181,8 @@ class Manager:
     _idle_since: float | None = None
     _waiting: bool = False
     _ports: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
+    _logged: set[str] = field(default_factory=set)  # problems logged already: each once while it lasts
+    _problems: Problems = field(default_factory=Problems)
 
     def observe(self) -> Observed:
         a = self.api
@@ -152,6 +193,8 @@ class Manager:
         config_maps = {
             _labels(c).get(o.LABEL_ROUTER, ""): c for c in a.items("", "configmaps", f"{o.COMPONENT}=router")
         }
+        status = a.items("", "configmaps", f"{o.COMPONENT}={o.STATUS_COMPONENT}")
+        managers = a.items("apps", "deployments", f"{o.COMPONENT}=routing-manager")
         return Observed(
             route_pods=a.items("", "pods", o.LABEL_ROUTE),
             services=services,
@@ -159,47 +202,120 @@ class Manager:
             routers=routers,
             config_maps=config_maps,
             router_pods=a.items("", "pods", f"{o.COMPONENT}=router"),
+            status=next((c for c in status if _name(c) == o.STATUS_CONFIGMAP), None),
+            manager_uid=next(
+                ((m.get("metadata") or {}).get("uid") for m in managers if _name(m) == o.MANAGER_NAME), None
+            ),
         )
 
-    def wanted(self, seen: Observed) -> set[str]:
+    def wanted(self, seen: Observed, problems: Problems | None = None) -> set[str]:
+        """The services to put behind a router; what keeps others from it goes into ``problems``."""
+        problems = problems if problems is not None else Problems()
         routes = o.live_routes(seen.route_pods)
-        wanted = set(routes) | o.observed_services(seen.route_pods)
+        wanted: set[str] = set()
+        for name in sorted(set(routes) | o.observed_services(seen.route_pods)):
+            service = seen.services.get(name)
+            problem = (
+                f"service {name} does not exist" if service is None
+                else None if o.is_ours(service)
+                else o.service_problem(service)
+            )  # fmt: skip
+            if problem:
+                problems.service(name, problem)
+            elif service is not None and not o.is_ours(service):
+                wanted.add(name)
         if routes:
             for ingress in seen.ingresses:
-                if not o.is_ours(ingress):
-                    wanted |= o.ingress_backends(ingress)
-        return {
-            name
-            for name in wanted
-            if name in seen.services and not o.is_ours(seen.services[name]) and o.original_selector(seen.services[name])
-        }
+                if o.is_ours(ingress):
+                    continue
+                for problem in o.ingress_problems(ingress, seen.services):
+                    problems.note(problem)
+                for name in o.ingress_backends(ingress):
+                    service = seen.services.get(name)
+                    if service is not None and not o.is_ours(service) and not o.service_problem(service):
+                        wanted.add(name)
+        return wanted
 
     def reconcile(self) -> tuple[bool, bool]:
-        """One pass: (busy: there is something to manage, settling: it changed or waits for something)."""
+        """One pass: (busy: there is something to manage, settling: it changed or waits for something).
+
+        Each service, route pod and Ingress is handled on its own: what fails for one is recorded
+        in the pass's :class:`Problems` and the others go on.
+        """
         before = self.api.mutations
         self._waiting = False
+        problems = self._problems = Problems()
         seen = self.observe()
         for pod in seen.route_pods:
             if o.is_finished(pod) and not (pod.get("metadata") or {}).get("deletionTimestamp"):
                 log.info("deleting finished route pod %s", _name(pod))
-                self.api.delete("", "pods", _name(pod))
-        wanted = self.wanted(seen)
+                try:
+                    self.api.delete("", "pods", _name(pod))
+                except (ApiError, OSError) as e:
+                    problems.note(f"route pod {_name(pod)}: cannot delete it: {e}")
+                continue
+            problem = o.route_pod_problem(pod)
+            if problem and not (pod.get("metadata") or {}).get("deletionTimestamp"):
+                route = _labels(pod).get(o.LABEL_ROUTE, "")
+                if nginxconf.is_route_name(route):
+                    problems.route(route, problem)
+                else:
+                    problems.note(problem)
+        wanted = self.wanted(seen, problems)
         routes = o.live_routes(seen.route_pods)
         hosts = o.ingress_hosts(i for i in seen.ingresses if not o.is_ours(i))
         for service in sorted(wanted):
             try:
                 self._route_service(seen, service, routes.get(service, {}), hosts)
             except (ApiError, OSError, ValueError) as e:
-                log.warning("service %s: %s", service, e)
+                problems.service(service, f"service {service}: {e}")
         for service in sorted(self._managed_services(seen) - wanted):
+            service_obj = seen.services.get(service)
+            record_problem = o.record_problem(service_obj) if service_obj is not None else None
+            if record_problem:
+                problems.service(service, f"{record_problem} (the service is left as it is)")
+                continue
             self._unroute_service(seen, service)
         self._ingress_copies(seen, sorted({r for per in routes.values() for r in per}))
+        self._report(seen, problems)
         busy = bool(wanted or seen.route_pods or self._managed_services(seen))
         return busy, self._waiting or self.api.mutations != before
 
+    def _report(self, seen: Observed, problems: Problems) -> None:
+        """Log each problem once while it lasts, and keep the status ConfigMap equal to the pass's problems."""
+        lines = problems.lines()
+        for line in sorted(lines - self._logged):
+            log.warning("%s", line)
+        for line in sorted(self._logged - lines):
+            log.info("no longer a problem: %s", line)
+        self._logged = lines
+        try:
+            self._write_status(seen, problems.status())
+        except (ApiError, OSError) as e:
+            log.warning("status ConfigMap %s: %s", o.STATUS_CONFIGMAP, e)
+
+    def _write_status(self, seen: Observed, status: dict[str, Any]) -> None:
+        current = seen.status
+        if not any(status.values()):
+            if current is not None:
+                self.api.delete("", "configmaps", o.STATUS_CONFIGMAP)
+            return
+        manifest = o.status_config_map(self.api.namespace, status, seen.manager_uid)
+        if current is None:
+            self.api.create("", "configmaps", manifest)
+        elif (current.get("data") or {}) != manifest["data"]:
+            manifest["metadata"]["resourceVersion"] = (current.get("metadata") or {}).get("resourceVersion")
+            self.api.replace("", "configmaps", o.STATUS_CONFIGMAP, manifest)
+
     def _managed_services(self, seen: Observed) -> set[str]:
         managed = {s for s in seen.routers if s} | {s for s in seen.config_maps if s}
-        managed |= {name for name, svc in seen.services.items() if o.is_switched(svc)}
+        # Switched: recorded by us, or (its record unreadable) still pointing at its router.
+        managed |= {
+            name
+            for name, svc in seen.services.items()
+            if o.is_switched(svc)
+            and (not o.record_problem(svc) or (svc.get("spec") or {}).get("selector") == o.router_selector(name))
+        }
         managed |= {
             _labels(svc).get(o.LABEL_ROUTER, "")
             for svc in seen.services.values()
@@ -216,12 +332,23 @@ class Manager:
         selector = o.original_selector(service_obj) or {}
         pods = self.api.items("", "pods", _selector_string(selector))
         ports = o.resolve_target_ports(service_obj, pods)
-        self._ports[name] = (version, ports)
+        if ports:  # none yet (no pods to name the target ports): ask again on the next pass
+            self._ports[name] = (version, ports)
         return ports
 
     def _route_service(self, seen: Observed, service: str, routes: Mapping[str, str | None], hosts: list[str]) -> None:
         a, ns = self.api, self.api.namespace
         service_obj = seen.services[service]
+        ports = self._resolved_ports(service_obj)
+        resolved = {port["port"] for port in ports}
+        for port in (service_obj.get("spec") or {}).get("ports") or []:
+            if (port.get("protocol") or "TCP") == "TCP" and port.get("port") not in resolved:
+                self._problems.note(
+                    f"service {service} port {port.get('name') or port.get('port')} targets the named port "
+                    f"{port.get('targetPort')!r}, which none of its pods declares: not routed"
+                )
+        if not ports:
+            raise ValueError("none of its TCP ports reaches a port its pods declare: there is nothing to route")
         default_name = o.default_service_name(service)
         default = seen.services.get(default_name)
         if default is None:
@@ -229,7 +356,6 @@ class Manager:
             a.create("", "services", o.default_service(service_obj))
             return  # its ClusterIP is read on the next pass
         cluster_ip = (default.get("spec") or {}).get("clusterIP")
-        ports = self._resolved_ports(service_obj)
         router_ports = []
         listening: set[int] = set()
         for port in ports:
@@ -324,7 +450,8 @@ class Manager:
                 continue
             for route in routes:
                 copy = o.ingress_copy(ingress, route)
-                wanted[copy["metadata"]["name"]] = copy
+                if copy is not None:
+                    wanted[copy["metadata"]["name"]] = copy
         existing = {_name(i) for i in seen.ingresses if _labels(i).get(o.COMPONENT) == "ingress-copy"}
         for name in sorted(set(wanted) - existing):
             log.info("creating ingress %s", name)
@@ -395,11 +522,16 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     wakeup = Wakeup(api)
     log.info("routing manager for namespace %s (idle exit after %gs)", api.namespace, manager.idle_seconds)
+    last_error = ""
     while not stop.is_set():
         try:
             busy, settling = manager.reconcile()
-        except (ApiError, OSError) as e:
-            log.warning("reconcile: %s", e)
+            last_error = ""
+        except Exception as e:  # a manager that crash-loops routes nothing for anyone
+            error = f"{type(e).__name__}: {e}"
+            if error != last_error:
+                log.warning("reconcile: %s", error, exc_info=not isinstance(e, ApiError | OSError))
+            last_error = error
             busy, settling = True, False  # retry at the poll interval, not in a tight loop
         if manager.idle_expired(busy):
             log.info("nothing to route for %gs: removing the routing manager", manager.idle_seconds)

@@ -53,10 +53,13 @@ __all__ = [
     "ROUTER_SA",
     "ROUTE_HEADER",
     "STATS_PORT",
+    "STATUS_CONFIGMAP",
     "RoutingRuntime",
     "check_route_name",
     "dns_label",
     "manager_objects",
+    "problems_for",
+    "routing_status",
 ]
 
 ROUTE_HEADER = "kubernetes-route-as"
@@ -73,6 +76,9 @@ ANN_SOURCE = "pytest-bridge.io/source"
 ANN_RUNTIME = "pytest-bridge.io/runtime"  # on the manager: which code and images it runs (RoutingRuntime.key)
 
 MANAGER_NAME = "pytest-bridge-routing-manager"
+STATUS_CONFIGMAP = "pytest-bridge-routing-status"  # what the manager cannot route, for the plugin's errors
+STATUS_COMPONENT = "routing-status"
+STATUS_KEY = "status.json"
 ROUTER_SA = "pytest-bridge-router"
 STATS_PORT = 47180
 
@@ -180,14 +186,40 @@ def is_finished(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def route_pod_problem(pod: Mapping[str, Any]) -> str | None:
+    """Why a route pod cannot be served (its labels or route-on-header annotation are malformed), or None.
+
+    The route label names the route (a DNS label: it becomes a host prefix and an nginx map key);
+    the route-on-header annotation, when present, must say ``kubernetes-route-as=<that route>``.
+    """
+    meta = _meta(pod)
+    pod_labels = meta.get("labels") or {}
+    name = meta.get("name")
+    route, service = pod_labels.get(LABEL_ROUTE), pod_labels.get(LABEL_ROUTE_SERVICE)
+    if not isinstance(route, str) or not nginxconf.is_route_name(route):
+        return f"route pod {name}: label {LABEL_ROUTE}={route!r} is not a route name (a DNS label)"
+    if not isinstance(service, str) or not _LABEL.match(service):
+        return f"route pod {name}: label {LABEL_ROUTE_SERVICE}={service!r} does not name a service"
+    header = (meta.get("annotations") or {}).get(ANN_ROUTE_ON_HEADER)
+    if header is not None and header != f"{ROUTE_HEADER}={route}":
+        return (
+            f"route pod {name}: annotation {ANN_ROUTE_ON_HEADER}={header!r} does not match its route "
+            f"(expected {ROUTE_HEADER}={route})"
+        )
+    return None
+
+
 def live_routes(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str | None]]:
-    """service -> route -> pod IP (None until the route pod is Ready) for route pods not going away."""
+    """service -> route -> pod IP (None until the route pod is Ready) for route pods not going away.
+
+    Route pods with a :func:`route_pod_problem` are left out.
+    """
     result: dict[str, dict[str, str | None]] = {}
     for pod in pods:
         meta = _meta(pod)
         pod_labels = meta.get("labels") or {}
         service, route = pod_labels.get(LABEL_ROUTE_SERVICE), pod_labels.get(LABEL_ROUTE)
-        if not service or not route or meta.get("deletionTimestamp") or is_finished(pod):
+        if not service or not route or meta.get("deletionTimestamp") or is_finished(pod) or route_pod_problem(pod):
             continue
         ip = (pod.get("status") or {}).get("podIP") if is_serving(pod) else None
         routes = result.setdefault(service, {})
@@ -229,22 +261,85 @@ def ingress_backends(ingress: Mapping[str, Any]) -> set[str]:
     return names
 
 
+def can_carry_routes(host: Any) -> bool:
+    """Whether ``<route>.<host>`` is a host name: not a wildcard (``*.shop.example``), not an IP."""
+    labels = host.split(".") if isinstance(host, str) else []
+    return (
+        bool(host)
+        and len(host) <= 253
+        and all(_LABEL.match(label) for label in labels)
+        and not all(label.isdigit() for label in labels)
+    )
+
+
+def _rules(ingress: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    rules = (ingress.get("spec") or {}).get("rules") or []
+    return [rule for rule in rules if isinstance(rule, Mapping)] if isinstance(rules, list) else []
+
+
 def ingress_hosts(ingresses: Iterable[Mapping[str, Any]]) -> list[str]:
-    hosts = {
-        rule["host"] for ing in ingresses for rule in (ing.get("spec") or {}).get("rules") or [] if rule.get("host")
-    }
-    return sorted(hosts)
+    """The hosts of the Ingresses' rules that can carry routes (see :func:`can_carry_routes`)."""
+    return sorted(
+        {str(rule["host"]) for ing in ingresses for rule in _rules(ing) if can_carry_routes(rule.get("host"))}
+    )
 
 
-def ingress_copy(ingress: Mapping[str, Any], route: str) -> dict[str, Any]:
-    """The Ingress for ``route``: same backends, every host (rules and TLS) prefixed with ``<route>.``."""
+def ingress_problems(ingress: Mapping[str, Any], services: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """What in an Ingress cannot take part in routing, for the log and the status (nothing blocks a route).
+
+    ``services`` are the namespace's Services by name (to check backends and their ports).
+    """
+    name = _meta(ingress).get("name")
+    problems = []
+    for index, rule in enumerate(_rules(ingress)):
+        host = rule.get("host")
+        if not host:
+            problems.append(f"ingress {name}: rule {index} has no host: <route>.<host> requests cannot reach it")
+        elif not can_carry_routes(host):
+            problems.append(f"ingress {name}: host {host!r} cannot carry routes (<route>.{host} is no host name)")
+    for backend in _ingress_service_backends(ingress):
+        service = services.get(str(backend.get("name")))
+        port = backend.get("port") or {}
+        if service is None:
+            problems.append(f"ingress {name}: backend service {backend.get('name')!r} does not exist")
+            continue
+        ports = (service.get("spec") or {}).get("ports") or []
+        if port.get("name") and port["name"] not in {p.get("name") for p in ports}:
+            problems.append(f"ingress {name}: backend service {backend.get('name')} has no port named {port['name']!r}")
+        elif port.get("number") and port["number"] not in {p.get("port") for p in ports}:
+            problems.append(f"ingress {name}: backend service {backend.get('name')} has no port {port['number']}")
+        problem = service_problem(service)
+        if problem:
+            problems.append(f"ingress {name}: backend {problem}: requests on <route>.<host> go straight to it")
+    return sorted(set(problems))
+
+
+def _ingress_service_backends(ingress: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    spec = ingress.get("spec") or {}
+    backends = [(spec.get("defaultBackend") or {}).get("service")]
+    for rule in _rules(ingress):
+        for path in (rule.get("http") or {}).get("paths") or []:
+            backends.append((path.get("backend") or {}).get("service"))
+    return [b for b in backends if isinstance(b, Mapping) and b.get("name")]
+
+
+def ingress_copy(ingress: Mapping[str, Any], route: str) -> dict[str, Any] | None:
+    """The Ingress for ``route``: the rules whose host can carry routes, that host prefixed with ``<route>.``
+    (TLS hosts too); None if there are none.
+
+    Rules without a host and the default backend are not copied: the original already serves
+    them, and a second Ingress claiming them would conflict with it.
+    """
     meta = _meta(ingress)
     spec = json.loads(json.dumps(ingress.get("spec") or {}))
-    for rule in spec.get("rules") or []:
-        if rule.get("host"):
-            rule["host"] = f"{route}.{rule['host']}"
+    spec.pop("defaultBackend", None)
+    spec["rules"] = [rule for rule in _rules({"spec": spec}) if can_carry_routes(rule.get("host"))]
+    if not spec["rules"]:
+        return None
+    for rule in spec["rules"]:
+        rule["host"] = f"{route}.{rule['host']}"
     for tls in spec.get("tls") or []:
-        tls["hosts"] = [f"{route}.{host}" for host in tls.get("hosts") or []]
+        tls["hosts"] = [f"{route}.{host}" for host in tls.get("hosts") or [] if can_carry_routes(host)]
     copied_annotations = {
         key: value
         for key, value in (meta.get("annotations") or {}).items()
@@ -266,12 +361,61 @@ def ingress_copy(ingress: Mapping[str, Any], route: str) -> dict[str, Any]:
 # --- routed services ---------------------------------------------------------------------------
 
 
-def original_selector(service: Mapping[str, Any]) -> dict[str, str] | None:
-    """The selector to restore: the recorded one if the service is switched, else its current one."""
+def _recorded_selector(service: Mapping[str, Any]) -> dict[str, str]:
+    """The selector recorded in the annotation; ValueError naming what is wrong with it."""
     recorded = (_meta(service).get("annotations") or {}).get(ANN_ORIGINAL_SELECTOR)
-    if recorded:
-        value = json.loads(recorded)
-        return {str(k): str(v) for k, v in value.items()}
+    try:
+        value = json.loads(recorded) if isinstance(recorded, str) else None
+    except ValueError:
+        value = None
+        why = "is not JSON"
+    else:
+        why = "is not a JSON object of strings (a selector)"
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        name = _meta(service).get("name")
+        raise ValueError(
+            f"service {name}: annotation {ANN_ORIGINAL_SELECTOR}={recorded!r} {why}; it should record the selector "
+            f"isolated routes switched the service away from. If the selector is {LABEL_ROUTER}={name}, set it "
+            f"back by hand; then remove the annotation (`kubectl annotate service {name} {ANN_ORIGINAL_SELECTOR}-`)"
+        )
+    return {str(k): v for k, v in value.items()}
+
+
+def record_problem(service: Mapping[str, Any]) -> str | None:
+    """What is wrong with a service's original-selector annotation, if it has a malformed one."""
+    if not is_switched(service):
+        return None
+    try:
+        _recorded_selector(service)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def service_problem(service: Mapping[str, Any]) -> str | None:
+    """Why a service cannot be put behind a router, or None."""
+    spec = service.get("spec") or {}
+    name = _meta(service).get("name")
+    if spec.get("type") == "ExternalName":
+        return f"service {name} is an ExternalName alias for {spec.get('externalName')!r}: it has no pods to route"
+    problem = record_problem(service)
+    if problem:
+        return problem
+    if not original_selector(service):
+        return f"service {name} has no selector (its endpoints are managed by hand): it cannot be routed"
+    return None
+
+
+def original_selector(service: Mapping[str, Any]) -> dict[str, str] | None:
+    """The selector to restore: the recorded one if the service is switched, else its current one.
+
+    None if there is none, and if the record is malformed (see :func:`record_problem`).
+    """
+    if is_switched(service):
+        try:
+            return _recorded_selector(service)
+        except ValueError:
+            return None
     selector = (service.get("spec") or {}).get("selector")
     return dict(selector) if selector else None
 
@@ -311,8 +455,8 @@ def switch_patch(service: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 
 def restore_patch(service: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """JSON Patch: the recorded selector back, the record removed."""
-    selector = original_selector(service)
+    """JSON Patch: the recorded selector back, the record removed; ValueError if the record is malformed."""
+    selector = _recorded_selector(service)
     return [
         {"op": "replace", "path": "/spec/selector", "value": selector},
         {"op": "remove", "path": f"/metadata/annotations/{_escape(ANN_ORIGINAL_SELECTOR)}"},
@@ -470,6 +614,53 @@ def router_config_map(service: str, namespace: str, conf: str, generation: int) 
         },
         "data": {"nginx.conf": conf},
     }
+
+
+# --- what the manager cannot route ------------------------------------------------------------
+
+
+def routing_status(
+    services: Mapping[str, list[str]], routes: Mapping[str, list[str]], notes: list[str]
+) -> dict[str, Any]:
+    """The manager's status: problems that block a service's routes, a route, and notes that block nothing."""
+    return {"services": dict(services), "routes": dict(routes), "notes": list(notes)}
+
+
+def status_config_map(namespace: str, status: Mapping[str, Any], owner_uid: str | None) -> dict[str, Any]:
+    """The status ConfigMap, owned by the manager's Deployment (it goes when the manager does)."""
+    meta: dict[str, Any] = {
+        "name": STATUS_CONFIGMAP,
+        "namespace": namespace,
+        "labels": labels(STATUS_COMPONENT),
+    }
+    if owner_uid:
+        meta["ownerReferences"] = [
+            {"apiVersion": "apps/v1", "kind": "Deployment", "name": MANAGER_NAME, "uid": owner_uid}
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta,
+        "data": {STATUS_KEY: json.dumps(status, sort_keys=True, indent=1)},
+    }
+
+
+def problems_for(config_map_data: Mapping[str, str] | None, service: str, route: str) -> tuple[list[str], list[str]]:
+    """From the status ConfigMap's data: (what blocks ``route`` of ``service``, the notes). Never raises."""
+    try:
+        status = json.loads((config_map_data or {}).get(STATUS_KEY) or "{}")
+    except ValueError:
+        return [], []
+    if not isinstance(status, dict):
+        return [], []
+
+    def strings(value: Any, key: str | None = None) -> list[str]:
+        if key is not None:
+            value = value.get(key) if isinstance(value, dict) else None
+        return [str(v) for v in value] if isinstance(value, list) else []
+
+    blocking = strings(status.get("services"), service) + strings(status.get("routes"), route)
+    return blocking, strings(status.get("notes"))
 
 
 # --- the manager itself (created by the plugin) ------------------------------------------------

@@ -79,3 +79,32 @@ def test_canary_request_carries_the_route_header() -> None:
 
 def test_http_port_is_the_first_routable_one() -> None:
     assert isolation.http_port(orders_plan()) == 80
+
+
+class _ConfigMaps:
+    """``k.core.read_namespaced_config_map`` answering with the given data (None: not found)."""
+
+    def __init__(self, data: dict[str, str] | None) -> None:
+        self.data = data
+        self.core = self
+        self.namespace = "shop"
+
+    def read_namespaced_config_map(self, name: str, namespace: str, **_: object) -> object:
+        from kubernetes.client.exceptions import ApiException  # noqa: PLC0415
+
+        assert (name, namespace) == (o.STATUS_CONFIGMAP, "shop")
+        if self.data is None:
+            raise ApiException(status=404, reason="Not Found")
+        return type("ConfigMap", (), {"data": self.data})()
+
+
+def test_the_managers_findings_name_what_blocks_the_route() -> None:
+    status = o.routing_status(
+        {"orders": ["service orders: annotation … is not JSON"]}, {"r1": ["route pod orders-r1: …"]}, ["ingress x: …"]
+    )
+    k = _ConfigMaps(o.status_config_map("shop", status, None)["data"])
+    assert isolation.manager_findings(k, "orders", "r1") == (  # type: ignore[arg-type]
+        ["service orders: annotation … is not JSON", "route pod orders-r1: …"],
+        ["ingress x: …"],
+    )
+    assert isolation.manager_findings(_ConfigMaps(None), "orders", "r1") == ([], [])  # type: ignore[arg-type]

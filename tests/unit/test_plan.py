@@ -326,3 +326,10 @@ def test_check_local_port_specs_catches_unclaimed_target_mappings() -> None:
     check_local_port_specs(plans, [LocalPortSpec(1, 5678), LocalPortSpec(2), LocalPortSpec(3, 7, "orders")])
     with pytest.raises(PlanError, match=r"no bridged service has target port 7000 \(orders: 8080, 9090; echo: 5678\)"):
         check_local_port_specs(plans, [LocalPortSpec(3000, 7000)])
+
+
+def test_a_damaged_record_of_isolated_routes_is_named() -> None:
+    service = orders_service()
+    service["metadata"]["annotations"] = {"pytest-bridge.io/original-selector": "{app: orders"}
+    with pytest.raises(PlanError, match=r"annotation pytest-bridge.io/original-selector='\{app: orders' is not JSON"):
+        make_plan(service, [orders_pod()], [orders_replicaset(), orders_deployment()])

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from pytest_bridge_routing import objects as o
-from pytest_bridge_routing.manager import Manager
+from pytest_bridge_routing.manager import ApiError, Manager
 
 from pytest_bridge.jsonpatch import apply_patch
 
@@ -252,6 +252,9 @@ def test_service_reapplied_while_routed_keeps_the_new_selector_as_original(api: 
     api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
     settle(manager, api)
     api.store["services"]["orders"]["spec"]["selector"] = {"app": "orders", "tier": "v2"}  # kubectl apply
+    v2 = app_pod("orders-v2", "orders", "10.244.0.12")
+    v2["metadata"]["labels"]["tier"] = "v2"
+    api.put("pods", v2)
     settle(manager, api)
     annotations = api.store["services"]["orders"]["metadata"]["annotations"]
     assert json.loads(annotations[o.ANN_ORIGINAL_SELECTOR]) == {"app": "orders", "tier": "v2"}
@@ -346,3 +349,272 @@ def test_live_routes_and_observed_services() -> None:
     pods[0]["metadata"]["annotations"] = {o.ANN_OBSERVE: "inventory, frontend"}
     assert o.live_routes(pods) == {"orders": {"r1": "10.0.0.1", "r2": None}}
     assert o.observed_services(pods) == {"inventory", "frontend"}
+
+
+# --- poison: objects the manager cannot route never stop it or other services' routes -------------
+
+
+def routed(api: FakeApi, service_name: str = "orders", route: str = "r1") -> bool:
+    """``route`` of ``service_name`` is live: the service switched to its router, the route in its config."""
+    svc = api.store["services"][service_name]
+    conf = api.store.get("configmaps", {}).get(o.router_name(service_name), {}).get("data", {}).get("nginx.conf", "")
+    return svc["spec"]["selector"] == o.router_selector(service_name) and route in conf
+
+
+def status(api: FakeApi) -> dict[str, Any]:
+    cm = api.store.get("configmaps", {}).get(o.STATUS_CONFIGMAP)
+    return json.loads(cm["data"]["status.json"]) if cm else {}
+
+
+def warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
+def ingress_rules(name: str, rules: list[dict[str, Any]], **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": {"rules": rules, **spec},
+    }
+
+
+def rule(host: str | None, backend: str, port: dict[str, Any] | None = None) -> dict[str, Any]:
+    path = {
+        "path": "/",
+        "pathType": "Prefix",
+        "backend": {"service": {"name": backend, "port": port or {"number": 80}}},
+    }
+    return {**({"host": host} if host else {}), "http": {"paths": [path]}}
+
+
+def test_a_wildcard_ingress_host_is_noted_once_and_blocks_nothing(
+    api: FakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", "pytest_bridge_routing.manager")
+    wild = ingress_rules(
+        "wild",
+        [rule("*.shop.example", "frontend"), rule("api.shop.example", "frontend")],
+        tls=[{"hosts": ["*.shop.example", "api.shop.example"], "secretName": "wild"}],
+    )
+    api.put("ingresses", wild)
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
+    settle(manager, api, rounds=8)
+    assert api.store["services"]["orders"]["spec"]["selector"] == o.router_selector("orders")
+    conf = api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
+    assert "route r1" in conf and "*" not in conf.split("# port")[0]
+    assert "#   host <route>.api.shop.example" in conf and "#   host <route>.shop.example" in conf
+    copy_ = api.store["ingresses"]["wild-pbr-r1"]
+    assert [r["host"] for r in copy_["spec"]["rules"]] == ["r1.api.shop.example"], "the wildcard rule is not copied"
+    assert copy_["spec"]["tls"][0]["hosts"] == ["r1.api.shop.example"]
+    problem = "ingress wild: host '*.shop.example' cannot carry routes (<route>.*.shop.example is no host name)"
+    assert status(api)["notes"] == [problem]
+    assert status(api)["services"] == {} and status(api)["routes"] == {}
+    assert warnings(caplog).count(problem) == 1, "logged once, not every reconcile"
+
+
+def test_host_less_rules_and_default_backends_are_not_copied(api: FakeApi) -> None:
+    api.put(
+        "ingresses",
+        ingress_rules(
+            "catchall",
+            [rule(None, "frontend"), rule("m.shop.example", "frontend")],
+            defaultBackend={"service": {"name": "frontend", "port": {"number": 80}}},
+        ),
+    )
+    api.put("ingresses", ingress_rules("only-catchall", [rule(None, "frontend")]))
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
+    settle(manager, api)
+    assert routed(api)
+    copy_ = api.store["ingresses"]["catchall-pbr-r1"]
+    assert [r["host"] for r in copy_["spec"]["rules"]] == ["r1.m.shop.example"]
+    assert "defaultBackend" not in copy_["spec"]
+    assert "only-catchall-pbr-r1" not in api.store["ingresses"], "nothing of it can carry a route"
+    assert "ingress catchall: rule 0 has no host: <route>.<host> requests cannot reach it" in status(api)["notes"]
+
+
+def test_an_ingress_backend_missing_or_without_the_named_port_is_noted(api: FakeApi) -> None:
+    api.put(
+        "ingresses",
+        ingress_rules(
+            "broken", [rule("x.shop.example", "ghost"), rule("y.shop.example", "frontend", {"name": "nope"})]
+        ),
+    )
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    settle(Manager(api, o.RoutingRuntime()), api)  # type: ignore[arg-type]
+    assert routed(api)
+    assert api.store["services"]["frontend"]["spec"]["selector"] == o.router_selector("frontend")
+    notes = status(api)["notes"]
+    assert "ingress broken: backend service 'ghost' does not exist" in notes
+    assert "ingress broken: backend service frontend has no port named 'nope'" in notes
+
+
+@pytest.mark.parametrize(
+    ("recorded", "why"),
+    [
+        ("{app: legacy", "is not JSON"),
+        ('["app", "legacy"]', "is not a JSON object of strings"),
+        ('{"app": 1}', "is not a JSON object of strings"),
+        ("null", "is not a JSON object of strings"),
+        ("{}", "is not a JSON object of strings"),
+    ],
+)
+def test_a_malformed_original_selector_record_is_named_and_left_alone(
+    api: FakeApi, recorded: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    legacy = service("legacy", {"app": "legacy"})
+    legacy["metadata"]["annotations"] = {o.ANN_ORIGINAL_SELECTOR: recorded}
+    api.put("services", legacy)
+    stuck = service("stuck", o.router_selector("stuck"))  # switched to a router, its record then damaged
+    stuck["metadata"]["annotations"] = {o.ANN_ORIGINAL_SELECTOR: recorded}
+    api.put("services", stuck)
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    api.put("pods", route_pod("legacy", "r2", "10.244.0.21"))
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
+    settle(manager, api)
+    assert routed(api), "orders' route is live"
+    assert api.store["services"]["legacy"] == legacy, "not touched"
+    assert api.store["services"]["stuck"] == stuck, "not restored to a selector it cannot know"
+    blocking = status(api)["services"]
+    assert why in blocking["legacy"][0] and "legacy" in blocking["legacy"][0]
+    assert f"kubectl annotate service legacy {o.ANN_ORIGINAL_SELECTOR}-" in blocking["legacy"][0]
+    assert "(the service is left as it is)" in blocking["stuck"][0]
+    api.store["pods"].pop("orders-r1")
+    api.store["pods"].pop("legacy-r2")
+    settle(manager, api)
+    assert api.store["services"]["orders"]["spec"]["selector"] == {"app": "orders"}, "others are restored"
+    assert api.store["services"]["stuck"] == stuck
+    assert len([w for w in warnings(caplog) if "service stuck" in w]) == 1
+
+
+def test_route_pods_with_a_malformed_label_or_header_annotation_are_skipped(api: FakeApi) -> None:
+    bad_header = route_pod("orders", "r2", "10.244.0.21")
+    bad_header["metadata"]["annotations"] = {o.ANN_ROUTE_ON_HEADER: "x-route=r2"}
+    bad_label = route_pod("orders", "r3", "10.244.0.22")
+    bad_label["metadata"]["labels"][o.LABEL_ROUTE] = "Bad_Route"
+    no_service = route_pod("orders", "r4", "10.244.0.23")
+    del no_service["metadata"]["labels"][o.LABEL_ROUTE_SERVICE]
+    good = route_pod("orders", "r1", "10.244.0.20")
+    good["metadata"]["annotations"] = {o.ANN_ROUTE_ON_HEADER: "kubernetes-route-as=r1"}
+    for pod in (bad_header, bad_label, no_service, good):
+        api.put("pods", pod)
+    settle(Manager(api, o.RoutingRuntime()), api)  # type: ignore[arg-type]
+    conf = api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
+    assert "route r1 " in conf and "10.244.0.21" not in conf and "10.244.0.22" not in conf
+    assert status(api)["routes"] == {
+        "r2": [
+            "route pod orders-r2: annotation pytest-bridge.io/route-on-header='x-route=r2' does not match its route "
+            "(expected kubernetes-route-as=r2)"
+        ],
+        "r4": ["route pod orders-r4: label pytest-bridge.io/route-service=None does not name a service"],
+    }
+    # No route to name it by: a note.
+    assert status(api)["notes"] == [
+        "route pod orders-r3: label pytest-bridge.io/route='Bad_Route' is not a route name (a DNS label)"
+    ]
+
+
+def test_services_without_selector_external_names_and_missing_ones_are_named_for_their_routes(
+    api: FakeApi,
+) -> None:
+    api.put("services", service("manual", None))
+    external = service("payments", None)
+    external["spec"] = {"type": "ExternalName", "externalName": "payments.example.com"}
+    api.put("services", external)
+    api.put("ingresses", ingress_rules("pay", [rule("pay.shop.example", "payments")]))
+    for name, route in (("manual", "r2"), ("payments", "r3"), ("ghost", "r4"), ("orders", "r1")):
+        api.put("pods", route_pod(name, route, f"10.244.0.{20 + int(route[1])}"))
+    settle(Manager(api, o.RoutingRuntime()), api)  # type: ignore[arg-type]
+    assert routed(api)
+    blocking = status(api)["services"]
+    assert blocking["manual"] == [
+        "service manual has no selector (its endpoints are managed by hand): it cannot be routed"
+    ]
+    assert blocking["payments"] == [
+        "service payments is an ExternalName alias for 'payments.example.com': it has no pods to route"
+    ]
+    assert blocking["ghost"] == ["service ghost does not exist"]
+    assert api.store["services"]["payments"] == external and api.store["services"]["manual"]["spec"]["selector"] is None
+    assert any("ingress pay: backend service payments is an ExternalName" in n for n in status(api)["notes"])
+
+
+def test_a_service_whose_named_target_ports_resolve_to_nothing_is_not_switched(api: FakeApi) -> None:
+    api.put("services", service("idle", {"app": "idle"}))  # targetPort "http", and no pods to name it
+    api.put("pods", route_pod("idle", "r2", "10.244.0.21"))
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
+    settle(manager, api)
+    assert routed(api)
+    assert api.store["services"]["idle"]["spec"]["selector"] == {"app": "idle"}
+    assert "idle-pbr-router" not in api.store["deployments"]
+    assert "there is nothing to route" in status(api)["services"]["idle"][0]
+    api.put("pods", app_pod("idle-1", "idle", "10.244.0.30"))  # its pods come up: routed on the next passes
+    settle(manager, api)
+    assert routed(api, "idle", "r2")
+    assert "idle" not in status(api).get("services", {})
+
+
+def test_the_status_goes_when_the_problems_do_and_is_owned_by_the_manager(
+    api: FakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", "pytest_bridge_routing.manager")
+    manager_labels = o.labels("routing-manager")
+    api.put(
+        "deployments",
+        {
+            "metadata": {"name": o.MANAGER_NAME, "uid": "mgr-uid", "labels": manager_labels},
+            "spec": {"template": {"metadata": {"labels": manager_labels}}},
+        },
+    )
+    api.put("ingresses", ingress_rules("wild", [rule("*.shop.example", "frontend")]))
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    manager = Manager(api, o.RoutingRuntime())  # type: ignore[arg-type]
+    settle(manager, api)
+    cm = api.store["configmaps"][o.STATUS_CONFIGMAP]
+    assert cm["metadata"]["ownerReferences"][0]["uid"] == "mgr-uid"
+    assert cm["metadata"]["labels"][o.COMPONENT] == "routing-status"
+    before = api.mutations
+    manager.reconcile()
+    assert api.mutations == before, "an unchanged status is not written again"
+    api.store["ingresses"].pop("wild")
+    settle(manager, api)
+    assert o.STATUS_CONFIGMAP not in api.store["configmaps"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count("no longer a problem: ingress wild: host '*.shop.example' cannot carry routes "
+                          "(<route>.*.shop.example is no host name)") == 1  # fmt: skip
+
+
+def test_a_failing_api_call_for_one_service_does_not_stop_the_others(api: FakeApi) -> None:
+    api.put("services", service("inventory", {"app": "inventory"}))
+    api.put("pods", app_pod("inventory-1", "inventory", "10.244.0.12"))
+    api.put("pods", route_pod("inventory", "r2", "10.244.0.21"))
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    create = api.create
+
+    def refuse_inventory(group: str, resource: str, obj: Any) -> bool:
+        if obj["metadata"]["name"].startswith("inventory-"):
+            raise ApiError(f"POST {resource}: HTTP 403: forbidden")
+        return create(group, resource, obj)
+
+    api.create = refuse_inventory  # type: ignore[method-assign]
+    settle(Manager(api, o.RoutingRuntime()), api)  # type: ignore[arg-type]
+    assert routed(api)
+    assert status(api)["services"]["inventory"] == ["service inventory: POST services: HTTP 403: forbidden"]
+
+
+def test_problems_for_reads_a_status_and_never_raises() -> None:
+    data = o.status_config_map(
+        NS, o.routing_status({"orders": ["a"]}, {"r1": ["b"], "r2": ["c"]}, ["n"]), None
+    )["data"]  # fmt: skip
+    assert o.problems_for(data, "orders", "r1") == (["a", "b"], ["n"])
+    assert o.problems_for(data, "inventory", "r3") == ([], ["n"])
+    for garbage in (None, {}, {"status.json": "{"}, {"status.json": "[1]"}, {"status.json": '{"services": 1}'}):
+        assert o.problems_for(garbage, "orders", "r1") == ([], [])
+
+
+def test_ingress_hosts_are_only_those_that_can_carry_routes() -> None:
+    ingresses = [ingress_rules("i", [rule("*.a.example", "x"), rule(None, "x"), rule("b.example", "x")])]
+    assert o.ingress_hosts(ingresses) == ["b.example"]
+    assert not o.can_carry_routes("10.0.0.1") and not o.can_carry_routes("") and o.can_carry_routes("a-b.c")
