@@ -10,7 +10,10 @@ whoever runs it. So a record is used only if it has exactly the shape our plugin
   touches only what a bridge changes (the target container, replicas, our labels and
   annotations, our code volume);
 * a bare Pod's record is re-created only in place of the agent pod it recorded: every container
-  but the agent's, and every volume but our code volume, must equal the record's.
+  but the agent's, and every volume but our code volume, must equal the record's;
+* related objects (an HPA pinned to one replica, see :mod:`.workloads`) are HPAs whose reverse
+  patch begins with the test of this session's mark and touches only the replica bounds and our
+  annotation; the pods to roll are the recorded StatefulSet's own (``<name>-<ordinal>``).
 
 Anything else is :class:`RecordError`, naming the Secret and what is wrong with it.
 """
@@ -43,6 +46,10 @@ _ALLOWED = tuple(
     )
 )
 _OPS = ("test", "add", "remove", "replace")
+# What the reverse patch of a pinned HPA may touch (pytest_bridge.workloads.pin_patch).
+_HPA_ALLOWED = tuple(
+    re.compile(p) for p in (r"^/spec/(minReplicas|maxReplicas)$", rf"^/metadata/annotations(/{_OURS}session)?$")
+)
 
 
 class RecordError(BridgeError):
@@ -92,11 +99,39 @@ def check_record(record: Any, *, namespace: str, where: str) -> None:
         raise RecordError(
             f"{where}: the reverse patch tests for session {first.get('value')!r}, not {record.session!r}"
         )
+    _check_ops(ops, _ALLOWED, where=where, what="the reverse patch")
+    _check_related(record, where=where)
+
+
+def _check_ops(ops: list[Any], allowed: tuple[re.Pattern[str], ...], *, where: str, what: str) -> None:
     for op in ops:
         if not isinstance(op, dict) or op.get("op") not in _OPS or not isinstance(op.get("path"), str):
             raise RecordError(f"{where}: {op!r} is not a test/add/remove/replace operation")
-        if not any(pattern.match(op["path"]) for pattern in _ALLOWED):
-            raise RecordError(f"{where}: the reverse patch touches {op['path']}, which a bridge never changes")
+        if not any(pattern.match(op["path"]) for pattern in allowed):
+            raise RecordError(f"{where}: {what} touches {op['path']}, which a bridge never changes")
+
+
+def _check_related(record: Any, *, where: str) -> None:
+    """The HPAs a bridge pinned, and the pods it rolls (StatefulSet OnDelete), as :mod:`.workloads` writes them."""
+    mark = f"/metadata/annotations/{_escape(SESSION_ANNOTATION)}"
+    for related in getattr(record, "related", None) or []:
+        if not isinstance(related, dict) or related.get("kind") != "HorizontalPodAutoscaler":
+            raise RecordError(f"{where}: related object {related!r} is not a HorizontalPodAutoscaler")
+        name, ops = related.get("name"), related.get("reverse_patch")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise RecordError(f"{where}: related HorizontalPodAutoscaler {name!r} is not an object name")
+        if not isinstance(ops, list) or not ops:
+            raise RecordError(f"{where}: the reverse patch of HorizontalPodAutoscaler {name} does not test our mark")
+        first = ops[0]
+        if not (isinstance(first, dict) and first.get("op") == "test" and first.get("path") == mark):
+            raise RecordError(f"{where}: the reverse patch of HorizontalPodAutoscaler {name} does not test our mark")
+        if first.get("value") != record.session:
+            raise RecordError(f"{where}: HorizontalPodAutoscaler {name}: its reverse patch tests another session")
+        _check_ops(ops, _HPA_ALLOWED, where=where, what=f"the reverse patch of HorizontalPodAutoscaler {name}")
+    for pod in getattr(record, "roll_pods", None) or []:
+        ordinal = pod[len(record.name) + 1 :] if isinstance(pod, str) and pod.startswith(f"{record.name}-") else ""
+        if record.kind != "StatefulSet" or not ordinal.isdigit():
+            raise RecordError(f"{where}: pod {pod!r} to roll is not one of StatefulSet {record.name}'s")
 
 
 def check_pod_matches(record: Any, current: Mapping[str, Any], *, where: str) -> None:

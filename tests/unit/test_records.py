@@ -106,3 +106,48 @@ def test_a_bare_pod_is_recreated_only_in_place_of_its_agent_pod() -> None:
         check_pod_matches(dataclasses.replace(record, original=forged), live, where=WHERE)
     with pytest.raises(RecordError, match="not bridged by session"):
         check_pod_matches(record, pod, where=WHERE)
+
+
+def _with_extras(**changes: Any) -> RestoreRecord:
+    from pytest_bridge.workloads import pin_patch  # noqa: PLC0415
+
+    hpa = {"metadata": {"name": "orders", "uid": "u"}, "spec": {"minReplicas": 2, "maxReplicas": 5}}
+    pin = pin_patch(hpa, "s-1a2b")
+    return dataclasses.replace(genuine(), related=[pin.record()], **changes)
+
+
+def test_a_pinned_hpa_and_pods_to_roll_as_the_plugin_writes_them_pass() -> None:
+    record = _with_extras()
+    check_record(record, namespace=record.namespace, where=WHERE)
+    sts = dataclasses.replace(record, kind="StatefulSet", original={"kind": "StatefulSet"}, roll_pods=["orders-0"])
+    check_record(sts, namespace=record.namespace, where=WHERE)
+
+
+@pytest.mark.parametrize(
+    ("related", "message"),
+    [
+        ({"kind": "Deployment", "name": "x", "reverse_patch": []}, "is not a HorizontalPodAutoscaler"),
+        ({"kind": "HorizontalPodAutoscaler", "name": "../x", "reverse_patch": []}, "is not an object name"),
+        ({"kind": "HorizontalPodAutoscaler", "name": "x", "reverse_patch": []}, "does not test our mark"),
+        (
+            {"kind": "HorizontalPodAutoscaler", "name": "x", "reverse_patch": [
+                {"op": "test", "path": "/metadata/annotations/pytest-bridge.io~1session", "value": "s-1a2b"},
+                {"op": "replace", "path": "/spec/scaleTargetRef/name", "value": "other"},
+            ]},
+            "touches /spec/scaleTargetRef/name",
+        ),
+    ],
+)  # fmt: skip
+def test_forged_related_objects_are_refused(related: dict[str, Any], message: str) -> None:
+    record = dataclasses.replace(genuine(), related=[related])
+    with pytest.raises(RecordError, match=message):
+        check_record(record, namespace=record.namespace, where=WHERE)
+
+
+def test_pods_to_roll_are_only_the_statefulsets_own() -> None:
+    record = dataclasses.replace(genuine(), roll_pods=["orders-0"])  # a Deployment rolls nothing
+    with pytest.raises(RecordError, match="not one of StatefulSet"):
+        check_record(record, namespace=record.namespace, where=WHERE)
+    sts = dataclasses.replace(record, kind="StatefulSet", original={"kind": "StatefulSet"}, roll_pods=["db-0"])
+    with pytest.raises(RecordError, match="'db-0' to roll is not one of StatefulSet orders's"):
+        check_record(sts, namespace=record.namespace, where=WHERE)
