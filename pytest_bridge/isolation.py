@@ -641,11 +641,12 @@ def wait_host_routers(k: kube.Kube, services: Iterable[str], deadline: float) ->
     The route's own Service is proven by the canary; the others (a frontend behind the Ingress)
     get their routers at the same time but are switched to them one reconcile later, so a
     request on ``<route>.<host>`` right after the canary could still reach the frontend's pods
-    directly and lose the route. Only Services that exist and select pods are routed (as the
-    manager does). Returns those still not served by their router at the deadline.
+    directly and lose the route. Only Services the manager can route are waited for. Returns those
+    still not served by their router at the deadline.
     """
     existing: Any = kube.call("list services", k.core.list_namespaced_service, k.namespace)
-    selecting = {s.metadata.name for s in existing.items if s.spec and s.spec.selector}
+    # What the manager routes: no ExternalName, none without a selector or with a damaged record.
+    selecting = {s.metadata.name for s in existing.items if ro.service_problem(k.to_dict(s)) is None}
     pending = sorted(set(services) & selecting)
     while pending:
         pending = [name for name in pending if not endpoints_are_router(k, name)]

@@ -182,6 +182,7 @@ class Manager:
     _waiting: bool = False
     _ports: dict[str, tuple[str, list[dict[str, Any]]]] = field(default_factory=dict)
     _logged: set[str] = field(default_factory=set)  # problems logged already: each once while it lasts
+    _manager_uid: str | None = None
     _problems: Problems = field(default_factory=Problems)
 
     def observe(self) -> Observed:
@@ -194,7 +195,11 @@ class Manager:
             _labels(c).get(o.LABEL_ROUTER, ""): c for c in a.items("", "configmaps", f"{o.COMPONENT}=router")
         }
         status = a.items("", "configmaps", f"{o.COMPONENT}={o.STATUS_COMPONENT}")
-        managers = a.items("apps", "deployments", f"{o.COMPONENT}=routing-manager")
+        if self._manager_uid is None:  # the status ConfigMap's owner: read until found
+            managers = a.items("apps", "deployments", f"{o.COMPONENT}=routing-manager")
+            self._manager_uid = next(
+                ((m.get("metadata") or {}).get("uid") for m in managers if _name(m) == o.MANAGER_NAME), None
+            )
         return Observed(
             route_pods=a.items("", "pods", o.LABEL_ROUTE),
             services=services,
@@ -203,9 +208,7 @@ class Manager:
             config_maps=config_maps,
             router_pods=a.items("", "pods", f"{o.COMPONENT}=router"),
             status=next((c for c in status if _name(c) == o.STATUS_CONFIGMAP), None),
-            manager_uid=next(
-                ((m.get("metadata") or {}).get("uid") for m in managers if _name(m) == o.MANAGER_NAME), None
-            ),
+            manager_uid=self._manager_uid,
         )
 
     def wanted(self, seen: Observed, problems: Problems | None = None) -> set[str]:
