@@ -25,6 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from e2e.cluster.images import PYTHON
+from pytest_bridge.patch import SESSION_LABEL
 
 # The manifests place the sample app in bridge-demo; PYTEST_BRIDGE_E2E_NAMESPACE runs the suites
 # against a private copy elsewhere, so several people (or runs) can share one cluster.
@@ -353,3 +354,64 @@ def role_user_kubeconfig(api: client.ApiClient, name: str, role: dict[str, Any],
         rbac.delete_namespaced_role_binding(name, NAMESPACE)
         rbac.delete_namespaced_role(name, NAMESPACE)
         core.delete_namespaced_service_account(name, NAMESPACE)
+
+
+# --- namespaces of our own, and what of ours is left in them ------------------------------------
+
+MANAGED_SELECTOR = "app.kubernetes.io/managed-by=pytest-bridge"
+
+
+def ensure_namespace(core: client.CoreV1Api, name: str, labels: dict[str, str]) -> None:
+    """Create namespace ``name`` with ``labels``, or set them on the one that exists."""
+    try:
+        body: Any = {"metadata": {"name": name, "labels": labels}}
+        core.create_namespace(body)
+    except ApiException as e:
+        if e.status != 409:
+            raise
+        core.patch_namespace(name, {"metadata": {"labels": labels}})
+
+
+def wait_app_settled(core: client.CoreV1Api, namespace: str, timeout: float = 180) -> None:
+    """Until the sample app's rollouts are done and its pods, no others, run Ready, none terminating."""
+    apps = client.AppsV1Api(core.api_client)
+    deadline = time.monotonic() + timeout
+    while True:
+        deployments: Any = apps.list_namespaced_deployment(namespace).items
+        rolled_out = all(
+            d.status.observed_generation == d.metadata.generation
+            and d.status.updated_replicas == d.status.ready_replicas == d.status.replicas == (d.spec.replicas or 1)
+            for d in deployments
+        )
+        pods: Any = core.list_namespaced_pod(namespace).items
+        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
+        names = sorted(p.metadata.labels.get("app.kubernetes.io/name") for p in ready)
+        settled = len(ready) == len(pods) and all(p.metadata.deletion_timestamp is None for p in pods)
+        if rolled_out and settled and names == ["frontend", "inventory", "orders"]:
+            return
+        assert time.monotonic() < deadline, f"sample app in {namespace} not settled: {[p.metadata.name for p in pods]}"
+        time.sleep(0.5)
+
+
+def objects_of_ours(api: client.ApiClient, namespace: str) -> list[str]:
+    """Every object of ours left in ``namespace`` as ``kind/name``: pods (ours, and agent pods: the
+    workload's pods with a session's label), jobs (suspended or not), deployments, configmaps,
+    secrets, service accounts, roles and role bindings."""
+    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+    rbac, apps = client.RbacAuthorizationV1Api(api), client.AppsV1Api(api)
+    pods: set[str] = set()
+    for selector in (MANAGED_SELECTOR, SESSION_LABEL):
+        listed_pods: Any = core.list_namespaced_pod(namespace, label_selector=selector)
+        pods |= {pod.metadata.name for pod in listed_pods.items}
+    listed: list[tuple[str, Any]] = [
+        ("job", batch.list_namespaced_job(namespace, label_selector=MANAGED_SELECTOR)),
+        ("deployment", apps.list_namespaced_deployment(namespace, label_selector=MANAGED_SELECTOR)),
+        ("configmap", core.list_namespaced_config_map(namespace, label_selector=MANAGED_SELECTOR)),
+        ("secret", core.list_namespaced_secret(namespace, label_selector=MANAGED_SELECTOR)),
+        ("serviceaccount", core.list_namespaced_service_account(namespace, label_selector=MANAGED_SELECTOR)),
+        ("role", rbac.list_namespaced_role(namespace, label_selector=MANAGED_SELECTOR)),
+        ("rolebinding", rbac.list_namespaced_role_binding(namespace, label_selector=MANAGED_SELECTOR)),
+    ]
+    return [f"pod/{name}" for name in sorted(pods)] + [
+        f"{kind}/{item.metadata.name}" for kind, result in listed for item in result.items
+    ]

@@ -24,7 +24,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from e2e.conftest import NAMESPACE, apply_sample_app
+from e2e.conftest import NAMESPACE, apply_sample_app, ensure_namespace, objects_of_ours, wait_app_settled
 from e2e.test_isolation import namespace_state, wait_for_state
 from pytest_bridge import bundle
 from pytest_bridge.patch import strip_server_fields
@@ -89,47 +89,13 @@ def test_route(isolated_route, n):
 """
 
 
-# --- namespaces -------------------------------------------------------------------------------
-
-
-def _ensure_namespace(core: client.CoreV1Api, name: str, labels: dict[str, str]) -> None:
-    try:
-        body: Any = {"metadata": {"name": name, "labels": labels}}
-        core.create_namespace(body)
-    except ApiException as e:
-        if e.status != 409:
-            raise
-        core.patch_namespace(name, {"metadata": {"labels": labels}})
-
-
-def _wait_ready(core: client.CoreV1Api, namespace: str, timeout: float = 180) -> None:
-    """Until the sample app's rollouts are done and its pods, no others, run Ready, none terminating."""
-    apps = client.AppsV1Api(core.api_client)
-    deadline = time.monotonic() + timeout
-    while True:
-        deployments: Any = apps.list_namespaced_deployment(namespace).items
-        rolled_out = all(
-            d.status.observed_generation == d.metadata.generation
-            and d.status.updated_replicas == d.status.ready_replicas == d.status.replicas == (d.spec.replicas or 1)
-            for d in deployments
-        )
-        pods: Any = core.list_namespaced_pod(namespace).items
-        ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        names = sorted(p.metadata.labels.get("app.kubernetes.io/name") for p in ready)
-        settled = len(ready) == len(pods) and all(p.metadata.deletion_timestamp is None for p in pods)
-        if rolled_out and settled and names == ["frontend", "inventory", "orders"]:
-            return
-        assert time.monotonic() < deadline, f"sample app in {namespace} not settled: {[p.metadata.name for p in pods]}"
-        time.sleep(0.5)
-
-
 @pytest.fixture(scope="module")
 def restricted(kube_api_client: client.ApiClient, core_v1: client.CoreV1Api) -> str:
     """A namespace enforcing Pod Security ``restricted`` with the sample app in it (kept between runs)."""
     labels = {f"{PSS}/{mode}": "restricted" for mode in ("enforce", "warn", "audit")}
-    _ensure_namespace(core_v1, RESTRICTED, {**labels, f"{PSS}/enforce-version": "latest"})
+    ensure_namespace(core_v1, RESTRICTED, {**labels, f"{PSS}/enforce-version": "latest"})
     apply_sample_app(kube_api_client, RESTRICTED)
-    _wait_ready(core_v1, RESTRICTED)
+    wait_app_settled(core_v1, RESTRICTED)
     return RESTRICTED
 
 
@@ -153,34 +119,17 @@ def _orders(apps: client.AppsV1Api, namespace: str) -> dict[str, Any]:
     )
 
 
-def _ours(api: client.ApiClient, namespace: str) -> list[str]:
-    """Every object of ours left in ``namespace`` (pods, jobs, configmaps, secrets, accounts, RBAC)."""
-    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-    rbac, apps = client.RbacAuthorizationV1Api(api), client.AppsV1Api(api)
-    listed: list[tuple[str, Any]] = [
-        ("pod", core.list_namespaced_pod(namespace, label_selector=MANAGED)),
-        ("job", batch.list_namespaced_job(namespace, label_selector=MANAGED)),
-        ("deployment", apps.list_namespaced_deployment(namespace, label_selector=MANAGED)),
-        ("configmap", core.list_namespaced_config_map(namespace, label_selector=MANAGED)),
-        ("secret", core.list_namespaced_secret(namespace, label_selector=MANAGED)),
-        ("serviceaccount", core.list_namespaced_service_account(namespace, label_selector=MANAGED)),
-        ("role", rbac.list_namespaced_role(namespace, label_selector=MANAGED)),
-        ("rolebinding", rbac.list_namespaced_role_binding(namespace, label_selector=MANAGED)),
-    ]
-    return [f"{kind}/{item.metadata.name}" for kind, result in listed for item in result.items]
-
-
 def _wait_nothing_of_ours(api: client.ApiClient, namespace: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
-    while _ours(api, namespace) and time.monotonic() < deadline:
+    while objects_of_ours(api, namespace) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _ours(api, namespace) == []
+    assert objects_of_ours(api, namespace) == []
 
 
 def _settle(api: client.ApiClient, namespace: str) -> None:
     """Nothing of ours left and the sample app's pods settled (an earlier test's restore done)."""
     _wait_nothing_of_ours(api, namespace)
-    _wait_ready(client.CoreV1Api(api), namespace)
+    wait_app_settled(client.CoreV1Api(api), namespace)
 
 
 def _wait_equal(read: Any, expected: Any, timeout: float) -> float:
@@ -226,7 +175,7 @@ def test_guard_restores_after_sigkill_in_a_restricted_namespace(
     took = _wait_equal(lambda: _orders(apps_v1, restricted), before, timeout=ttl + 30)
     print(f"restored {took:.1f}s after SIGKILL (TTL {ttl}s)")
     _wait_nothing_of_ours(kube_api_client, restricted, timeout=60)
-    _wait_ready(client.CoreV1Api(kube_api_client), restricted)  # the restored pods run again
+    wait_app_settled(client.CoreV1Api(kube_api_client), restricted)  # the restored pods run again
 
 
 def test_two_routes_at_once_in_a_restricted_namespace(
@@ -250,7 +199,7 @@ def test_two_routes_at_once_in_a_restricted_namespace(
 @pytest.fixture(scope="module")
 def legacy(kube_api_client: client.ApiClient, core_v1: client.CoreV1Api) -> Iterator[str]:
     """A namespace that enforces ``restricted`` only after its workloads started (one does not comply)."""
-    _ensure_namespace(core_v1, LEGACY, {})
+    ensure_namespace(core_v1, LEGACY, {})
     core_v1.patch_namespace(LEGACY, {"metadata": {"labels": {f"{PSS}/enforce": None}}})
     apply_sample_app(kube_api_client, LEGACY)
     apps = client.AppsV1Api(kube_api_client)
@@ -259,7 +208,7 @@ def legacy(kube_api_client: client.ApiClient, core_v1: client.CoreV1Api) -> Iter
     current: Any = apps.read_namespaced_deployment("orders", LEGACY)
     if current.spec.template.spec.containers[0].security_context is not None:
         apps.patch_namespaced_deployment("orders", LEGACY, patch)
-    _wait_ready(core_v1, LEGACY)
+    wait_app_settled(core_v1, LEGACY)
     core_v1.patch_namespace(LEGACY, {"metadata": {"labels": {f"{PSS}/enforce": "restricted"}}})
     yield LEGACY
 
@@ -276,7 +225,7 @@ def test_a_workload_the_policy_would_refuse_is_refused_before_any_change(
     assert "nothing was changed" in out, out
     assert "INTERNALERROR" not in out and "Traceback" not in out, out
     assert _orders(apps_v1, legacy) == before
-    assert _ours(kube_api_client, legacy) == [], "refused before anything was created"
+    assert objects_of_ours(kube_api_client, legacy) == [], "refused before anything was created"
 
 
 def _policy(
