@@ -7,11 +7,13 @@ the session passes ``<point>`` (see :data:`POINTS`); actions:
   clean up);
 * ``sigterm`` — SIGTERM to this process (the plugin's handler turns it into an orderly unwind);
 * ``interrupt`` — a ``KeyboardInterrupt`` raised right there (Ctrl-C);
-* ``lost-response`` — a ``ConnectionError`` raised there, as if the API server's answer to the
-  call just made had been lost: the change happened, the client does not know.
+* ``lost-response`` — the error ``kube.call`` raises when the API server's answer is lost
+  (:class:`~pytest_bridge.errors.ApiUnreachableError`, from the client's ``ProtocolError``), raised
+  right after the call made before ``<point>``: the change happened, the client does not know.
 
-Unset (the normal case) it costs one dictionary lookup per point. This module must not import
-anything of the plugin: the chaos script and the e2e tests read :data:`POINTS` from here.
+Unset (the normal case) it costs one dictionary lookup per point. This module imports nothing of
+the plugin at import time (the chaos script and the e2e tests read :data:`POINTS` from here); the
+error of ``lost-response`` is imported when that fault fires.
 """
 
 from __future__ import annotations
@@ -69,4 +71,23 @@ def checkpoint(point: str) -> None:
     elif action == "interrupt":
         raise KeyboardInterrupt(f"{ENV}: interrupt at {point}")
     elif action == "lost-response":
-        raise ConnectionError(f"{ENV}: the answer to the call before {point} was lost")
+        raise _lost_response(point)
+
+
+def _lost_response(point: str) -> BaseException:
+    """What ``kube.call`` raises when the connection drops before the answer, as the client reports it."""
+    import http.client  # noqa: PLC0415 - only when the fault fires
+
+    import urllib3  # noqa: PLC0415
+
+    from .errors import ApiUnreachableError  # noqa: PLC0415
+
+    cause = urllib3.exceptions.ProtocolError(
+        "Connection aborted.", http.client.RemoteDisconnected("Remote end closed connection without response")
+    )
+    error = ApiUnreachableError(
+        f"{ENV}: the call before {point}: the API server did not answer ({type(cause).__name__}: {cause}); "
+        "is it reachable from here?"
+    )
+    error.__cause__ = cause
+    return error
