@@ -3,7 +3,7 @@
 What a user gets from ``pip install pytest-bridge``, checked the way they would meet it:
 
 1. the wheel is built (``pip wheel --no-deps``) from a copy of the source tree, so the
-   checkout gets no ``build/`` or ``*.egg-info`` of its own;
+   checkout gets no ``build/`` or ``*.egg-info`` of its own, and it must hold ``pytest_bridge/py.typed``;
 2. a fresh virtualenv in a temporary folder installs it, its dependencies from the package
    index (what was downloaded is kept in a wheelhouse, ``<harness cache>/packaging-wheelhouse``,
    so a rerun needs no download: :class:`Wheelhouse`);
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import tomllib
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -85,11 +86,16 @@ SUITE = """\
 import json, sys, urllib.request
 from pathlib import Path
 
+from pytest_bridge import BridgeError, IsolatedRoute, LocalService
+
 NAMESPACE = {namespace!r}
 SERVER = Path(__file__).with_name("local_server.py")
 
 
-def test_the_env_of_the_pod_is_imported(bridged_service):
+def test_the_env_of_the_pod_is_imported(bridged_service: LocalService) -> None:
+    # the fixture types are public (pytest_bridge.__all__, py.typed)
+    assert isinstance(bridged_service, LocalService) and issubclass(IsolatedRoute, LocalService)
+    assert issubclass(BridgeError, Exception)
     assert bridged_service.env["GREETING"] == "hello from orders"
     assert bridged_service.env["POD_NAMESPACE"] == NAMESPACE
 
@@ -192,6 +198,9 @@ def build_wheel(workdir: Path, wheelhouse: Wheelhouse) -> Path:
     wheelhouse.pip(["wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels), str(source)], "build the wheel",
                    needs=build_requires, cwd=workdir)  # fmt: skip
     (wheel,) = wheels.glob("pytest_bridge-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        if "pytest_bridge/py.typed" not in archive.namelist():
+            raise CheckFailed(f"{wheel.name} has no pytest_bridge/py.typed (PEP 561: type checkers ignore the package)")
     return wheel
 
 

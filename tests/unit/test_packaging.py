@@ -15,6 +15,11 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
+import pytest_bridge
+from pytest_bridge import BridgeError, BridgeFactory, IsolatedRoute, LocalService, errors, plugin
+
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {
     "pytest_bridge": REPO / "pytest_bridge",
@@ -77,3 +82,34 @@ def test_package_data_is_declared_for_the_wheel() -> None:
     assert {"bridge-user.yaml", "agent.Dockerfile", "routing.Dockerfile"} <= shipped
     link = REPO / "deploy" / "rbac" / "bridge-user.yaml"
     assert link.is_symlink() and link.resolve() == REPO / "pytest_bridge" / "data" / "bridge-user.yaml"
+
+
+def test_the_fixture_types_are_public_and_typed() -> None:
+    assert set(pytest_bridge.__all__) == {"BridgeError", "BridgeFactory", "IsolatedRoute", "LocalService"}
+    assert (LocalService, IsolatedRoute, BridgeFactory) == (
+        plugin.LocalService,
+        plugin.IsolatedRoute,
+        plugin.BridgeFactory,
+    )
+    assert BridgeError is errors.BridgeError
+    assert issubclass(IsolatedRoute, LocalService)
+    assert set(pytest_bridge.__all__) <= set(dir(pytest_bridge))
+    with pytest.raises(AttributeError):
+        _ = pytest_bridge.NoSuchThing  # type: ignore[attr-defined]
+    # PEP 561: the marker ships in the wheel (python -m e2e.packaging checks the built wheel).
+    assert (REPO / "pytest_bridge" / "py.typed").is_file()
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "py.typed" in setuptools["package-data"]["pytest_bridge"]
+
+
+def test_a_suite_annotates_its_fixtures_with_the_public_types(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        from pytest_bridge import BridgeError, BridgeFactory, IsolatedRoute, LocalService
+
+        def test_types() -> None:
+            def uses(svc: LocalService, route: IsolatedRoute, factory: BridgeFactory) -> None: ...
+            assert issubclass(BridgeError, Exception)
+        """
+    )
+    pytester.runpytest("-p", "no:asyncio", "-p", "no:cacheprovider").assert_outcomes(passed=1)
