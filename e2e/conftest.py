@@ -383,9 +383,11 @@ def wait_app_settled(core: client.CoreV1Api, namespace: str, timeout: float = 18
             and d.status.updated_replicas == d.status.ready_replicas == d.status.replicas == (d.spec.replicas or 1)
             for d in deployments
         )
-        pods: Any = core.list_namespaced_pod(namespace).items
+        # the routing manager may outlive the routes that started it (it exits when idle): not the app's
+        listed: Any = core.list_namespaced_pod(namespace, label_selector="pytest-bridge.io/component!=routing-manager")
+        pods: Any = listed.items
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
-        names = sorted(p.metadata.labels.get("app.kubernetes.io/name") for p in ready)
+        names = sorted(str((p.metadata.labels or {}).get("app.kubernetes.io/name")) for p in ready)
         settled = len(ready) == len(pods) and all(p.metadata.deletion_timestamp is None for p in pods)
         if rolled_out and settled and names == ["frontend", "inventory", "orders"]:
             return

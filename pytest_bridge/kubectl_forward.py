@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 
 from pytest_bridge_agent.lanes import LANE_POOL
 
@@ -69,23 +70,34 @@ class KubectlForward:
     """One ``kubectl port-forward`` process; :meth:`connect` opens a connection through it."""
 
     def __init__(
-        self, pod: str, namespace: str, port: int, *, kubeconfig: str | None, context: str | None, timeout: float
+        self,
+        pod: str | Callable[[], str],
+        namespace: str,
+        port: int,
+        *,
+        kubeconfig: str | None,
+        context: str | None,
+        timeout: float,
     ) -> None:
+        """``pod``: the pod's name, or what tells it each time kubectl (re)starts (it may be replaced)."""
         argv = [find_kubectl()]
         if kubeconfig:
             argv += ["--kubeconfig", kubeconfig]
         if context:
             argv += ["--context", context]
-        argv += ["-n", namespace, "port-forward", "--address", "127.0.0.1", f"pod/{pod}", f":{port}"]
+        argv += ["-n", namespace, "port-forward", "--address", "127.0.0.1"]
         setpriv = shutil.which("setpriv")
         if setpriv:
             argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
         self._argv = argv
+        self._pod = pod if callable(pod) else (lambda: pod)
+        self._port_spec = f":{port}"
         self._timeout = timeout
         self._lock = threading.Lock()
         self._process: subprocess.Popen[bytes] | None = None
         self._port: int | None = None
-        self.what = f"kubectl port-forward to pod {namespace}/{pod}:{port}"
+        self._namespace = namespace
+        self.what = f"kubectl port-forward to {namespace}:{port}"
 
     def _ensure(self) -> int:
         """The local port of a running kubectl, started if needed (blocking; called in a thread)."""
@@ -93,9 +105,12 @@ class KubectlForward:
             if self._process is not None and self._process.poll() is None and self._port is not None:
                 return self._port
             self._stop_locked()
+            pod = self._pod()
+            self.what = f"kubectl port-forward to pod {self._namespace}/{pod}{self._port_spec}"
             process = subprocess.Popen(
-                self._argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
-            )
+                [*self._argv, f"pod/{pod}", self._port_spec],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
             self._process = process
             assert process.stdout is not None
             line = process.stdout.readline()

@@ -127,6 +127,19 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         ) from exc
 
 
+_BRIDGE_FIXTURES = frozenset({"bridged_service", "bridged_services", "isolated_route", "bridge_session"})
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test that uses the bridge fails at once, saying why, when the bridge is lost."""
+    if not _BRIDGE_FIXTURES & set(getattr(item, "fixturenames", ())):
+        return
+    bridge = item.config.stash.get(_session_key, None)
+    problem = bridge.lost() if bridge is not None and bridge.attached_to is None else None
+    if problem:
+        pytest.fail(problem, pytrace=False)
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     bridge = session.config.stash.get(_session_key, None)
     if bridge is None:

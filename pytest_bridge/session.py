@@ -11,6 +11,7 @@ connect, twice, or from a signal handler's ``finally``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import errno
@@ -69,6 +70,7 @@ _START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect g
 # Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
+LOST_AFTER = 15.0  # seconds a tunnel may be down (reconnecting) before the bridge counts as lost
 
 
 def new_session_id(prefix: str | None = None) -> str:
@@ -185,6 +187,30 @@ class BridgeSession:
             s = self.settings
             self._kube = kube.load(str(s.kubeconfig) if s.kubeconfig else None, s.context, s.namespace)
         return self._kube
+
+    def lost(self, after: float = LOST_AFTER) -> str | None:
+        """Why the bridge counts as lost ("bridge lost: ..."), else None.
+
+        A tunnel that is down gets until ``after`` seconds from when it went down to come back
+        (it reconnects by itself, to a replacement agent pod too); one that does not fails the
+        tests that use the bridge at once, instead of letting them time out one by one.
+        """
+        tunnels = [(c.service, c.tunnel) for c in self._connections if c.tunnel is not None]
+        tunnels += [(f"{r.service} (route {r.name})", r.tunnel) for r in self._open_routes if r.tunnel is not None]
+        for what, background in tunnels:
+            try:
+                tunnel = background.tunnel
+            except BridgeError:
+                continue  # stopped
+            while tunnel.down_since is not None and time.monotonic() - tunnel.down_since < after:
+                time.sleep(0.1)
+            if tunnel.down_since is not None:
+                return (
+                    f"bridge lost: {what}: the tunnel to the agent has been down for "
+                    f"{time.monotonic() - tunnel.down_since:.0f}s ({tunnel.last_error}); is the agent pod still "
+                    f"there (`kubectl -n {self.client.namespace} get pods -l {SESSION_LABEL}={self.session_id}`)?"
+                )
+        return None
 
     def tunnel_token(self, service: str) -> str | None:
         """The secret a client presents to ``service``'s agent (a second client, e.g. the benchmarks')."""
@@ -462,7 +488,7 @@ class BridgeSession:
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         faults.checkpoint("agent-ready")
-        conn.tunnel = self._open_tunnel(k, ns, pod, plan, conn.token)
+        conn.tunnel = self._open_tunnel(k, ns, pod, plan, conn.token, follow=conn.key)
         self._prove_routed(conn.tunnel, plan)
         faults.checkpoint("tunnel-open")
         conn.bridged = self._import(k, conn, pod, original_container)
@@ -614,20 +640,27 @@ class BridgeSession:
             self._transport_fallback = "kubectl" if kubectl_or_none() else "websocket"
         return self._transport_fallback
 
-    def _open_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str) -> BackgroundTunnel:
-        """The tunnel to the agent in ``pod``, connected, and the agent proven to run this plugin's code."""
-        tunnel = self._start_tunnel(k, ns, pod, plan, token)
+    def _open_tunnel(
+        self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str, *, follow: str | None = None
+    ) -> BackgroundTunnel:
+        """The tunnel to the agent in ``pod``, connected, and the agent proven to run this plugin's code.
+
+        ``follow`` (a session key): when the tunnel reconnects, it goes to the Ready agent pod of
+        that session then, not necessarily ``pod`` (a Deployment replaces a deleted or evicted one).
+        """
+        current = _AgentPod(k, ns, pod, follow)
+        tunnel = self._start_tunnel(k, ns, current, plan, token)
         problem = agent_code_mismatch(tunnel.tunnel.agent_info, bundle.build(), self.settings)
         if problem:
             tunnel.stop(grace=0)
             raise ConnectError(f"pod {ns}/{pod}: {problem}")
         return tunnel
 
-    def _start_tunnel(self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str) -> BackgroundTunnel:
+    def _start_tunnel(self, k: kube.Kube, ns: str, pod: _AgentPod, plan: BridgePlan, token: str) -> BackgroundTunnel:
         local_ports = {b.target_port: b.local_port for b in plan.port_bindings}
         if self.transport == "kubectl":
             forward = KubectlForward(
-                pod, ns, AGENT_CONTROL_PORT, kubeconfig=str(self.settings.kubeconfig) if self.settings.kubeconfig else None,
+                pod.name, ns, AGENT_CONTROL_PORT, kubeconfig=str(self.settings.kubeconfig) if self.settings.kubeconfig else None,
                 context=k.context, timeout=self.settings.connect_timeout,
             )  # fmt: skip
             tunnel = BackgroundTunnel(
@@ -645,10 +678,11 @@ class BridgeSession:
                 self._transport_fallback = "websocket"
             else:
                 return tunnel
-        endpoint = ApiEndpoint.from_configuration(k.configuration)
 
         async def connect() -> Any:
-            forward = await open_portforward(endpoint, ns, pod, AGENT_CONTROL_PORT)
+            # Built per connection: a token that expired meanwhile is read again (exec plugins).
+            endpoint = ApiEndpoint.from_configuration(k.configuration)
+            forward = await open_portforward(endpoint, ns, await asyncio.to_thread(pod.name), AGENT_CONTROL_PORT)
             return forward.reader, forward.writer
 
         tunnel = BackgroundTunnel(connect, token, local_ports)
@@ -822,6 +856,45 @@ class BridgeSession:
                 + "; ".join(errors)
                 + f" — the in-cluster guard will retry within {self.settings.restore_ttl:.0f}s"
             )
+
+
+class _AgentPod:
+    """The agent pod a tunnel goes to: the first one, or, when it is gone, its replacement.
+
+    Called when the tunnel (re)connects. With a session key to ``follow``, a pod that is gone or
+    going is replaced by the session's newest Ready agent pod (the Deployment made a new one
+    after a deletion or an eviction); without, or with none Ready yet, the last name stands and
+    the tunnel keeps retrying.
+    """
+
+    def __init__(self, k: kube.Kube, namespace: str, first: str, follow: str | None) -> None:
+        self._k, self._ns, self._follow = k, namespace, follow
+        self.current = first
+
+    def name(self) -> str:
+        if self._follow is None:
+            return self.current
+        try:
+            pods: Any = kube.call(
+                "find the agent pod", self._k.core.list_namespaced_pod, self._ns,
+                label_selector=f"{SESSION_LABEL}={self._follow}", _request_timeout=(3.0, 5.0),
+            )  # fmt: skip
+        except BridgeError:
+            return self.current
+        ready = [
+            p
+            for p in pods.items
+            if p.metadata.deletion_timestamp is None
+            and (p.metadata.labels or {}).get(restore.ROLE_LABEL) != "guard"
+            and any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+        ]
+        if ready and self.current not in {p.metadata.name for p in ready}:
+            newest = max(ready, key=lambda p: p.metadata.creation_timestamp)
+            log.warning(
+                "agent pod %s is gone; the tunnel follows its replacement %s", self.current, newest.metadata.name
+            )
+            self.current = str(newest.metadata.name)
+        return self.current
 
 
 def agent_code_mismatch(agent_info: Mapping[str, Any], code: bundle.Bundle, settings: BridgeSettings) -> str | None:

@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -171,7 +172,7 @@ class Tunnel:
         keepalive_timeout: float = 30.0,
         stream_idle_timeout: float | None = 3600.0,
         reconnect: bool = True,
-        reconnect_max_delay: float = 5.0,
+        reconnect_max_delay: float = 2.0,
         lane_connect: SocketConnector | None = None,
         lanes: int = LANE_POOL,
     ) -> None:
@@ -209,6 +210,7 @@ class Tunnel:
         self.connects = 0
         self.agent_info: dict[str, Any] = {}
         self.last_error: str | None = None
+        self.down_since: float | None = None  # time.monotonic() when the connection was lost
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -623,6 +625,7 @@ class Tunnel:
             if self._closing:
                 return
             self.last_error = mux.close_reason
+            self.down_since = time.monotonic()
             if not self._reconnect:
                 log.warning("tunnel lost: %s (reconnect disabled)", mux.close_reason)
                 return
@@ -631,6 +634,8 @@ class Tunnel:
             while not self._closing:
                 try:
                     self._mux = await self._open_mux()
+                    log.warning("tunnel reconnected after %.1fs", time.monotonic() - (self.down_since or 0.0))
+                    self.down_since = None
                     break
                 except AuthenticationError as e:
                     self.last_error = str(e)
