@@ -18,6 +18,7 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
+from pytest_bridge_agent import merge
 
 from .errors import ApiUnreachableError, ClusterError, ConflictError, ForbiddenError, NotFoundError
 
@@ -103,6 +104,15 @@ def _reason(exc: ApiException) -> str:
     return str(body.get("message") or exc.reason)
 
 
+def _invalid(exc: ApiException) -> bool:
+    """A 422 for an invalid object (it has causes), not for a JSON Patch ``test`` that failed."""
+    try:
+        body = json.loads(exc.body or "{}")
+    except ValueError:
+        return True
+    return isinstance(body, dict) and merge.refused_as_invalid(body)
+
+
 def call(
     what: str, fn: Callable[..., T], *args: Any, verb: str = "", resource: str = "", namespace: str = "", **kwargs: Any
 ) -> T:
@@ -129,7 +139,7 @@ def call(
                 f"{what}: forbidden ({reason}); {grant} — `pytest-bridge rbac` prints a least-privilege Role",
                 verb=verb, resource=resource, namespace=namespace,
             ) from exc  # fmt: skip
-        if exc.status in (409, 422) and ("test" in reason.lower() or exc.status == 409):
+        if exc.status == 409 or (exc.status == 422 and ("test" in reason.lower() or not _invalid(exc))):
             raise ConflictError(f"{what}: conflict ({reason}); the object changed meanwhile — run again") from exc
         raise ClusterError(f"{what}: API error {exc.status} ({reason})") from exc
 
