@@ -10,7 +10,10 @@ B2K config this module computes:
   to the local mapping, ``KUBERNETES_SERVICE_*`` pointing at the local mapping of the
   ``kubernetes`` Service when it is mapped, then the config's ``env`` entries on top;
 * which volume mounts to download and where to (``$(volumeMounts:NAME)`` mounts and the
-  service-account token), under the session directory unless the config says otherwise.
+  service-account token), under the session directory unless the config says otherwise;
+* by default also every other mount of a ConfigMap, Secret, projected or downwardAPI volume
+  (:func:`plan_mounted_volumes`); other kinds (emptyDir, PVC, hostPath, ...) are listed as
+  skipped, with why: they hold data of their own, not configuration, and may be large.
 
 Pure: paths are computed, not created; nothing is downloaded or written here.
 """
@@ -22,6 +25,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any
+
+from pytest_bridge_agent.runtime import CODE_DIR
 
 from pytest_bridge.config import (
     ExternalEndpointToken,
@@ -36,12 +41,17 @@ from pytest_bridge.names import AddressMode, NameMapping, env_name, service_link
 
 __all__ = [
     "AGENT_IMAGE_ENV",
+    "IMPORTED_VOLUME_KINDS",
     "NEVER_IMPORTED",
     "SERVICE_ACCOUNT_MOUNT_PATH",
     "LocalEnvironment",
+    "SkippedVolume",
     "VolumeDownload",
     "build_environment",
+    "local_volume_paths",
     "plan_downloads",
+    "plan_mounted_volumes",
+    "volume_kind",
 ]
 
 SERVICE_ACCOUNT_MOUNT_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
@@ -72,6 +82,35 @@ class VolumeDownload:
     mount_path: str  # path inside the container; the agent archives it
     local_dir: PurePath
     reason: str
+
+
+# Volume kinds whose files are the service's configuration, small by construction (a ConfigMap
+# or Secret holds at most 1 MiB): imported by default.
+IMPORTED_VOLUME_KINDS = ("configMap", "secret", "projected", "downwardAPI")
+_SKIP_NOTES = {
+    "emptyDir": "scratch space of the pod, empty at start",
+    "persistentVolumeClaim": "a persistent volume: data, possibly large",
+    "hostPath": "a folder of the node",
+    "ephemeral": "a per-pod volume: data, possibly large",
+}
+
+
+@dataclass(frozen=True)
+class SkippedVolume:
+    """A mount not imported by default (``--bridge-import-volumes`` imports only configuration)."""
+
+    volume_name: str
+    mount_path: str
+    kind: str
+
+    def describe(self) -> str:
+        note = _SKIP_NOTES.get(self.kind, "not configuration")
+        return f"{self.mount_path} ({self.kind} {self.volume_name}: {note})"
+
+
+def volume_kind(volume: Mapping[str, Any]) -> str:
+    """``configMap``, ``secret``, ``emptyDir``, ...: the volume source a pod's volume names."""
+    return next((str(key) for key in volume if key != "name"), "unknown")
 
 
 @dataclass(frozen=True)
@@ -151,6 +190,69 @@ def plan_downloads(
                 reason="service-account token",
             )
     return tuple(downloads.values())
+
+
+def plan_mounted_volumes(
+    container: Mapping[str, Any],
+    pod_volumes: Sequence[Mapping[str, Any]],
+    config: LocalProcessConfig | None,
+    session_dir: PurePath,
+    *,
+    planned: Sequence[VolumeDownload] = (),
+    only: Iterable[str] | None = None,
+) -> tuple[tuple[VolumeDownload, ...], tuple[SkippedVolume, ...]]:
+    """Every other mount of ``container`` to import by default, and the mounts skipped.
+
+    ``pod_volumes`` are the pod's ``spec.volumes``; ``planned`` what :func:`plan_downloads`
+    already fetches (its mount paths are not fetched twice); ``only`` the volume names of the
+    workload's own container, so volumes the plugin adds to the agent's pod (its code) are left
+    out (and its code mount wherever it shows up). A volume mounted twice (two ``subPath`` files, say) gets a folder per mount.
+    """
+    kinds = {str(v.get("name")): volume_kind(v) for v in pod_volumes}
+    wanted = set(only) if only is not None else None
+    fetched = {d.mount_path.rstrip("/") for d in planned}
+    used_dirs = {d.local_dir for d in planned}
+    downloads: list[VolumeDownload] = []
+    skipped: list[SkippedVolume] = []
+    for mount in container.get("volumeMounts") or []:
+        name, path = str(mount.get("name") or ""), str(mount.get("mountPath") or "")
+        if not name or not path or path.rstrip("/") in fetched or (wanted is not None and name not in wanted):
+            continue
+        if path.rstrip("/") == CODE_DIR:  # the plugin's own code (in a bridged workload's template too)
+            continue
+        kind = kinds.get(name, "unknown")
+        if kind not in IMPORTED_VOLUME_KINDS:
+            skipped.append(SkippedVolume(name, path, kind))
+            continue
+        local_dir = _local_dir(name, config, session_dir)
+        n = 2
+        while local_dir in used_dirs:
+            local_dir = session_dir / "volumes" / f"{name}.{n}"
+            n += 1
+        used_dirs.add(local_dir)
+        fetched.add(path.rstrip("/"))
+        downloads.append(VolumeDownload(name, path, local_dir, f"mounted {kind} volume"))
+    return tuple(downloads), tuple(skipped)
+
+
+def local_volume_paths(
+    container: Mapping[str, Any], downloads: Sequence[VolumeDownload], *, is_file: Any = None
+) -> dict[str, str]:
+    """``mountPath -> local path`` of what was downloaded (the ``volumes`` attribute of the fixtures).
+
+    A ``subPath`` mount of one file lands as that file in its folder, so it maps to the file
+    (``is_file(path) -> bool`` tells; None: always the folder).
+    """
+    sub_paths = {str(m.get("mountPath")) for m in container.get("volumeMounts") or [] if m.get("subPath")}
+    paths: dict[str, str] = {}
+    for download in downloads:
+        local = download.local_dir
+        if download.mount_path in sub_paths and is_file is not None:
+            candidate = local / PurePath(download.mount_path).name
+            if is_file(candidate):
+                local = candidate
+        paths[download.mount_path] = str(local)
+    return paths
 
 
 def _resolvers(mapping: NameMapping, downloads: Sequence[VolumeDownload], names_resolvable: bool) -> Resolvers:

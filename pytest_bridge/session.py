@@ -35,7 +35,7 @@ from pytest_bridge_routing.objects import original_selector
 
 from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir, workloads
 from .config import LocalProcessConfig, parse_config
-from .envimport import build_environment, plan_downloads
+from .envimport import SkippedVolume, build_environment, local_volume_paths, plan_downloads, plan_mounted_volumes
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
 from .handoff import Handoff
 from .jsonpatch import apply_patch
@@ -119,6 +119,9 @@ class BridgedService:
     mapping: names.NameMapping = field(repr=False)
     agent_pod: str
     dropped_env: tuple[str, ...] = ()
+    # mountPath in the container -> local folder (a subPath file: the file) of each fetched volume
+    volumes: dict[str, str] = field(default_factory=dict)
+    skipped_volumes: tuple[str, ...] = ()  # mounts not fetched, each "<mountPath> (<kind> <name>: why)"
 
     @property
     def local_port(self) -> int:
@@ -704,8 +707,18 @@ class BridgeSession:
         pod = k.to_dict(kube.call("read the agent pod", k.core.read_namespaced_pod, pod_name, ns))
         pod_container = pod["spec"]["containers"][plan.container_index]
         downloads = plan_downloads(pod_container, self._config, service_dir)
+        skipped: tuple[SkippedVolume, ...] = ()
+        if self.settings.import_volumes:
+            # The workload's own mounts only: the agent's pod also mounts the plugin's code.
+            own = {str(m.get("name")) for m in template_container.get("volumeMounts") or []}
+            mounted, skipped = plan_mounted_volumes(
+                pod_container, pod["spec"].get("volumes") or [], self._config, service_dir, planned=downloads, only=own
+            )
+            downloads += mounted
         for download in downloads:
             _extract(tunnel.fetch_files(download.mount_path), Path(download.local_dir))
+        if skipped:
+            self.report(f"{plan.service}: volumes not imported: " + "; ".join(v.describe() for v in skipped))
         services: Any = kube.call("list services", k.core.list_namespaced_service, ns).items
         endpoints = [e for e in (names.Endpoint.from_service(k.to_dict(s)) for s in services) if e is not None]
         if self._config is not None:
@@ -724,6 +737,8 @@ class BridgeSession:
             local_ports={b.target_port: b.local_port for b in plan.port_bindings},
             env=environment.env, session_dir=service_dir, mapping=mapping, agent_pod=pod_name,
             dropped_env=environment.dropped,
+            volumes=local_volume_paths(pod_container, downloads, is_file=lambda path: Path(path).is_file()),
+            skipped_volumes=tuple(v.describe() for v in skipped),
         )  # fmt: skip
 
     def _serve_outbound(self, tunnel: BackgroundTunnel, endpoints: list[names.Endpoint], ns: str) -> names.NameMapping:

@@ -83,6 +83,9 @@ class BridgeSettings:
     connect_timeout: float = 60.0
     restore_ttl: float = 60.0
     isolate: bool = False
+    # Mounted ConfigMap/Secret/projected/downwardAPI volumes are fetched at connect (not only those
+    # a KubernetesLocalProcessConfig.yaml names): bridged_service.volumes maps each mount path.
+    import_volumes: bool = True
     route_prefix: str | None = None
     routing_image: str = DEFAULT_ROUTING_IMAGE
     routing_idle: float = 300.0
@@ -342,6 +345,15 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
     _Setting(
         "isolate",
         "Isolate: leave the workload alone and route only tagged requests (default: false).",
+        _parse_bool,
+        metavar="BOOL",
+        flag_kwargs={"nargs": "?", "const": "true"},
+    ),
+    _Setting(
+        "import_volumes",
+        "Fetch every mounted ConfigMap, Secret, projected and downwardAPI volume of the container at connect "
+        "(bridged_service.volumes maps each mount path to its local folder); false: only the service-account "
+        "token and the volumes KubernetesLocalProcessConfig.yaml names (default: true).",
         _parse_bool,
         metavar="BOOL",
         flag_kwargs={"nargs": "?", "const": "true"},

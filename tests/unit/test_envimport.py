@@ -9,9 +9,13 @@ from k8s_samples import app_container, orders_pod
 from pytest_bridge.config import parse_config
 from pytest_bridge.envimport import (
     SERVICE_ACCOUNT_MOUNT_PATH,
+    SkippedVolume,
     VolumeDownload,
     build_environment,
+    local_volume_paths,
     plan_downloads,
+    plan_mounted_volumes,
+    volume_kind,
 )
 from pytest_bridge.errors import ConfigError
 from pytest_bridge.names import AddressMode, Endpoint, EndpointPort, map_endpoints
@@ -215,3 +219,74 @@ def test_volume_token_without_download_is_a_config_error() -> None:
     mapping = map_endpoints([INVENTORY, PAYMENTS, DB], "shop")
     with pytest.raises(ConfigError, match="volumeMounts:tls-certs"):
         build_environment(REPORTED, pod_container(), mapping, config=CONFIG, downloads=())
+
+
+# --- mounted volumes imported by default (--bridge-import-volumes) ------------------------------
+
+POD_VOLUMES = [
+    {"name": "config", "configMap": {"name": "orders-config"}},
+    {"name": "tls-certs", "secret": {"secretName": "orders-tls"}},
+    {"name": "podinfo", "downwardAPI": {"items": [{"path": "labels", "fieldRef": {"fieldPath": "metadata.labels"}}]}},
+    {"name": "bundle", "projected": {"sources": [{"configMap": {"name": "extra"}}]}},
+    {"name": "scratch", "emptyDir": {}},
+    {"name": "data", "persistentVolumeClaim": {"claimName": "orders-data"}},
+    {"name": "pytest-bridge-code", "configMap": {"name": "pytest-bridge-code-1234"}},
+    {"name": "kube-api-access-x7k2p", "projected": {"sources": []}},
+]
+
+
+def mounted_container() -> dict[str, Any]:
+    container = pod_container()
+    container["volumeMounts"] += [
+        {"name": "podinfo", "mountPath": "/etc/podinfo"},
+        {"name": "bundle", "mountPath": "/etc/bundle"},
+        {"name": "bundle", "mountPath": "/etc/app.ini", "subPath": "app.ini"},
+        {"name": "scratch", "mountPath": "/tmp"},
+        {"name": "data", "mountPath": "/var/lib/orders"},
+        {"name": "pytest-bridge-code", "mountPath": "/opt/pytest-bridge"},  # the agent's own: never imported
+    ]
+    return container
+
+
+def test_mounted_configuration_volumes_are_imported_and_data_volumes_skipped() -> None:
+    container = mounted_container()
+    planned = plan_downloads(container, None, SESSION)  # the service-account token
+    own = {m["name"] for m in container["volumeMounts"]} - {"pytest-bridge-code"}
+    downloads, skipped = plan_mounted_volumes(container, POD_VOLUMES, None, SESSION, planned=planned, only=own)
+    assert [(d.volume_name, d.mount_path, d.local_dir, d.reason) for d in downloads] == [
+        ("config", "/etc/orders", SESSION / "volumes" / "config", "mounted configMap volume"),
+        ("tls-certs", "/etc/tls", SESSION / "volumes" / "tls-certs", "mounted secret volume"),
+        ("podinfo", "/etc/podinfo", SESSION / "volumes" / "podinfo", "mounted downwardAPI volume"),
+        ("bundle", "/etc/bundle", SESSION / "volumes" / "bundle", "mounted projected volume"),
+        ("bundle", "/etc/app.ini", SESSION / "volumes" / "bundle.2", "mounted projected volume"),
+    ]
+    assert skipped == (
+        SkippedVolume("scratch", "/tmp", "emptyDir"),
+        SkippedVolume("data", "/var/lib/orders", "persistentVolumeClaim"),
+    )
+    assert (
+        skipped[1].describe()
+        == "/var/lib/orders (persistentVolumeClaim data: a persistent volume: data, possibly large)"
+    )
+    assert "emptyDir scratch" in skipped[0].describe()
+
+
+def test_a_volume_the_config_names_is_fetched_once_where_the_config_says() -> None:
+    container = mounted_container()
+    planned = plan_downloads(container, CONFIG, SESSION)  # tls-certs -> /repo/certs
+    downloads, _ = plan_mounted_volumes(container, POD_VOLUMES, CONFIG, SESSION, planned=planned)
+    assert "tls-certs" not in {d.volume_name for d in downloads}
+    assert "/opt/pytest-bridge" not in {d.mount_path for d in downloads}  # the plugin's code, even unfiltered
+    assert [d.mount_path for d in downloads].count("/etc/orders") == 1
+
+
+def test_volume_paths_map_mount_paths_to_local_folders_and_subpath_files() -> None:
+    container = mounted_container()
+    downloads, _ = plan_mounted_volumes(container, POD_VOLUMES, None, SESSION, only={"bundle"})
+    files = {SESSION / "volumes" / "bundle.2" / "app.ini"}
+    assert local_volume_paths(container, downloads, is_file=lambda path: path in files) == {
+        "/etc/bundle": str(SESSION / "volumes" / "bundle"),
+        "/etc/app.ini": str(SESSION / "volumes" / "bundle.2" / "app.ini"),
+    }
+    assert local_volume_paths(container, downloads)["/etc/app.ini"] == str(SESSION / "volumes" / "bundle.2")
+    assert volume_kind({"name": "x", "csi": {}}) == "csi" and volume_kind({"name": "x"}) == "unknown"
