@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -37,6 +37,7 @@ class Handoff:
     services: dict[str, BridgedService]
     mechanisms: Mechanisms  # as chosen by the controller (a system hosts block stays its job)
     owner: str  # who holds the tunnel, for messages ("xdist controller pid 1234")
+    phases: dict[str, float] = field(default_factory=dict)  # the controller's connect phases (seconds)
 
 
 def encode(handoff: Handoff) -> str:

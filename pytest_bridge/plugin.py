@@ -13,14 +13,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import pytest
 
-from . import handoff, propagation
+from . import artifacts, handoff, propagation
 from . import settings as settings_mod
 from .errors import BridgeError
 from .isolation import ROUTE_HEADER, Route
@@ -34,6 +34,10 @@ _settings_key = pytest.StashKey[settings_mod.BridgeSettings]()
 _session_key = pytest.StashKey[BridgeSession]()
 _route_times_key = pytest.StashKey[list[float]]()
 _checks_key = pytest.StashKey[list[PropagationResult]]()
+# Per test: the per-test bridges (bridge_factory) and routes (isolated_route) it used, for its report.
+_test_bridges_key = pytest.StashKey[list[BridgeSession]]()
+_test_routes_key = pytest.StashKey[list[Route]]()
+_reported_key = pytest.StashKey[bool]()  # the test's report has its pytest-bridge section
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -105,7 +109,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         if terminal is not None and config.getoption("verbose") >= 0:
             terminal.write_line(f"pytest-bridge: {line}")
 
-    bridge = BridgeSession(bridge_settings, report=report, worker=_worker_id(config))
+    def progress(line: str) -> None:  # connect's phases as they start: -v only
+        if terminal is not None and config.getoption("verbose") > 0:
+            terminal.write_line(f"pytest-bridge: connect: {line}")
+
+    bridge = BridgeSession(bridge_settings, report=report, worker=_worker_id(config), progress=progress)
     config.stash[_session_key] = bridge
     if bridge_settings.isolate and not _is_xdist_worker(config) and _xdist_controller(config):
         return  # isolated under xdist: every worker opens its own route; the controller needs none
@@ -138,6 +146,45 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     problem = bridge.lost() if bridge is not None and bridge.attached_to is None else None
     if problem:
         pytest.fail(problem, pytrace=False)
+
+
+def _used_by(item: pytest.Item) -> tuple[list[BridgeSession], list[Route]]:
+    """The bridges and routes ``item`` used: the session's (through a fixture), its own per-test ones."""
+    own: list[BridgeSession] = item.stash.get(_test_bridges_key, [])
+    bridges = list(own)
+    session_bridge = item.config.stash.get(_session_key, None)
+    if (
+        session_bridge is not None
+        and session_bridge.services
+        and _BRIDGE_FIXTURES & set(getattr(item, "fixturenames", ()))
+    ):
+        bridges.insert(0, session_bridge)
+    routes: list[Route] = item.stash.get(_test_routes_key, [])
+    return bridges, list(routes)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used a bridge or route gets a ``pytest-bridge`` report section (logs, route
+    state, phase timings); every such test records the phase timings as JUnit properties."""
+    if call.when == "teardown":
+        bridges, routes = _used_by(item)
+        properties = [p for b in bridges for p in artifacts.phase_properties("connect", b.phases)]
+        properties += [p for r in routes for p in artifacts.phase_properties("route", r.timings)]
+        item.user_properties.extend(properties)  # what record_property does
+    report = yield
+    if report.failed and not item.stash.get(_reported_key, False):  # once: a failed call and teardown
+        bridges, routes = _used_by(item)
+        if bridges or routes:
+            try:
+                text = artifacts.failure_section(bridges, routes)
+            except Exception as exc:  # the report must never fail on our account
+                text = f"(pytest-bridge could not gather the failure artifacts: {type(exc).__name__}: {exc})"
+            item.stash[_reported_key] = True
+            report.sections.append((artifacts.SECTION, text))
+    return report
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -315,6 +362,7 @@ def bridge_factory(request: pytest.FixtureRequest) -> Iterator[BridgeFactory]:
             pytest.fail(f"pytest-bridge could not bridge {name!r} for this test: {exc}", pytrace=False)
         local = LocalService(bridge, bridge.services[name])
         opened.append((bridge, local))
+        request.node.stash.setdefault(_test_bridges_key, []).append(bridge)
         return local
 
     yield bridge
@@ -396,6 +444,7 @@ def isolated_route(request: pytest.FixtureRequest, bridge_session: BridgeSession
     if marker is not None:
         service = marker.args[0] if marker.args else marker.kwargs.get("service")
     if marker is None and bridge_session.routes:
+        request.node.stash.setdefault(_test_routes_key, []).append(next(iter(bridge_session.routes.values())))
         yield IsolatedRoute(
             bridge_session, next(iter(bridge_session.routes.values())), request.config.stash.setdefault(_checks_key, [])
         )
@@ -408,6 +457,7 @@ def isolated_route(request: pytest.FixtureRequest, bridge_session: BridgeSession
     except BridgeError as exc:
         pytest.fail(f"pytest-bridge could not open an isolated route of {service!r}: {exc}", pytrace=False)
     request.config.stash.setdefault(_route_times_key, []).append(route.timings.get("live", 0.0))
+    request.node.stash.setdefault(_test_routes_key, []).append(route)
     handle = IsolatedRoute(bridge_session, route, request.config.stash.setdefault(_checks_key, []))
     try:
         yield handle

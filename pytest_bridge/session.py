@@ -161,10 +161,15 @@ class BridgeSession:
     report: Callable[[str], None] = field(default=lambda line: None)
     root_dir: Path | None = None
     worker: str | None = None  # xdist worker id: part of generated route names
+    # Connect's phases as they start ("orders: agent pod (+2.1s)"); the plugin shows them with -v.
+    progress: Callable[[str], None] = field(default=lambda line: None)
 
     def __post_init__(self) -> None:
         self.services: dict[str, BridgedService] = {}
         self.timings: dict[str, float] = {}
+        self.phases: dict[str, float] = {}  # seconds per phase of connect ("orders: agent pod"), in order
+        self._phase: tuple[str, float] | None = None
+        self._connect_started = time.monotonic()
         self._connections: list[_Connection] = []
         self._kube: kube.Kube | None = None
         self._config: LocalProcessConfig | None = None
@@ -226,9 +231,21 @@ class BridgeSession:
                 return conn.tunnel.stats
         return None
 
+    def _mark(self, phase: str | None) -> None:
+        """End the phase under way (its time goes to ``phases``) and start ``phase`` (None: none)."""
+        now = time.monotonic()
+        if self._phase is not None:
+            name, since = self._phase
+            self.phases[name] = self.phases.get(name, 0.0) + (now - since)
+        self._phase = (phase, now) if phase else None
+        if phase:
+            self.progress(f"{phase} (+{now - self._connect_started:.1f}s)")
+
     def connect(self) -> dict[str, BridgedService]:
         started = time.monotonic()
+        self._connect_started = started
         try:
+            self._mark("plan")
             self._config = self._load_config()
             k = self.client
             self._check_namespace(k)
@@ -239,10 +256,12 @@ class BridgeSession:
             _check_local_ports(plans.values())
             if self.settings.isolate:
                 for svc in plans:
+                    self._mark(f"{svc}: route")
                     route = self.open_route(svc)
                     self.routes[svc] = route
                     self.services[svc] = route.bridged
             else:
+                self._mark("permissions and workload checks")
                 for plan in plans.values():
                     self._preflight(k, plan)
                 for plan in plans.values():
@@ -251,9 +270,12 @@ class BridgeSession:
                     conn = _Connection(svc, plan, key=f"{self.session_id}-{n}" if n else self.session_id)
                     self._connections.append(conn)
                     self._bridge(k, conn)
+            self._mark("name mapping")
             self._map_names()
+            self._mark(None)
             faults.checkpoint("connected")
         except BaseException:
+            self._mark(None)  # the phase that failed keeps its time (the failure report shows it)
             self.close()
             raise
         self.timings["connect"] = time.monotonic() - started
@@ -421,6 +443,7 @@ class BridgeSession:
         plan = conn.plan
         ns = plan.namespace
         started = time.monotonic()
+        self._mark(f"{plan.service}: admission dry run")
         workload = self._workload(k, plan)
         code = bundle.build()
         pod_code = bundle.code_for(self.settings.code, code, restore.code_configmap_name(conn.key, code))
@@ -454,11 +477,13 @@ class BridgeSession:
             related=[r.record() for r in extras.related], roll_pods=list(extras.roll_pods),
         )  # fmt: skip
         # Record before change: the guard and the record exist before the workload is touched.
+        self._mark(f"{plan.service}: restore guard")
         conn.guard = True  # set first: a guard created halfway is cleaned up too
         restore.create_guard(
             k, conn.record, image=self.settings.agent_image, ttl=self.settings.restore_ttl,
             status_port=AGENT_STATUS_PORT, code=code, pod_code=pod_code,
         )  # fmt: skip
+        self._mark(f"{plan.service}: swap {plan.workload.kind} {plan.workload.name} to the agent")
         if plan.workload.kind == "Pod":
             conn.patched = True
             kube.call(
@@ -487,13 +512,17 @@ class BridgeSession:
                 raise self._patch_conflict(k, conn, exc) from exc
             workloads.after_patch(k, plan, extras, conn.key, self.report)
         faults.checkpoint("workload-patched")
+        self._mark(f"{plan.service}: agent pod")
         pod = self._wait_for_agent(k, ns, plan, conn.key)
+        self._mark(f"{plan.service}: endpoints")
         self._wait_for_endpoints(k, ns, plan, pod)
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         faults.checkpoint("agent-ready")
+        self._mark(f"{plan.service}: tunnel and canaries")
         conn.tunnel = self._open_tunnel(k, ns, pod, plan, conn.token, follow=conn.key)
         self._prove_routed(conn.tunnel, plan)
         faults.checkpoint("tunnel-open")
+        self._mark(f"{plan.service}: import env and volumes")
         conn.bridged = self._import(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
 
@@ -805,7 +834,7 @@ class BridgeSession:
         """What an xdist worker needs to use this (connected) bridge: see :mod:`pytest_bridge.handoff`."""
         return Handoff(
             session_id=self.session_id, services=dict(self.services), mechanisms=self.mechanisms,
-            owner=f"xdist controller pid {os.getpid()}",
+            owner=f"xdist controller pid {os.getpid()}", phases=dict(self.phases),
         )  # fmt: skip
 
     def attach(self, handoff: Handoff) -> None:
@@ -820,6 +849,7 @@ class BridgeSession:
         self.services = dict(handoff.services)
         self.mechanisms = dataclasses.replace(handoff.mechanisms, system_hosts_file=None)
         self.attached_to = handoff.owner
+        self.phases = dict(handoff.phases)  # the controller's connect, for reports and JUnit properties
         self._map_names()
 
     # ------------------------------------------------------------------ disconnect
