@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .layout import KUBERNETES_VERSION, Layout
+from .progress import elapsed, go_activity, run_with_progress
 
 __all__ = ["BUILDS", "Build", "BuildError", "build_all"]
 
@@ -84,6 +85,10 @@ BUILDS: tuple[Build, ...] = (
 )
 
 
+# What a cold build takes on a 2-core VM (README, "Bring-up times"), for the line that starts it.
+_EXPECTED = {"kubernetes": "about 4-5 minutes", "coredns": "about a minute"}
+
+
 def _go_version(go: str) -> str:
     return subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
 
@@ -102,18 +107,26 @@ def _up_to_date(stamp_file: Path, stamp: str, outputs: list[Path]) -> bool:
     return stamp_file.exists() and stamp_file.read_text() == stamp and all(o.exists() for o in outputs)
 
 
-def _run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, what: str) -> None:
+def _run_logged(
+    cmd: list[str], cwd: Path, env: dict[str, str], log: Path, what: str, *, report: Callable[[str], None] | None = None
+) -> None:
     with log.open("ab") as out:
         out.write(f"\n$ {' '.join(cmd)}\n".encode())
-        out.flush()
-        result = subprocess.run(cmd, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0:
+    # With a report: a line every few seconds (elapsed, what go is doing), so a cold build of several
+    # minutes is never silent.
+    returncode = run_with_progress(
+        cmd, cwd=cwd, env=env, log=log, what=f"building {what}", report=report or (lambda line: None),
+        activity=go_activity,
+    )  # fmt: skip
+    if returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-15:]
-        raise BuildError(f"building {what} failed (exit {result.returncode}); log {log}:\n" + "\n".join(tail))
+        raise BuildError(f"building {what} failed (exit {returncode}); log {log}:\n" + "\n".join(tail))
 
 
-def build_go(layout: Layout, build: Build, go: str, log: Path) -> bool:
-    """Build one Go target; return True if it was (re)built, False if it was up to date."""
+def build_go(layout: Layout, build: Build, go: str, log: Path, report: Callable[[str], None] | None = None) -> bool:
+    """Build one Go target; return True if it was (re)built, False if it was up to date.
+
+    ``report`` gets a line when the build starts and then every few seconds while it runs."""
     module_dir = layout.repo / "e2e" / "cluster" / "gomod" / build.module
     files = [p for p in module_dir.iterdir() if p.suffix in {".go", ".mod", ".sum"}]
     stamp = _stamp(files, _go_version(go), build.ldflags, str(build.static), *build.packages)
@@ -127,8 +140,11 @@ def build_go(layout: Layout, build: Build, go: str, log: Path) -> bool:
     if build.static:
         env["CGO_ENABLED"] = "0"
     target = ["-o", str(outputs[0])] if len(build.packages) == 1 else ["-o", str(layout.bin) + "/"]
-    cmd = [go, "build", "-trimpath", "-ldflags", build.ldflags, *target, *build.packages]
-    _run_logged(cmd, module_dir, env, log, build.name)
+    # -v: go names each package as it compiles it, which the progress lines show
+    cmd = [go, "build", "-v", "-trimpath", "-ldflags", build.ldflags, *target, *build.packages]
+    if report is not None:
+        report(f"building {build.name} from Go modules ({_EXPECTED.get(build.name, 'under a minute')} cold; log {log})")
+    _run_logged(cmd, module_dir, env, log, build.name, report=report)
     stamp_file.write_text(stamp)
     return True
 
@@ -158,7 +174,7 @@ def build_pause(layout: Layout, log: Path) -> bool:
 def build_all(layout: Layout, go: str, log: Path, report: Callable[[str], None] = print) -> None:
     for build in BUILDS:
         started = time.monotonic()
-        if build_go(layout, build, go, log):
-            report(f"built {build.name} in {time.monotonic() - started:.0f}s")
+        if build_go(layout, build, go, log, report):
+            report(f"built {build.name} in {elapsed(time.monotonic() - started)}")
     if build_pause(layout, log):
         report("built pause")

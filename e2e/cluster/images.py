@@ -36,6 +36,7 @@ from typing import Any
 
 from . import procs
 from .layout import Layout
+from .progress import run_with_progress
 
 __all__ = [
     "COREDNS_IMAGE",
@@ -261,16 +262,16 @@ def _labels(client: Any, tag: str) -> dict[str, str] | None:
         return None
 
 
-def _debootstrap(layout: Layout, stand_in: StandIn, root: Path, mirror: str) -> None:
+def _debootstrap(
+    layout: Layout, stand_in: StandIn, root: Path, mirror: str, report: Callable[[str], None] = lambda line: None
+) -> None:
     log = layout.logs / f"debootstrap-{stand_in.name.split(':')[0]}.log"
-    with log.open("ab") as out:
-        result = subprocess.run(
-            ["debootstrap", "--variant=minbase", f"--include={','.join(stand_in.packages)}", "bookworm", str(root),
-             mirror],
-            stdout=out, stderr=subprocess.STDOUT, check=False,
-        )  # fmt: skip
-    if result.returncode != 0:
-        raise RuntimeError(f"debootstrap for {stand_in.name} failed (exit {result.returncode}); see {log}")
+    returncode = run_with_progress(
+        ["debootstrap", "--variant=minbase", f"--include={','.join(stand_in.packages)}", "bookworm", str(root), mirror],
+        log=log, what=f"debootstrap of {stand_in.name}", report=report,
+    )  # fmt: skip
+    if returncode != 0:
+        raise RuntimeError(f"debootstrap for {stand_in.name} failed (exit {returncode}); see {log}")
     _slim(root)
     stand_in.shape(root)
 
@@ -304,7 +305,10 @@ def _ensure_stand_ins(layout: Layout, client: Any, report: Callable[[str], None]
         roots = [Path(stack.enter_context(tempfile.TemporaryDirectory(dir=layout.cache))) / "rootfs" for _ in stale]
         # Side by side: each is mostly waiting for dpkg, and together they take little more than one.
         with ThreadPoolExecutor(len(stale)) as pool:
-            builds = [pool.submit(_debootstrap, layout, s, root, mirror) for s, root in zip(stale, roots, strict=True)]
+            report(f"building stand-in images {', '.join(s.name for s in stale)} by debootstrap (about a minute)")
+            builds = [
+                pool.submit(_debootstrap, layout, s, root, mirror, report) for s, root in zip(stale, roots, strict=True)
+            ]
             for build in builds:
                 build.result()
         for stand_in, root in zip(stale, roots, strict=True):
