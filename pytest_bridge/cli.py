@@ -43,7 +43,49 @@ def _parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--force", action="store_true", help="also what live sessions use")
     sub.add_parser("rbac", help="print the least-privilege Role (and a RoleBinding to fill in) a user needs")
     _images_parser(sub)
+    _doctor_parser(sub)
     return parser
+
+
+def _doctor_parser(sub: Any) -> None:
+    from .settings import NameMappingMode  # noqa: PLC0415
+
+    parser = sub.add_parser(
+        "doctor",
+        help="say whether this context can bridge SERVICE, changing nothing (permissions, policy, images, names)",
+        description="Checks, with reads, access reviews and dry runs only, what connect needs: the Service and its "
+        "workload, permissions (bridge and isolated routes), the admission of the agent's and guard's pods and of the "
+        "code ConfigMap, whether nodes have the images, and the name mapping here. Exit 0: it can bridge; 1: it "
+        "cannot (each FAIL line says why); 2: the cluster could not be reached.",
+    )
+    parser.add_argument("service", help="the Service to bridge")
+    parser.add_argument("--container", help="container to replace (default: chosen as connect does)")
+    parser.add_argument("--agent-image", default=DEFAULT_PYTHON_IMAGE, help="as --bridge-agent-image")
+    parser.add_argument("--routing-image", default=DEFAULT_NGINX_IMAGE, help="as --bridge-routing-image")
+    parser.add_argument("--code", choices=("configmap", "image"), default="configmap", help="as --bridge-code")
+    parser.add_argument(
+        "--name-mapping", choices=[m.value for m in NameMappingMode], default="auto", help="as --bridge-name-mapping"
+    )
+
+
+def doctor_command(args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from . import doctor  # noqa: PLC0415
+    from .settings import BridgeSettings, ContainerChoice, NameMappingMode  # noqa: PLC0415
+
+    settings = BridgeSettings(
+        services=(args.service,), namespace=args.namespace, context=args.context,
+        kubeconfig=Path(args.kubeconfig) if args.kubeconfig else None,
+        containers=(ContainerChoice(args.container),) if args.container else (),
+        agent_image=args.agent_image, routing_image=args.routing_image, code=args.code,
+        name_mapping=NameMappingMode(args.name_mapping),
+    )  # fmt: skip
+    findings = doctor.diagnose(settings, args.service)
+    sys.stdout.write(doctor.render(findings))
+    if any(f.check == "kubeconfig" for f in findings):
+        return 2
+    return 1 if any(f.status == doctor.FAIL for f in findings) else 0
 
 
 def _images_parser(sub: Any) -> None:
@@ -160,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "rbac":
         sys.stdout.write(rbac_role())
         return 0
+    if args.command == "doctor":
+        return doctor_command(args)
     if args.command == "images":
         try:
             return images_command(args)

@@ -1,0 +1,55 @@
+"""``pytest-bridge doctor``: its report and exit codes (e2e/test_ux.py asks a real cluster)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pytest_bridge import doctor
+from pytest_bridge.cli import main
+from pytest_bridge.doctor import FAIL, OK, UNKNOWN, Finding
+from pytest_bridge.settings import BridgeSettings, NameMappingMode
+
+
+def test_render_lines_up_the_checks_and_ends_with_the_verdict() -> None:
+    findings = [
+        Finding("service", OK, "Deployment orders"),
+        Finding("image agent", UNKNOWN, "on no node yet"),
+        Finding("permissions (bridge)", FAIL, "missing: patch apps/deployments"),
+    ]
+    assert doctor.render(findings).splitlines() == [
+        "ok   service               Deployment orders",
+        "?    image agent           on no node yet",
+        "FAIL permissions (bridge)  missing: patch apps/deployments",
+        "cannot bridge: permissions (bridge)",
+    ]
+    assert doctor.render(findings[:2]).endswith("can bridge: nothing in the cluster was changed to find out\n")
+
+
+@pytest.mark.parametrize(
+    ("findings", "code"),
+    [
+        ([Finding("service", OK, "x"), Finding("image agent", UNKNOWN, "y")], 0),
+        ([Finding("service", OK, "x"), Finding("policy", FAIL, "refused")], 1),
+        ([Finding("kubeconfig", FAIL, "no kubeconfig")], 2),
+    ],
+)
+def test_exit_code(
+    findings: list[Finding], code: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked: list[tuple[BridgeSettings, str]] = []
+    monkeypatch.setattr(doctor, "diagnose", lambda settings, service: asked.append((settings, service)) or findings)
+    args = ["-n", "shop", "--kubeconfig", "/k", "doctor", "orders", "--container", "app", "--name-mapping", "off"]
+    assert main(args) == code
+    settings, service = asked[0]
+    assert service == "orders" and settings.services == ("orders",) and settings.namespace == "shop"
+    assert settings.kubeconfig == Path("/k") and settings.container_for("orders") == "app"
+    assert settings.name_mapping is NameMappingMode.OFF
+    assert capsys.readouterr().out == doctor.render(findings)
+
+
+def test_no_kubeconfig_is_one_finding(tmp_path: Path) -> None:
+    settings = BridgeSettings(services=("orders",), kubeconfig=tmp_path / "missing")
+    (finding,) = doctor.diagnose(settings, "orders")
+    assert finding.check == "kubeconfig" and finding.status == FAIL
