@@ -40,6 +40,8 @@ from e2e.conftest import NAMESPACE, apply_sample_app, wait_app_settled
 pytestmark = pytest.mark.e2e
 
 UX_NAMESPACE = f"{NAMESPACE}-ux"
+README = Path(__file__).resolve().parents[1] / "README.md"
+EXAMPLE = re.compile(r"```python\n(# example: [^\n]*\n.*?)```", re.DOTALL)
 GREETING = "hello from the orders ConfigMap\n"  # fixtures/manifests/orders-config.yaml, greeting.txt
 SA_PATH = "/var/run/secrets/kubernetes.io/serviceaccount"
 
@@ -174,6 +176,25 @@ def test_volumes_progress_and_failure_artifacts(ux_namespace: str, tmp_path: Pat
     assert float(properties["test_volumes"]["pytest-bridge connect: orders: agent pod"]) > 0, properties
     assert "pytest-bridge connect: orders: import env and volumes" in properties["test_fails_with_the_bridge"]
     assert "pytest-bridge route: live" in properties["test_fails_with_a_route"], properties
+
+
+def readme_examples() -> list[str]:
+    """The README's Python blocks that start with ``# example:``: whole test modules, run as users would."""
+    return EXAMPLE.findall(README.read_text())
+
+
+def test_the_readme_examples_run(ux_namespace: str, tmp_path: Path) -> None:
+    examples = readme_examples()
+    assert examples, "no '# example:' block in README.md"
+    for n, example in enumerate(examples):
+        (tmp_path / f"test_readme_example_{n}.py").write_text(example)
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:asyncio", "-W", "error",
+         "--bridge-service=orders", f"--bridge-namespace={ux_namespace}", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and f"{len(examples)} passed" in output, output
 
 
 def test_volume_import_turned_off(ux_namespace: str, tmp_path: Path) -> None:

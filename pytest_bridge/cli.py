@@ -59,6 +59,8 @@ def _doctor_parser(sub: Any) -> None:
         "cannot (each FAIL line says why); 2: the cluster could not be reached.",
     )
     parser.add_argument("service", help="the Service to bridge")
+    # also after the command (`doctor orders -n shop`); SUPPRESS keeps a -n given before it
+    parser.add_argument("-n", "--namespace", default=argparse.SUPPRESS, help="namespace (default: the context's)")
     parser.add_argument("--container", help="container to replace (default: chosen as connect does)")
     parser.add_argument("--agent-image", default=DEFAULT_PYTHON_IMAGE, help="as --bridge-agent-image")
     parser.add_argument("--routing-image", default=DEFAULT_NGINX_IMAGE, help="as --bridge-routing-image")

@@ -49,6 +49,15 @@ def test_exit_code(
     assert capsys.readouterr().out == doctor.render(findings)
 
 
+def test_the_namespace_may_follow_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[str | None] = []
+    monkeypatch.setattr(doctor, "diagnose", lambda settings, service: asked.append(settings.namespace) or [])
+    main(["doctor", "orders", "-n", "after"])
+    main(["-n", "before", "doctor", "orders"])
+    main(["doctor", "orders"])
+    assert asked == ["after", "before", None]
+
+
 def test_no_kubeconfig_is_one_finding(tmp_path: Path) -> None:
     settings = BridgeSettings(services=("orders",), kubeconfig=tmp_path / "missing")
     (finding,) = doctor.diagnose(settings, "orders")
