@@ -18,16 +18,18 @@ and removed, as a session does.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from . import bundle, hosts, isolation, kube, restore, workloads
 from .errors import BridgeError, ForbiddenError
 from .kubectl_forward import kubectl_or_none
 from .patch import AgentSpec, agent_pod, bridged_session, token_sha256
-from .session import BridgeSession, _allowed, _Connection, required_permissions
-from .settings import BridgeSettings
+from .session import BridgeSession, _allowed, _Connection, required_permissions, session_liveness
+from .settings import BridgeSettings, NameMappingMode
 
 __all__ = ["Finding", "diagnose", "render"]
 
@@ -120,11 +122,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         workload = session._workload(client, the_plan)
         other = bridged_session(workload)
         if other:
-            found.append(
-                Finding(
-                    "in use", FAIL, f"{the_plan.workload.kind} {the_plan.workload.name} is bridged by session {other}"
-                )
-            )
+            found.append(_in_use(client, the_plan, other))
 
         def workload_check() -> str:
             workloads.check(client, the_plan, workload)
@@ -145,12 +143,36 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         )
         found += _policy(session, client, the_plan, workload, settings)
         found += _images(client, {"agent": settings.agent_image, "routing": settings.routing_image})
-    mechanisms = hosts.choose_mechanisms(settings.name_mapping)
-    found.append(Finding("names", OK, f"{settings.name_mapping.value}: {hosts.describe(mechanisms)}"))
+    found.append(names_finding(settings))
     kubectl = kubectl_or_none()
     transport = settings.transport if settings.transport != "auto" else ("kubectl" if kubectl else "websocket")
     found.append(Finding("transport", OK, transport + (f" ({kubectl})" if transport == "kubectl" else "")))
     return found
+
+
+def _in_use(k: kube.Kube, plan: Any, other: str) -> Finding:
+    """The workload is marked as bridged by session ``other``: by a live one (connect refuses), else
+    left by a dead one (connect restores it first)."""
+    what = f"{plan.workload.kind} {plan.workload.name}"
+    liveness = session_liveness(k, other)
+    if liveness == "alive":
+        return Finding("in use", FAIL, f"{what} is bridged by live session {other}; wait, or use --bridge-isolate")
+    if liveness == "unknown":
+        return Finding("in use", UNKNOWN, f"{what} is bridged by session {other}, whose liveness cannot be told")
+    return Finding("in use", OK, f"{what} was left bridged by dead session {other}: connect restores it first")
+
+
+def names_finding(settings: BridgeSettings, *, hosts_writable: Callable[[Path], bool] | None = None) -> Finding:
+    """The name mapping ``--bridge-name-mapping`` gives here; FAIL when it needs a hosts file we cannot write."""
+    mechanisms = hosts.choose_mechanisms(settings.name_mapping)
+    described = f"{settings.name_mapping.value}: {hosts.describe(mechanisms)}"
+    target = mechanisms.system_hosts_file
+    writable = hosts_writable or (lambda path: os.access(path, os.W_OK))
+    if target is not None and not writable(target):
+        return Finding("names", FAIL, f"{described}, but {target} is not writable here: run as root or use auto")
+    if settings.name_mapping is NameMappingMode.OFF:
+        return Finding("names", OK, f"{described}: cluster names do not resolve here; use bridged_service.url()")
+    return Finding("names", OK, described)
 
 
 def _policy(

@@ -62,3 +62,12 @@ def test_no_kubeconfig_is_one_finding(tmp_path: Path) -> None:
     settings = BridgeSettings(services=("orders",), kubeconfig=tmp_path / "missing")
     (finding,) = doctor.diagnose(settings, "orders")
     assert finding.check == "kubeconfig" and finding.status == FAIL
+
+
+def test_names_fail_where_the_hosts_file_cannot_be_written(tmp_path: Path) -> None:
+    hosts_file = BridgeSettings(name_mapping=NameMappingMode.HOSTS_FILE)
+    refused = doctor.names_finding(hosts_file, hosts_writable=lambda path: False)
+    assert refused.status == FAIL and "not writable here" in refused.detail
+    assert doctor.names_finding(hosts_file, hosts_writable=lambda path: True).status == OK
+    off = doctor.names_finding(BridgeSettings(name_mapping=NameMappingMode.OFF))
+    assert off.status == OK and "do not resolve" in off.detail
