@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -289,6 +290,44 @@ def test_doctor_names_what_stands_in_the_way(
     assert quota.returncode == 1, quota.stdout
     assert any(line.startswith("FAIL policy") and "quota" in line for line in quota.stdout.splitlines()), quota.stdout
     assert missing.returncode == 1 and "FAIL service" in missing.stdout and "services there:" in missing.stdout
+
+
+HOLDING_SUITE = """
+import os, time
+from pathlib import Path
+
+
+def test_hold_the_bridge(bridged_service):
+    shared = Path(os.environ["E2E_SHARED"])
+    (shared / "live").write_text("")
+    deadline = time.monotonic() + 120
+    while not (shared / "release").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+"""
+
+
+def test_doctor_names_a_live_session_holding_the_service(ux_namespace: str, tmp_path: Path) -> None:
+    (tmp_path / "test_hold.py").write_text(HOLDING_SUITE)
+    holder = subprocess.Popen(
+        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:asyncio", "-q",
+         "--bridge-service=orders", f"--bridge-namespace={ux_namespace}", str(tmp_path)],
+        cwd=tmp_path, env={**os.environ, "E2E_SHARED": str(tmp_path)}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "live").exists():
+            assert holder.poll() is None and time.monotonic() < deadline, holder.stdout.read() if holder.stdout else ""
+            time.sleep(0.2)
+        run = _doctor(ux_namespace, "orders")
+    finally:
+        (tmp_path / "release").write_text("")
+        out, _ = holder.communicate(timeout=120)
+    assert holder.returncode == 0, out
+    assert run.returncode == 1, run.stdout
+    in_use = [line for line in run.stdout.splitlines() if line.startswith("FAIL in use")]
+    assert in_use and "bridged by live session" in in_use[0] and "--bridge-isolate" in in_use[0], run.stdout
 
 
 def test_doctor_cannot_reach_the_cluster() -> None:
