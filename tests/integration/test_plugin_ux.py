@@ -49,7 +49,7 @@ class FakePod:
 
 class FakeCore:
     def read_namespaced_pod(self, name, namespace, **kwargs):
-        assert name == "orders-agent", name
+        assert name.endswith("-agent"), name
         return FakePod
 
     def read_namespaced_pod_log(self, name, namespace, container=None, tail_lines=None, **kwargs):
@@ -145,6 +145,28 @@ def test_phase_timings_are_junit_properties(ux_cluster: pytest.Pytester) -> None
     }
     assert properties["test_fails"] == properties["test_passes"]
     assert properties["test_fails_without_the_bridge"] == {}
+
+
+def test_a_per_test_bridge_is_in_its_tests_report_and_properties(ux_cluster: pytest.Pytester) -> None:
+    ux_cluster.makepyfile(
+        test_factory="""
+def test_factory_fails(bridge_factory):
+    bridge_factory("inventory")
+    raise AssertionError("the per-test bridge did not help")
+"""
+    )
+    junit = ux_cluster.path / "junit.xml"
+    result = ux_cluster.runpytest_subprocess("test_factory.py", f"--junitxml={junit}", *QUIET)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*- pytest-bridge -*",
+            "session *: connect phases: plan 0.2s, orders: agent pod 2.5s*",
+            "agent of inventory: *",
+        ]
+    )
+    (case,) = ET.parse(junit).getroot().iter("testcase")
+    assert {p.get("name") for p in case.iter("property")} >= {"pytest-bridge connect: plan"}
 
 
 def test_logs_that_cannot_be_read_are_a_line_not_an_error(ux_cluster: pytest.Pytester) -> None:
