@@ -159,8 +159,11 @@ def _used_by(item: pytest.Item) -> tuple[list[BridgeSession], list[Route]]:
         and _BRIDGE_FIXTURES & set(getattr(item, "fixturenames", ()))
     ):
         bridges.insert(0, session_bridge)
-    routes: list[Route] = item.stash.get(_test_routes_key, [])
-    return bridges, list(routes)
+    own_routes: list[Route] = item.stash.get(_test_routes_key, [])
+    routes = list(own_routes)
+    if bridges and bridges[0] is session_bridge:  # --bridge-isolate: the session's routes carry its traffic
+        routes += [r for r in session_bridge.routes.values() if r not in routes]
+    return bridges, routes
 
 
 @pytest.hookimpl(wrapper=True)

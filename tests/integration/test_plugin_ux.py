@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_plugin_pytester import FAKE_CONFTEST, QUIET
 
+from pytest_bridge import plugin
 from pytest_bridge.errors import ConnectError
 from pytest_bridge.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
@@ -224,3 +226,14 @@ BridgeSession.connect = announcing
     )
     plain = ux_cluster.runpytest_subprocess("--bridge-service=orders", "-k", "passes", *QUIET)
     assert "pytest-bridge: connect:" not in plain.stdout.str()
+
+
+def test_an_isolated_sessions_routes_are_in_the_report_of_a_test_using_it(pytester: pytest.Pytester) -> None:
+    session = SimpleNamespace(services={"orders": object()}, routes={"orders": "the session's route"})
+
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")  # no start-up warning
+    item, plain = pytester.getitems("def test_uses(bridged_service): pass\n\ndef test_plain(): pass\n")
+    item.config.stash[plugin._session_key] = session  # type: ignore[assignment]
+    bridges, routes = plugin._used_by(item)
+    assert len(bridges) == 1 and routes == ["the session's route"]
+    assert plugin._used_by(plain) == ([], [])
