@@ -422,7 +422,11 @@ def _retire_other_manager(
 def sweep_stale_routes(
     k: kube.Kube, namespace: str, alive: Callable[[str], bool], report: Callable[[str], None]
 ) -> None:
-    """Delete route pods and token Secrets of sessions that are gone (the agent has no client)."""
+    """Delete route pods of sessions that are gone (the agent has no client).
+
+    Routes have no token Secrets any more (pods carry only the token's SHA-256), so none are swept:
+    users need no access to Secrets.
+    """
     selector = f"{ro.COMPONENT}=route"
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, namespace, label_selector=selector)
     for pod in pods.items:
@@ -443,14 +447,6 @@ def sweep_stale_routes(
                 namespace,
                 grace_period_seconds=0,
             )
-    secrets_: Any = kube.call("list route secrets", k.core.list_namespaced_secret, namespace, label_selector=selector)
-    for secret in secrets_.items:
-        owners = secret.metadata.owner_references or []
-        if not owners and _age(secret) > 120:
-            with contextlib.suppress(NotFoundError):
-                kube.call(
-                    "delete a stale route secret", k.core.delete_namespaced_secret, secret.metadata.name, namespace
-                )
 
 
 def _age(obj: Any) -> float:

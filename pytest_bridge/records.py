@@ -1,11 +1,11 @@
 """Restore records are checked before they are used: a forged one must not steer a restore. Pure.
 
-A restore record is a Secret anyone who may write Secrets in the namespace could forge or edit,
+A restore record is a ConfigMap anyone who may write ConfigMaps in the namespace could forge or edit,
 and ``pytest-bridge cleanup`` (or a later session) applies what it says, with the permissions of
 whoever runs it. So a record is used only if it has exactly the shape our plugin writes:
 
-* the Secret is owned by its session's guard Job and labelled with that session;
-* kind, namespace, name and session agree with the Secret it came from;
+* the ConfigMap is owned by its session's guard Job and labelled with that session;
+* kind, namespace, name and session agree with the ConfigMap it came from;
 * its reverse patch begins with the test that the workload still carries this session, and
   touches only what a bridge changes (the target container, replicas, our labels and
   annotations, our code volume);
@@ -15,7 +15,7 @@ whoever runs it. So a record is used only if it has exactly the shape our plugin
   patch begins with the test of this session's mark and touches only the replica bounds and our
   annotation; the pods to roll are the recorded StatefulSet's own (``<name>-<ordinal>``).
 
-Anything else is :class:`RecordError`, naming the Secret and what is wrong with it.
+Anything else is :class:`RecordError`, naming the ConfigMap and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -60,15 +60,15 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def check_owner(secret_meta: Mapping[str, Any], session: str, guard: str) -> None:
-    """The record's Secret is labelled with ``session`` and owned by its guard Job ``guard``."""
-    name = secret_meta.get("name")
-    labels = secret_meta.get("labels") or {}
+def check_owner(record_meta: Mapping[str, Any], session: str, guard: str) -> None:
+    """The record's ConfigMap is labelled with ``session`` and owned by its guard Job ``guard``."""
+    name = record_meta.get("name")
+    labels = record_meta.get("labels") or {}
     if labels.get(SESSION_LABEL) != session:
-        raise RecordError(f"Secret {name}: its {SESSION_LABEL} label is not the record's session {session!r}")
-    owners = secret_meta.get("ownerReferences") or []
+        raise RecordError(f"ConfigMap {name}: its {SESSION_LABEL} label is not the record's session {session!r}")
+    owners = record_meta.get("ownerReferences") or []
     if not any(o.get("kind") == "Job" and o.get("name") == guard for o in owners if isinstance(o, Mapping)):
-        raise RecordError(f"Secret {name}: not owned by the guard Job {guard} of session {session!r}")
+        raise RecordError(f"ConfigMap {name}: not owned by the guard Job {guard} of session {session!r}")
 
 
 def check_record(record: Any, *, namespace: str, where: str) -> None:
@@ -76,7 +76,7 @@ def check_record(record: Any, *, namespace: str, where: str) -> None:
     if record.kind not in KINDS:
         raise RecordError(f"{where}: kind {record.kind!r} is none of {', '.join(KINDS)}")
     if record.namespace != namespace:
-        raise RecordError(f"{where}: namespace {record.namespace!r} is not the Secret's {namespace!r}")
+        raise RecordError(f"{where}: namespace {record.namespace!r} is not the ConfigMap's {namespace!r}")
     if not isinstance(record.name, str) or not _NAME.match(record.name):
         raise RecordError(f"{where}: {record.name!r} is not an object name")
     if not isinstance(record.original, dict) or record.original.get("kind", record.kind) != record.kind:

@@ -2,14 +2,15 @@
 
 Everything a session creates hangs off one object, the **guard Job**
 ``pytest-bridge-guard-<session>``: its ServiceAccount, Role and RoleBinding, the code
-ConfigMap and the **restore record** Secret carry an ownerReference to it, so deleting
+ConfigMap and the **restore record** ConfigMap carry an ownerReference to it, so deleting
 the Job (with background propagation) removes all of them. Order on connect:
 
 1. the Job, running, with a **setup deadline** (``activeDeadlineSeconds``): if the plugin dies
    before step 4, the Job fails at the deadline and its ``ttlSecondsAfterFinished`` deletes it,
    and everything below with it (a suspended Job, as before, stayed for ever);
 2. ServiceAccount, Role (least privilege: only the named objects), RoleBinding;
-3. the restore record (original object, reverse JSON Patch; a Secret), the code ConfigMap;
+3. the restore record (original object, reverse JSON Patch; a ConfigMap, not a Secret: it holds
+   only what the workload's own spec holds, and users need no access to Secrets), the code ConfigMap;
 4. **arm** the guard: lift the deadline; only then is the workload changed.
 
 The guard's pod starts as soon as its ServiceAccount exists and waits for the record; a record
@@ -32,7 +33,7 @@ from typing import Any
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
 from . import bundle, faults, kube, records, workloads
-from .errors import ConnectError, NotFoundError
+from .errors import ConnectError, ForbiddenError, NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "guard_job",
     "guard_name",
     "guard_rbac",
-    "owned_secret",
+    "owned_configmap",
 ]
 
 MANAGED_BY = {"app.kubernetes.io/managed-by": "pytest-bridge"}
@@ -55,7 +56,7 @@ def guard_name(session: str) -> str:
     return f"pytest-bridge-guard-{session}"[:63].rstrip("-")
 
 
-def record_secret_name(session: str) -> str:
+def record_configmap_name(session: str) -> str:
     return f"pytest-bridge-restore-{session}"[:63].rstrip("-")
 
 
@@ -98,7 +99,7 @@ def guard_job(
         "GUARD_SESSION": session,
         "GUARD_NAMESPACE": namespace,
         "GUARD_TTL_SECONDS": str(ttl),
-        "GUARD_RECORD_SECRET": record_secret_name(session),
+        "GUARD_RECORD_CONFIGMAP": record_configmap_name(session),
         "GUARD_JOB": name,
         "GUARD_SESSION_LABEL": SESSION_LABEL,
         "GUARD_STATUS_PORT": str(agent_status_port),
@@ -187,7 +188,12 @@ def guard_rbac(session: str, namespace: str, record: RestoreRecord, job: dict[st
         workload_rule,
         *extra_rules,
         {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
-        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": [record_secret_name(session)], "verbs": ["get"]},
+        {
+            "apiGroups": [""],
+            "resources": ["configmaps"],
+            "resourceNames": [record_configmap_name(session)],
+            "verbs": ["get"],
+        },
         {"apiGroups": ["batch"], "resources": ["jobs"], "resourceNames": [name], "verbs": ["get", "delete"]},
     ]
     return [
@@ -203,20 +209,20 @@ def guard_rbac(session: str, namespace: str, record: RestoreRecord, job: dict[st
     ]
 
 
-def owned_secret(
+def owned_configmap(
     name: str, *, session: str, namespace: str, role: str, job: dict[str, Any], data: dict[str, str]
 ) -> dict[str, Any]:
+    """A ConfigMap of the session, owned by its guard Job; ``data`` goes in ``binaryData`` (base64)."""
     return {
         "apiVersion": "v1",
-        "kind": "Secret",
-        "type": "Opaque",
+        "kind": "ConfigMap",
         "metadata": {
             "name": name,
             "namespace": namespace,
             "labels": _labels(session, role),
             "ownerReferences": [_owner_ref(job)],
         },
-        "data": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
+        "binaryData": {k: base64.b64encode(v.encode()).decode() for k, v in data.items()},
     }
 
 
@@ -265,13 +271,13 @@ def create_guard(
             code, pod_code.configmap, ns, labels=_labels(session, "code"), owner=_owner_ref(job)
         )
         bundle.ship(k, manifest, code)
-    secret = owned_secret(
-        record_secret_name(session), session=session, namespace=ns, role="restore-record", job=job,
+    record_map = owned_configmap(
+        record_configmap_name(session), session=session, namespace=ns, role="restore-record", job=job,
         data={"record.json": record.to_json()},
     )  # fmt: skip
     kube.call(
-        "store the restore record", k.core.create_namespaced_secret, ns, secret,
-        verb="create", resource="secrets", namespace=ns,
+        "store the restore record", k.core.create_namespaced_config_map, ns, record_map,
+        verb="create", resource="configmaps", namespace=ns,
     )  # fmt: skip
     faults.checkpoint("guard-record")
     name = job["metadata"]["name"]
@@ -303,16 +309,20 @@ def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
         )  # fmt: skip
     # Belt and braces: anything labelled with the session that lost its owner.
     selector = f"{SESSION_LABEL}={session},app.kubernetes.io/managed-by=pytest-bridge"
+    # No Secrets: a session creates none (records are ConfigMaps; tunnel tokens live only in pods, hashed).
     cleaners: tuple[tuple[Any, Any], ...] = (
-        (k.core.list_namespaced_secret, k.core.delete_namespaced_secret),
         (k.core.list_namespaced_config_map, k.core.delete_namespaced_config_map),
         (k.rbac.list_namespaced_role_binding, k.rbac.delete_namespaced_role_binding),
         (k.rbac.list_namespaced_role, k.rbac.delete_namespaced_role),
         (k.core.list_namespaced_service_account, k.core.delete_namespaced_service_account),
     )
     for lister, deleter in cleaners:
-        for item in kube.call("list session objects", lister, namespace, label_selector=selector).items:
-            with contextlib.suppress(NotFoundError):
+        try:
+            items = kube.call("list session objects", lister, namespace, label_selector=selector).items
+        except ForbiddenError:
+            continue  # bridge-user.yaml grants no list here: the Job's ownerReferences take them
+        for item in items:
+            with contextlib.suppress(NotFoundError, ForbiddenError):
                 kube.call("delete a session object", deleter, item.metadata.name, namespace)
 
 
@@ -320,24 +330,24 @@ def read_records(k: kube.Kube, namespace: str, rejected: list[str] | None = None
     """The namespace's restore records that have the shape this plugin writes (:mod:`.records`);
     why each other one is not used is appended to ``rejected``."""
     selector = f"{ROLE_LABEL}=restore-record,app.kubernetes.io/managed-by=pytest-bridge"
-    secrets = kube.call(
-        "list restore records", k.core.list_namespaced_secret, namespace, label_selector=selector,
-        verb="list", resource="secrets", namespace=namespace,
+    maps = kube.call(
+        "list restore records", k.core.list_namespaced_config_map, namespace, label_selector=selector,
+        verb="list", resource="configmaps", namespace=namespace,
     ).items  # fmt: skip
     found = []
-    for secret in secrets:
+    for record_map in maps:
         try:
-            found.append(_record_from_secret(k.to_dict(secret), namespace))
+            found.append(_record_from_configmap(k.to_dict(record_map), namespace))
         except records.RecordError as exc:
             if rejected is not None:
                 rejected.append(str(exc))
     return found
 
 
-def _record_from_secret(secret: dict[str, Any], namespace: str) -> RestoreRecord:
-    meta = secret.get("metadata") or {}
-    where = f"restore record Secret {namespace}/{meta.get('name')}"
-    raw = (secret.get("data") or {}).get("record.json")
+def _record_from_configmap(record_map: dict[str, Any], namespace: str) -> RestoreRecord:
+    meta = record_map.get("metadata") or {}
+    where = f"restore record ConfigMap {namespace}/{meta.get('name')}"
+    raw = (record_map.get("binaryData") or {}).get("record.json")
     if not raw:
         raise records.RecordError(f"{where}: no record.json")
     try:

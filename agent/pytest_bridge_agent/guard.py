@@ -2,12 +2,12 @@
 
 Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.restore`` creates (it may
 start before the plugin has written the record: it waits for it). Every second it reads the
-session's restore record (a Secret) and asks the session's agent pods for ``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
+session's restore record (a ConfigMap) and asks the session's agent pods for ``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
 reverse JSON Patch, or deleting the agent pod and re-creating a bare Pod from the record), then
-deletes its own Job, whose ownerReferences take the ServiceAccount, Role, RoleBinding and Secrets
-with it. The record Secret disappearing, once seen, means the plugin restored the workload itself: exit 0.
+deletes its own Job, whose ownerReferences take the ServiceAccount, Role, RoleBinding and ConfigMaps
+with it. The record ConfigMap disappearing, once seen, means the plugin restored the workload itself: exit 0.
 
-Configuration (env): GUARD_SESSION, GUARD_NAMESPACE, GUARD_TTL_SECONDS, GUARD_RECORD_SECRET,
+Configuration (env): GUARD_SESSION, GUARD_NAMESPACE, GUARD_TTL_SECONDS, GUARD_RECORD_CONFIGMAP,
 GUARD_JOB, GUARD_SESSION_LABEL, GUARD_STATUS_PORT; for tests GUARD_API_URL (default
 ``https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT``), GUARD_TOKEN_FILE, GUARD_CA_FILE
 (service-account defaults; an empty GUARD_CA_FILE means plain http) and GUARD_POLL_SECONDS.
@@ -82,7 +82,7 @@ class GuardConfig:
     session: str
     namespace: str
     ttl: float
-    record_secret: str
+    record_configmap: str
     job: str
     session_label: str
     status_port: int
@@ -101,7 +101,7 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
         "GUARD_SESSION",
         "GUARD_NAMESPACE",
         "GUARD_TTL_SECONDS",
-        "GUARD_RECORD_SECRET",
+        "GUARD_RECORD_CONFIGMAP",
         "GUARD_JOB",
         "GUARD_SESSION_LABEL",
         "GUARD_STATUS_PORT",
@@ -119,7 +119,7 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
         session=env["GUARD_SESSION"],
         namespace=env["GUARD_NAMESPACE"],
         ttl=ttl,
-        record_secret=env["GUARD_RECORD_SECRET"],
+        record_configmap=env["GUARD_RECORD_CONFIGMAP"],
         job=env["GUARD_JOB"],
         session_label=env["GUARD_SESSION_LABEL"],
         status_port=port,
@@ -150,13 +150,15 @@ class Record:
     roll_pods: list[str] = field(default_factory=list)  # deleted after the restore (StatefulSet OnDelete)
 
 
-def parse_record(secret: Any, config: GuardConfig) -> Record:
-    """The record in a Secret (API JSON); ValueError if it is missing, malformed or not ours."""
+def parse_record(record_map: Any, config: GuardConfig) -> Record:
+    """The record in a ConfigMap (API JSON); ValueError if it is missing, malformed or not ours."""
     try:
-        raw = base64.b64decode(secret["data"]["record.json"], validate=True)
+        raw = base64.b64decode(record_map["binaryData"]["record.json"], validate=True)
         data = json.loads(raw)
     except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"secret {config.record_secret!r} has no readable data key 'record.json': {e}") from e
+        raise ValueError(
+            f"ConfigMap {config.record_configmap!r} has no readable binaryData key 'record.json': {e}"
+        ) from e
     if not isinstance(data, dict):
         raise ValueError("record.json is not a JSON object")  # noqa: TRY004 - callers catch ValueError
     try:
@@ -222,7 +224,7 @@ def _json_request(method: str, path: str, body: Any, content_type: str = "applic
 
 
 def record_request(config: GuardConfig) -> Request:
-    return Request("GET", f"/api/v1/namespaces/{_q(config.namespace)}/secrets/{_q(config.record_secret)}")
+    return Request("GET", f"/api/v1/namespaces/{_q(config.namespace)}/configmaps/{_q(config.record_configmap)}")
 
 
 def pods_request(config: GuardConfig) -> Request:
@@ -806,7 +808,7 @@ class Guard:
                 response = Response(0, {"message": str(e)})
             if response.status in (200, 202, 404):
                 log.info(
-                    "deleted the guard Job %s (its ServiceAccount, Role, RoleBinding and Secrets follow)",
+                    "deleted the guard Job %s (its ServiceAccount, Role, RoleBinding and ConfigMaps follow)",
                     self.config.job,
                 )
                 return
@@ -820,7 +822,7 @@ class Guard:
         cfg = self.config
         log.info(
             "started: session %s in %s, TTL %gs, record %s, agents' status port %d",
-            cfg.session, cfg.namespace, cfg.ttl, cfg.record_secret, cfg.status_port,
+            cfg.session, cfg.namespace, cfg.ttl, cfg.record_configmap, cfg.status_port,
         )  # fmt: skip
         watchdog = Watchdog(cfg.ttl, self.clock())
         backoff = cfg.poll_interval
@@ -855,11 +857,11 @@ class Guard:
         if record is None:
             log.info(
                 "restore record %s is gone: the session's client restored and is cleaning up; exiting",
-                cfg.record_secret,
+                cfg.record_configmap,
             )
             return 0
         if not self._record_seen:
-            log.info("restore record %s read: guarding %s %s", cfg.record_secret, record.kind, record.name)
+            log.info("restore record %s read: guarding %s %s", cfg.record_configmap, record.kind, record.name)
             self._record_seen = True
             watchdog.last_alive = self.clock()  # the session's full TTL to connect counts from here
         seen = self.observe()
@@ -899,11 +901,11 @@ class Guard:
         if response.status == 404:
             return None
         if response.status != 200:
-            raise Retry(f"cannot read the restore record {self.config.record_secret}: {response.message()}")
+            raise Retry(f"cannot read the restore record {self.config.record_configmap}: {response.message()}")
         try:
             return parse_record(response.body, self.config)
         except ValueError as e:
-            log.error("UNUSABLE RESTORE RECORD %s: %s", self.config.record_secret, e)  # noqa: TRY400
+            log.error("UNUSABLE RESTORE RECORD %s: %s", self.config.record_configmap, e)  # noqa: TRY400
             raise Retry("unusable restore record") from e
 
 

@@ -29,7 +29,7 @@ from pytest_bridge.errors import PatchConflictError
 from pytest_bridge.jsonpatch import apply_patch
 from pytest_bridge.patch import SESSION_LABEL
 from pytest_bridge.ports import free_port
-from pytest_bridge.restore import RestoreRecord, guard_name, record_secret_name
+from pytest_bridge.restore import RestoreRecord, guard_name, record_configmap_name
 from pytest_bridge.tunnel import tcp_connector
 from pytest_bridge.tunnel_thread import BackgroundTunnel
 
@@ -39,7 +39,7 @@ API_TOKEN = "sa-token-abc"
 NS = "shop"
 SESSION = "s-1a2b3c"
 JOB = guard_name(SESSION)
-SECRET = record_secret_name(SESSION)
+RECORD = record_configmap_name(SESSION)
 DEPLOY_PATH = f"/apis/apps/v1/namespaces/{NS}/deployments/orders"
 POD_PATH = f"/api/v1/namespaces/{NS}/pods/orders-pod"
 JOB_PATH = f"/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"
@@ -61,7 +61,7 @@ class Seen:
 class FakeApi:
     """Just enough of the Kubernetes API for the guard; records every request."""
 
-    secret: dict[str, Any] | None = None
+    record_map: dict[str, Any] | None = None
     deployment: dict[str, Any] | None = None
     pod: dict[str, Any] | None = None  # the bare pod at POD_PATH
     agent_pods: list[dict[str, Any]] = field(default_factory=list)
@@ -81,8 +81,8 @@ class FakeApi:
             if seen.headers.get("authorization") != f"Bearer {API_TOKEN}":
                 return 401, {"kind": "Status", "message": "Unauthorized"}
             key = (seen.method, seen.path)
-            if key == ("GET", f"/api/v1/namespaces/{NS}/secrets/{SECRET}"):
-                return (200, self.secret) if self.secret else (404, {"kind": "Status", "message": "not found"})
+            if key == ("GET", f"/api/v1/namespaces/{NS}/configmaps/{RECORD}"):
+                return (200, self.record_map) if self.record_map else (404, {"kind": "Status", "message": "not found"})
             if key == ("GET", f"/api/v1/namespaces/{NS}/pods"):
                 assert seen.query["labelSelector"] == [f"{SESSION_LABEL}={SESSION}"]
                 return 200, {"kind": "PodList", "items": self.agent_pods}
@@ -153,8 +153,8 @@ def api() -> Iterator[FakeApi]:
     thread.join(5)
 
 
-def record_secret(record: RestoreRecord) -> dict[str, Any]:
-    return {"kind": "Secret", "data": {"record.json": base64.b64encode(record.to_json().encode()).decode()}}
+def record_configmap(record: RestoreRecord) -> dict[str, Any]:
+    return {"kind": "ConfigMap", "binaryData": {"record.json": base64.b64encode(record.to_json().encode()).decode()}}
 
 
 def agent_pod(name: str = "orders-7d9f-abcde", ip: str = LOOPBACK) -> dict[str, Any]:
@@ -237,7 +237,7 @@ def run_guard(
             "GUARD_SESSION": SESSION,
             "GUARD_NAMESPACE": NS,
             "GUARD_TTL_SECONDS": "1",
-            "GUARD_RECORD_SECRET": SECRET,
+            "GUARD_RECORD_CONFIGMAP": RECORD,
             "GUARD_JOB": JOB,
             "GUARD_SESSION_LABEL": SESSION_LABEL,
             "GUARD_STATUS_PORT": str(status_port),
@@ -302,7 +302,7 @@ def test_no_restore_while_connected_then_restore_after_ttl(
     api: FakeApi, spawn: Callable[[list[str], dict[str, str]], Proc], run_guard: Callable[[int], Proc]
 ) -> None:
     agent, control_port, status_port = start_agent(spawn)
-    api.secret = record_secret(deployment_record())
+    api.record_map = record_configmap(deployment_record())
     api.deployment = copy.deepcopy(BRIDGED_DEPLOYMENT)
     api.agent_pods = [agent_pod(), guard_pod()]
     tunnel = BackgroundTunnel(tcp_connector(LOOPBACK, control_port), TOKEN, {})
@@ -340,9 +340,9 @@ def test_record_gone_exits_without_restoring(api: FakeApi, run_guard: Callable[[
     guard = run_guard(free_port())  # started before the plugin wrote the record: it waits
     time.sleep(1.5)
     assert guard.proc.poll() is None, "a record not written yet is not a record gone"
-    api.secret = record_secret(deployment_record())
+    api.record_map = record_configmap(deployment_record())
     guard.wait_for_log("restore record .* read: guarding")
-    api.secret = None  # the plugin restored and deletes the session's objects
+    api.record_map = None  # the plugin restored and deletes the session's objects
     assert guard.wait(5) == 0
     guard.wait_for_log("restore record .* is gone")
     assert {r.method for r in api.requests} == {"GET"}
@@ -350,7 +350,7 @@ def test_record_gone_exits_without_restoring(api: FakeApi, run_guard: Callable[[
 
 
 def test_already_restored_deployment_is_left_alone(api: FakeApi, run_guard: Callable[[int], Proc]) -> None:
-    api.secret = record_secret(deployment_record())
+    api.record_map = record_configmap(deployment_record())
     restored = apply_patch(BRIDGED_DEPLOYMENT, REVERSE)
     api.deployment = copy.deepcopy(restored)
     guard = run_guard(free_port())  # no agent pods at all: the TTL runs out
@@ -368,7 +368,7 @@ def test_bare_pod_is_deleted_then_recreated(api: FakeApi, run_guard: Callable[[i
         session=SESSION, namespace=NS, kind="Pod", name="orders-pod", reverse_patch=[],
         original=original, owner="dev", created=time.time(),
     )  # fmt: skip
-    api.secret = record_secret(record)
+    api.record_map = record_configmap(record)
     bridged = {"metadata": {"name": "orders-pod", "uid": "uid-agent", "labels": {SESSION_LABEL: SESSION}}}
     api.pod = bridged
     api.pod_lingers = 2
@@ -395,7 +395,7 @@ def test_bare_pod_is_deleted_then_recreated(api: FakeApi, run_guard: Callable[[i
 @pytest.mark.parametrize(("job_exists", "code"), [(False, 0), (True, 143)])
 def test_sigterm_exits_promptly(api: FakeApi, run_guard: Callable[[int], Proc], job_exists: bool, code: int) -> None:
     """0 when the plugin deleted the Job; 143 (a failure: the Job starts a new guard) on an eviction."""
-    api.secret = record_secret(deployment_record())
+    api.record_map = record_configmap(deployment_record())
     api.deployment = copy.deepcopy(BRIDGED_DEPLOYMENT)
     api.job_exists = job_exists
     guard = run_guard(free_port())

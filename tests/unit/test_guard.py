@@ -21,7 +21,7 @@ ENV = {
     "GUARD_SESSION": SESSION,
     "GUARD_NAMESPACE": NS,
     "GUARD_TTL_SECONDS": "600.0",
-    "GUARD_RECORD_SECRET": f"pytest-bridge-restore-{SESSION}",
+    "GUARD_RECORD_CONFIGMAP": f"pytest-bridge-restore-{SESSION}",
     "GUARD_JOB": f"pytest-bridge-guard-{SESSION}",
     "GUARD_SESSION_LABEL": SESSION_LABEL,
     "GUARD_STATUS_PORT": "47101",
@@ -53,9 +53,9 @@ def record(kind: str = "Deployment", **changes: Any) -> RestoreRecord:
     return RestoreRecord(**fields)
 
 
-def secret(rec: RestoreRecord | str) -> dict[str, Any]:
+def record_map(rec: RestoreRecord | str) -> dict[str, Any]:
     text = rec if isinstance(rec, str) else rec.to_json()
-    return {"data": {"record.json": base64.b64encode(text.encode()).decode()}}
+    return {"binaryData": {"record.json": base64.b64encode(text.encode()).decode()}}
 
 
 # ---------------------------------------------------------------- contract with the plugin
@@ -119,22 +119,22 @@ def test_main_refuses_bad_configuration(caplog: pytest.LogCaptureFixture) -> Non
 @pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "Pod"])
 def test_record_round_trip_from_the_plugin(kind: str) -> None:
     rec = record(kind)
-    parsed = g.parse_record(secret(rec), config())
+    parsed = g.parse_record(record_map(rec), config())
     assert vars(parsed) == vars(rec)
 
 
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ({"data": {}}, "no readable data key"),
-        ({"data": {"record.json": "!!"}}, "no readable data key"),
-        (secret("[1]"), "not a JSON object"),
-        (secret(json.dumps({"session": SESSION})), "lacks or mistypes"),
-        (secret(record(session="other")), "session 'other'"),
-        (secret(record(namespace="other")), "in 'other'"),
-        (secret(record(kind="DaemonSet")), "DaemonSet"),
-        (secret(record(reverse_patch=[])), "no reverse_patch"),
-        (secret(record("Pod", original={})), "no original"),
+        ({"binaryData": {}}, "no readable binaryData key"),
+        ({"binaryData": {"record.json": "!!"}}, "no readable binaryData key"),
+        (record_map("[1]"), "not a JSON object"),
+        (record_map(json.dumps({"session": SESSION})), "lacks or mistypes"),
+        (record_map(record(session="other")), "session 'other'"),
+        (record_map(record(namespace="other")), "in 'other'"),
+        (record_map(record(kind="DaemonSet")), "DaemonSet"),
+        (record_map(record(reverse_patch=[])), "no reverse_patch"),
+        (record_map(record("Pod", original={})), "no original"),
     ],
 )
 def test_bad_records(body: Any, message: str) -> None:
@@ -146,12 +146,14 @@ def test_bad_records(body: Any, message: str) -> None:
 
 
 def parsed(rec: RestoreRecord) -> g.Record:
-    return g.parse_record(secret(rec), config())
+    return g.parse_record(record_map(rec), config())
 
 
 def test_read_requests() -> None:
     cfg = config()
-    assert g.record_request(cfg) == g.Request("GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}")
+    assert g.record_request(cfg) == g.Request(
+        "GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"
+    )
     assert g.pods_request(cfg) == g.Request(
         "GET", f"/api/v1/namespaces/shop/pods?labelSelector=pytest-bridge.io%2Fsession%3D{SESSION}"
     )
@@ -327,7 +329,7 @@ def answer(status: int, body: Any = None) -> Callable[[g.Request], g.Response]:
 def make_guard(cluster: Cluster, statuses: Callable[[], Any] | None = None, **env: str) -> g.Guard:
     cfg = config(GUARD_TTL_SECONDS="5", **env)
     rec = record()
-    cluster.routes.setdefault(("GET", g.record_request(cfg).path), answer(200, secret(rec)))
+    cluster.routes.setdefault(("GET", g.record_request(cfg).path), answer(200, record_map(rec)))
     pods = {"items": [pod("agent", ip="10.0.0.5")]}
     cluster.routes.setdefault(("GET", g.pods_request(cfg).path.split("?")[0]), answer(200, pods))
     cluster.routes.setdefault(("DELETE", g.delete_job_request(cfg).path.split("?")[0]), answer(200, {}))
@@ -372,8 +374,8 @@ def test_loop_waits_for_the_record_then_exits_when_it_is_gone(caplog: pytest.Log
     """The guard starts before the plugin writes the record: missing at first means "not yet"."""
     cluster = Cluster()
     reads = iter([404, 404, 404, 200, 200, 404])
-    cluster.routes["GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"] = lambda request: (
-        g.Response(code, secret(record()) if code == 200 else {"message": "not found"}) for code in [next(reads)]
+    cluster.routes["GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"] = lambda request: (
+        g.Response(code, record_map(record()) if code == 200 else {"message": "not found"}) for code in [next(reads)]
     ).__next__()
     caplog.set_level("INFO", "pytest_bridge_guard")
     assert make_guard(cluster, lambda: {"connected_clients": 1, "idle_seconds": 0, "sessions_total": 1}).run() == 0
@@ -435,13 +437,13 @@ def test_unknown_liveness_keeps_it_alive_and_proof_of_idleness_expires_it() -> N
 
 def test_loop_retries_api_errors_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     cluster = Cluster()
-    path = f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"
+    path = f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"
     script: list[g.Response | OSError] = [
         OSError("connection refused"),
         g.Response(403, {"message": "forbidden"}),
         g.Response(500),
     ]
-    answers = iter([*script * 3, g.Response(200, secret(record()))])  # then gone: the plugin restored
+    answers = iter([*script * 3, g.Response(200, record_map(record()))])  # then gone: the plugin restored
     sleeps: list[float] = []
 
     def flaky(request: g.Request) -> g.Response:
@@ -487,7 +489,7 @@ def test_missing_workload_counts_as_restored() -> None:
 def test_bare_pod_already_restored_is_not_deleted() -> None:
     cluster = Cluster()
     cfg = config()
-    cluster.routes["GET", g.record_request(cfg).path] = answer(200, secret(record("Pod")))
+    cluster.routes["GET", g.record_request(cfg).path] = answer(200, record_map(record("Pod")))
     cluster.routes["GET", "/api/v1/namespaces/shop/pods/orders"] = answer(200, {"metadata": {"labels": {}}})
     assert make_guard(cluster).run() == 0
     assert not [r for r in cluster.log if r.method in ("POST", "DELETE") and "/pods" in r.path]
@@ -534,7 +536,7 @@ def test_unexpected_errors_do_not_crash_the_guard(caplog: pytest.LogCaptureFixtu
     cluster = Cluster()
     cluster.routes["PATCH", DEPLOY] = answer(200, {})
     calls = {"n": 0}
-    rec = secret(record())
+    rec = record_map(record())
 
     def buggy(request: g.Request) -> g.Response:
         calls["n"] += 1
@@ -542,7 +544,7 @@ def test_unexpected_errors_do_not_crash_the_guard(caplog: pytest.LogCaptureFixtu
             raise RuntimeError("boom")
         return g.Response(200, rec)
 
-    cluster.routes["GET", f"/api/v1/namespaces/shop/secrets/pytest-bridge-restore-{SESSION}"] = buggy
+    cluster.routes["GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"] = buggy
     assert make_guard(cluster).run() == 0
     assert "unexpected error" in caplog.text
     assert [r.method for r in cluster.log].count("PATCH") == 1

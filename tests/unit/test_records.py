@@ -12,7 +12,7 @@ from k8s_samples import echo_pod, echo_service, orders_deployment, orders_pod, o
 from pytest_bridge.patch import AgentSpec, agent_pod, pod_for_recreate, strip_server_fields, workload_patches
 from pytest_bridge.plan import make_plan
 from pytest_bridge.records import RecordError, check_owner, check_pod_matches, check_record
-from pytest_bridge.restore import RestoreRecord, _record_from_secret, guard_name, owned_secret
+from pytest_bridge.restore import RestoreRecord, _record_from_configmap, guard_name, owned_configmap
 
 AGENT = AgentSpec(image="python:3", session="s-1a2b", token_sha256="00" * 32)
 WHERE = "record"
@@ -75,19 +75,19 @@ def test_a_reverse_patch_must_first_test_the_session() -> None:
 def test_owner_and_label() -> None:
     record = genuine()
     job = {"metadata": {"name": guard_name("s-1a2b"), "uid": "u"}}
-    secret = owned_secret("rec", session="s-1a2b", namespace=record.namespace, role="restore-record", job=job,
-                          data={"record.json": record.to_json()})  # fmt: skip
-    assert _record_from_secret(secret, record.namespace) == record
-    orphan = copy.deepcopy(secret)
+    record_map = owned_configmap("rec", session="s-1a2b", namespace=record.namespace, role="restore-record",
+                                 job=job, data={"record.json": record.to_json()})  # fmt: skip
+    assert _record_from_configmap(record_map, record.namespace) == record
+    orphan = copy.deepcopy(record_map)
     orphan["metadata"]["ownerReferences"] = []
     with pytest.raises(RecordError, match="not owned by the guard Job"):
-        _record_from_secret(orphan, record.namespace)
+        _record_from_configmap(orphan, record.namespace)
     with pytest.raises(RecordError, match="label"):
-        check_owner({**secret["metadata"], "labels": {}}, "s-1a2b", guard_name("s-1a2b"))
-    garbage = copy.deepcopy(secret)
-    garbage["data"]["record.json"] = "bm90IGpzb24="  # "not json"
+        check_owner({**record_map["metadata"], "labels": {}}, "s-1a2b", guard_name("s-1a2b"))
+    garbage = copy.deepcopy(record_map)
+    garbage["binaryData"]["record.json"] = "bm90IGpzb24="  # "not json"
     with pytest.raises(RecordError, match="not a restore record"):
-        _record_from_secret(garbage, record.namespace)
+        _record_from_configmap(garbage, record.namespace)
 
 
 def test_a_bare_pod_is_recreated_only_in_place_of_its_agent_pod() -> None:

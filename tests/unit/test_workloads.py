@@ -257,7 +257,7 @@ class Api:
 
 def guard(api: Api) -> g.Guard:
     cfg = g.config_from_env({
-        "GUARD_SESSION": SESSION, "GUARD_NAMESPACE": NS, "GUARD_TTL_SECONDS": "1", "GUARD_RECORD_SECRET": "r",
+        "GUARD_SESSION": SESSION, "GUARD_NAMESPACE": NS, "GUARD_TTL_SECONDS": "1", "GUARD_RECORD_CONFIGMAP": "r",
         "GUARD_JOB": "j", "GUARD_SESSION_LABEL": SESSION_LABEL, "GUARD_STATUS_PORT": "47101",
         "KUBERNETES_SERVICE_HOST": "10.96.0.1",
     })  # fmt: skip
@@ -332,7 +332,7 @@ def test_guard_refuses_a_record_with_a_related_object_it_cannot_restore() -> Non
     record, _, _ = record_for(sts, [], [ledger_pod(0)], [sts])
     bad = json.loads(record.to_json())
     bad["related"] = [{"kind": "VerticalPodAutoscaler", "name": "x", "reverse_patch": [{"op": "test"}]}]
-    secret = {"data": {"record.json": base64.b64encode(json.dumps(bad).encode()).decode()}}
+    record_map = {"binaryData": {"record.json": base64.b64encode(json.dumps(bad).encode()).decode()}}
     cfg = guard(Api({})).config
     with pytest.raises(ValueError, match="related object it cannot restore"):
-        g.parse_record(secret, cfg)
+        g.parse_record(record_map, cfg)
