@@ -343,19 +343,39 @@ def test_interrupted_or_killed_session_leaves_nothing_behind(
 def test_the_shipped_least_privilege_role_is_enough_for_isolated_routes(
     suite: Path, tmp_path: Path, kube_api_client: client.ApiClient, settled: dict[str, Any]
 ) -> None:
-    """A user bound only to deploy/rbac/bridge-user.yaml can deploy the manager and route."""
+    """A user bound only to deploy/rbac/bridge-user.yaml can deploy the manager and route, once an admin
+    installed the manager's RBAC (deploy/rbac/routing-manager.yaml; e2e/test_rbac.py covers the rest)."""
     role: Any = next(yaml.safe_load_all((REPO / "deploy" / "rbac" / "bridge-user.yaml").read_text()))
-    with role_user_kubeconfig(
-        kube_api_client, "pytest-bridge-e2e-route-user", role, tmp_path / "user.kubeconfig"
-    ) as kc:
-        before = namespace_state(kube_api_client)
-        (suite / "shared" / "go").write_text("single")
-        run = _pytest(suite, f"--bridge-kubeconfig={kc}", "-k", "session_route")
-        out, _ = run.communicate(timeout=300)
-        assert run.returncode == 0, out
-        assert "1 passed" in out, out
-        assert "deploying the routing manager" in out, out
-        wait_for_state(kube_api_client, before)
+    installed = [d for d in yaml.safe_load_all((REPO / "deploy" / "rbac" / "routing-manager.yaml").read_text()) if d]
+    core, rbac_api = client.CoreV1Api(kube_api_client), client.RbacAuthorizationV1Api(kube_api_client)
+    create: dict[str, Any] = {
+        "ServiceAccount": core.create_namespaced_service_account,
+        "Role": rbac_api.create_namespaced_role,
+        "RoleBinding": rbac_api.create_namespaced_role_binding,
+    }
+    delete: dict[str, Any] = {
+        "ServiceAccount": core.delete_namespaced_service_account,
+        "Role": rbac_api.delete_namespaced_role,
+        "RoleBinding": rbac_api.delete_namespaced_role_binding,
+    }
+    for doc in installed:
+        create[doc["kind"]](NAMESPACE, doc)
+    try:
+        with role_user_kubeconfig(
+            kube_api_client, "pytest-bridge-e2e-route-user", role, tmp_path / "user.kubeconfig"
+        ) as kc:
+            before = namespace_state(kube_api_client)
+            (suite / "shared" / "go").write_text("single")
+            run = _pytest(suite, f"--bridge-kubeconfig={kc}", "-k", "session_route")
+            out, _ = run.communicate(timeout=300)
+            assert run.returncode == 0, out
+            assert "1 passed" in out, out
+            assert "deploying the routing manager" in out, out
+            wait_for_state(kube_api_client, before)
+    finally:
+        for doc in installed:
+            with contextlib.suppress(ApiException):
+                delete[doc["kind"]](doc["metadata"]["name"], NAMESPACE)
 
 
 def test_cleanup_cli_removes_what_a_killed_session_left_at_once(

@@ -21,7 +21,7 @@ from typing import Any
 from pytest_bridge_agent.runtime import DEFAULT_NGINX_IMAGE, DEFAULT_PYTHON_IMAGE
 from pytest_bridge_routing import objects as ro
 
-from . import bundle, images, kube, restore
+from . import bundle, images, kube, rbac, restore
 from .errors import BridgeError, NotFoundError
 from .patch import SESSION_LABEL
 from .records import RecordError
@@ -29,7 +29,7 @@ from .session import _session_alive, session_liveness
 
 __all__ = ["main", "rbac_role"]
 
-RBAC_ROLE = "bridge-user.yaml"  # package data: the least-privilege Role (deploy/rbac/ links to it)
+RBAC_ROLE = rbac.USER_FILE  # package data: the least-privilege Role (deploy/rbac/ links to it)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("status", help="what pytest-bridge has in the namespace")
     cleanup = sub.add_parser("cleanup", help="restore and delete what dead sessions left")
     cleanup.add_argument("--force", action="store_true", help="also what live sessions use")
-    sub.add_parser("rbac", help="print the least-privilege Role (and a RoleBinding to fill in) a user needs")
+    rbac_parser = sub.add_parser(
+        "rbac", help="print the least-privilege Role (and a RoleBinding to fill in) a user needs"
+    )
+    rbac_parser.add_argument(
+        "--routing-manager", action="store_true",
+        help="print instead the routing manager's RBAC, for an admin to apply once per namespace (isolated routes)",
+    )  # fmt: skip
     _images_parser(sub)
     _doctor_parser(sub)
     return parser
@@ -120,9 +126,11 @@ def _images_parser(sub: Any) -> None:
     target.add_argument("--containerd", metavar="SOCKET", help="docker save | ctr import into containerd at SOCKET")
 
 
-def rbac_role() -> str:
-    """The least-privilege Role shipped with the package (deploy/rbac/bridge-user.yaml in the repository)."""
-    return importlib.resources.files("pytest_bridge").joinpath("data", RBAC_ROLE).read_text()
+def rbac_role(routing_manager: bool = False) -> str:
+    """The least-privilege Role shipped with the package (deploy/rbac/bridge-user.yaml in the repository),
+    or with ``routing_manager`` the manager's RBAC an admin installs (deploy/rbac/routing-manager.yaml)."""
+    name = rbac.MANAGER_FILE if routing_manager else RBAC_ROLE
+    return importlib.resources.files("pytest_bridge").joinpath("data", name).read_text()
 
 
 def images_command(args: argparse.Namespace, out: Any = None) -> int:
@@ -202,7 +210,7 @@ def cleanup(k: kube.Kube, force: bool, out: Any = sys.stdout) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "rbac":
-        sys.stdout.write(rbac_role())
+        sys.stdout.write(rbac_role(args.routing_manager))
         return 0
     if args.command == "doctor":
         return doctor_command(args)

@@ -33,7 +33,7 @@ from typing import Any
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
-from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir, workloads
+from . import bundle, faults, hosts, isolation, kube, names, policy, rbac, restore, sessiondir, workloads
 from .config import LocalProcessConfig, parse_config
 from .envimport import SkippedVolume, build_environment, local_volume_paths, plan_downloads, plan_mounted_volumes
 from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
@@ -185,7 +185,6 @@ class BridgeSession:
         self._open_routes: list[isolation.Route] = []  # every route still open (session and per-test)
         self._swept = False
         self.route_permissions_checked = False
-        self.route_pools: dict[str, isolation.RoutePool] = {}  # warm route pods per service (isolation.py)
         self.attached_to: str | None = None  # set by attach(): who holds the connection
 
     # ------------------------------------------------------------------ connect
@@ -401,7 +400,9 @@ class BridgeSession:
     def _preflight(self, k: kube.Kube, plan: BridgePlan) -> None:
         """Ask the API server whether we may do everything connect does, before doing any of it."""
         required_permissions_check(
-            k, required_permissions(plan.workload.kind, self.settings.code), what=f"bridge {plan.service!r}"
+            k,
+            required_permissions(plan.workload.kind, self.settings.code, plan.workload.name),
+            what=f"bridge {plan.service!r}",
         )
         workloads.check(k, plan, self._workload(k, plan))  # paused, OnDelete, an HPA: see workloads.py
 
@@ -874,7 +875,6 @@ class BridgeSession:
         if self._hosts_block is not None:
             with contextlib.suppress(Exception):
                 self._hosts_block.remove()
-        isolation.close_pools(self)
         for route in reversed(self._open_routes):
             try:
                 self.close_route(route)
@@ -1009,56 +1009,69 @@ def _session_alive(k: kube.Kube, session: str) -> bool:
     return session_liveness(k, session) != "dead"
 
 
-def required_permissions(workload_kind: str, code: str = "configmap") -> list[tuple[str, str, str]]:
-    """(verb, API group, resource) that connect and disconnect use for a workload of this kind.
+def required_permissions(
+    workload_kind: str, code: str = "configmap", workload_name: str | None = None
+) -> list[rbac.Permission]:
+    """(verb, API group, resource[, name]) that connect and disconnect use for a workload of this kind.
 
-    ``code`` is the code delivery (settings ``code``): "configmap" ships it in a ConfigMap.
+    ``code`` is the code delivery (settings ``code``): "configmap" ships it in a ConfigMap. What the
+    guard's Role grants is here too: Kubernetes lets us grant only what we hold. No Secrets: the
+    restore record is a ConfigMap and the env is imported from the agent (see bridge-user.yaml).
     """
     workload = {"Deployment": "deployments", "StatefulSet": "statefulsets"}.get(workload_kind)
-    needed = [
+    needed: list[rbac.Permission] = [
+        ("get", "", "pods"),
         ("list", "", "pods"),
         ("get", "", "pods/portforward"),  # the WebSocket upgrade is a GET
         ("create", "", "pods/portforward"),
         ("list", "discovery.k8s.io", "endpointslices"),
         ("create", "batch", "jobs"),
+        ("get", "batch", "jobs"),  # the guard's Role: its own Job
         ("patch", "batch", "jobs"),
         ("delete", "batch", "jobs"),
-        ("create", "", "secrets"),
-        ("list", "", "secrets"),
+        ("create", "", "configmaps"),  # the restore record
+        ("get", "", "configmaps"),  # the guard's Role: its record
+        ("list", "", "configmaps"),  # records of dead sessions
         ("create", "", "serviceaccounts"),
         ("create", "rbac.authorization.k8s.io", "roles"),
         ("create", "rbac.authorization.k8s.io", "rolebindings"),
     ]
-    if code == "configmap":
-        needed += [("create", "", "configmaps"), ("list", "", "configmaps"), ("delete", "", "configmaps")]
     if workload is None:
         needed += [("create", "", "pods"), ("delete", "", "pods")]
+    elif workload_name:
+        needed += [("get", "apps", workload, workload_name), ("patch", "apps", workload, workload_name)]
     else:
         needed += [("get", "apps", workload), ("patch", "apps", workload)]
     return needed
 
 
-def required_permissions_check(k: kube.Kube, needed: list[tuple[str, str, str]], *, what: str) -> None:
-    """ForbiddenError naming every (verb, resource) of ``needed`` that we may not use; else nothing."""
-    missing = [
-        f"'{verb}' on '{resource}'" for verb, group, resource in needed if not _allowed(k, verb, group, resource)
-    ]
-    if missing:
-        raise ForbiddenError(
-            f"missing permissions in namespace {k.namespace!r} to {what}: {', '.join(missing)}; "
-            "nothing was changed. Ask for the Role that `pytest-bridge rbac` prints",
-            verb=missing[0], namespace=k.namespace,
-        )  # fmt: skip
+def required_permissions_check(k: kube.Kube, needed: Iterable[rbac.Permission], *, what: str, hint: str = "") -> None:
+    """ForbiddenError naming every permission of ``needed`` that we may not use, and which shipped
+    Role grants it (``hint`` is added to the message); else nothing."""
+    missing = [permission for permission in needed if not _allowed(k, *permission)]
+    if not missing:
+        return
+    sources: dict[str, list[str]] = {}
+    for permission in missing:
+        sources.setdefault(rbac.source_of(permission) or "no Role pytest-bridge ships", []).append(
+            rbac.describe(permission)
+        )
+    granted = "; ".join(f"{', '.join(names)}: granted by {source}" for source, names in sources.items())
+    raise ForbiddenError(
+        f"missing permissions in namespace {k.namespace!r} to {what}: "
+        f"{', '.join(rbac.describe(p) for p in missing)}; nothing was changed. {granted}" + (f". {hint}" if hint else ""),
+        verb=missing[0][0], resource=missing[0][2], namespace=k.namespace,
+    )  # fmt: skip
 
 
-def _allowed(k: kube.Kube, verb: str, group: str, resource: str) -> bool:
+def _allowed(k: kube.Kube, verb: str, group: str, resource: str, name: str | None = None) -> bool:
     from kubernetes import client  # noqa: PLC0415
 
-    name, _, sub = resource.partition("/")
+    resource, _, sub = resource.partition("/")
     review = client.V1SelfSubjectAccessReview(
         spec=client.V1SelfSubjectAccessReviewSpec(
             resource_attributes=client.V1ResourceAttributes(
-                namespace=k.namespace, verb=verb, group=group, resource=name, subresource=sub or None
+                namespace=k.namespace, verb=verb, group=group, resource=resource, subresource=sub or None, name=name
             )
         )
     )
