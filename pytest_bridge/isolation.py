@@ -25,12 +25,14 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import objects as ro
 
@@ -51,15 +53,19 @@ from .rbac import INSTALLED_LABEL, Permission, describe, missing_from
 from .tunnel_thread import BackgroundTunnel
 
 if TYPE_CHECKING:
-    from .session import BridgedService, BridgeSession
+    from .session import BridgedService, BridgeSession, _Connection
     from .settings import BridgeSettings
 
 __all__ = [
     "ROUTE_HEADER",
     "Route",
+    "RoutePool",
+    "claim_patch",
+    "close_pools",
     "close_route",
     "ensure_manager",
     "open_route",
+    "pool_pod",
     "route_name",
     "route_pod",
     "sweep_stale_routes",
@@ -166,6 +172,53 @@ def route_pod(
         },
         "spec": spec,
     }
+
+
+def pool_pod_name(service: str, token: Callable[[int], str] = secrets.token_hex) -> str:
+    return ro.dns_label(service, "pool", token(3))
+
+
+def pool_pod(
+    workload: Mapping[str, Any], plan: BridgePlan, agent: AgentSpec, name: str, *, exit_when_idle: float
+) -> dict[str, Any]:
+    """A warm route pod nobody has claimed: the route pod without a route.
+
+    Labelled with the pool (its service) instead of a route, and without the route-on-header
+    annotation: the Service does not select it (no app labels) and no router sends it anything
+    (routers only know pods with a route label). :func:`claim_patch` turns it into a route pod.
+    """
+    pod = route_pod(workload, plan, agent, "pool", exit_when_idle=exit_when_idle)
+    meta = pod["metadata"]
+    meta["name"] = name
+    meta["labels"] = ro.labels(
+        "route", **{ro.LABEL_POOL: plan.service, ro.LABEL_ROUTE_SERVICE: plan.service, SESSION_LABEL: agent.session}
+    )
+    meta["annotations"].pop(ro.ANN_ROUTE_ON_HEADER)
+    return pod
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def claim_patch(service: str, route: str) -> list[dict[str, Any]]:
+    """The JSON Patch that makes a warm pod of ``service``'s pool the pod of ``route``.
+
+    The ``test`` makes a claim atomic: a pod someone else claimed (or that is not in the pool)
+    fails the patch as a whole, so a pod is never routed twice.
+    """
+    ro.check_route_name(route)
+    pool = "/metadata/labels/" + _pointer(ro.LABEL_POOL)
+    return [
+        {"op": "test", "path": pool, "value": service},
+        {"op": "remove", "path": pool},
+        {"op": "add", "path": "/metadata/labels/" + _pointer(ro.LABEL_ROUTE), "value": route},
+        {
+            "op": "add",
+            "path": "/metadata/annotations/" + _pointer(ro.ANN_ROUTE_ON_HEADER),
+            "value": f"{ROUTE_HEADER}={route}",
+        },
+    ]
 
 
 def http_port(plan: BridgePlan) -> int | None:
@@ -702,6 +755,217 @@ def wait_host_routers(k: kube.Kube, services: Iterable[str], deadline: float) ->
     return pending
 
 
+# --- the warm pool -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Warm:
+    """A warm route pod of the pool: serving, its tunnel open (so its agent never idles out)."""
+
+    pod: str
+    conn: _Connection
+    workload: dict[str, Any]
+
+
+@dataclass
+class _Recipe:
+    """What a warm pod is made of (taken from the last route opened cold or warm)."""
+
+    plan: BridgePlan
+    workload: dict[str, Any]
+    code: Code
+
+
+class RoutePool:
+    """Warm route pods of one service for one session, kept at ``size`` by a background thread.
+
+    Per session, because a route pod's tunnel token is the session's secret. A warm pod is the
+    route pod without a route (:func:`pool_pod`); taking one is one JSON Patch
+    (:func:`claim_patch`), so a route only waits for its router to reload, not for the kubelet to
+    start a pod. Its tunnel stays open while it waits: the agent then never counts as idle, and
+    when pytest is killed it exits after the restore TTL like any route pod (the manager deletes
+    finished ones; ``sweep_stale_routes`` and ``pytest-bridge cleanup`` find them by the same
+    labels). After ``idle`` seconds without a route the pool deletes its pods and makes new ones
+    only when the next route is opened.
+    """
+
+    def __init__(self, bs: BridgeSession, service: str, size: int, idle: float, report: Callable[[str], None]):
+        self.bs, self.service, self.size, self.idle, self.report = bs, service, size, idle, report
+        self._lock = threading.Lock()
+        self._ready: list[_Warm] = []
+        self._recipe: _Recipe | None = None
+        self._last_used = time.monotonic()
+        self._closed = False
+        self._wake = threading.Event()
+        self._failures = 0
+        self._starting = 0  # pods being made
+        self._thread = threading.Thread(target=self._run, name=f"pytest-bridge-pool-{service}", daemon=True)
+        self._thread.start()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ready)
+
+    def feed(self, recipe: _Recipe) -> None:
+        """A route was opened: what to make warm pods of, and the pool counts as in use."""
+        with self._lock:
+            self._recipe = recipe
+            self._last_used = time.monotonic()
+        self._wake.set()
+
+    def take(self) -> _Warm | None:
+        """A warm pod, if one is ready (the caller claims it); the pool then makes another."""
+        with self._lock:
+            self._last_used = time.monotonic()
+            warm = self._ready.pop(0) if self._ready else None
+        self._wake.set()
+        return warm
+
+    def discard(self, warm: _Warm) -> None:
+        """A warm pod that could not be claimed: its tunnel stopped, the pod deleted."""
+        if warm.conn.tunnel is not None:
+            with contextlib.suppress(Exception):
+                warm.conn.tunnel.stop(grace=0)
+        with contextlib.suppress(Exception):
+            _delete(self.bs.client, self.bs.client.namespace, [("pod", warm.pod)])
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        self._wake.set()
+        self._thread.join(timeout=30)
+        for warm in ready:
+            self.discard(warm)
+        # Pods still starting are deleted by their makers when they see the pool closed.
+        deadline = time.monotonic() + self.bs.settings.connect_timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._starting <= 0:
+                    break
+            time.sleep(0.05)
+
+    def _run(self) -> None:
+        """Keep ``size`` pods ready or starting (started side by side: one pod start each), drain when idle."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                idle = time.monotonic() - self._last_used > self.idle
+                drained = self._ready if idle else []
+                if idle:
+                    self._ready = []
+                missing = 0 if idle or self._recipe is None else self.size - len(self._ready) - self._starting
+                recipe = self._recipe
+                self._starting += max(missing, 0)
+            for warm in drained:
+                self.discard(warm)
+            for _ in range(missing):
+                assert recipe is not None
+                threading.Thread(
+                    target=self._make_one, args=(recipe,), name="pytest-bridge-pool-pod", daemon=True
+                ).start()
+            self._wake.wait(1.0)
+            self._wake.clear()
+
+    def _make_one(self, recipe: _Recipe) -> None:
+        try:
+            warm = self._make(recipe)
+        except Exception as exc:
+            self._failures += 1
+            if self._failures in (1, 10):  # a pool that cannot fill only costs speed: say so, not more
+                self.report(f"{self.service}: warm route pod not made ({exc}); routes start cold meanwhile")
+            backoff = time.monotonic() + min(30.0, 2.0 * self._failures)  # holding its slot: retries slowly
+            while time.monotonic() < backoff and self._is_open():
+                time.sleep(0.1)
+            with self._lock:
+                self._starting -= 1
+            return
+        self._failures = 0
+        with self._lock:
+            self._starting -= 1
+            keep = self._is_open()
+            if keep:
+                self._ready.append(warm)
+        if not keep:  # closed while it started
+            self.discard(warm)
+        self._wake.set()
+
+    def _is_open(self) -> bool:
+        return not self._closed
+
+    def _make(self, recipe: _Recipe) -> _Warm:
+        from .session import _Connection  # noqa: PLC0415 - session imports this module
+
+        bs, k = self.bs, self.bs.client
+        settings = bs.settings
+        plan = replace(
+            recipe.plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in recipe.plan.port_bindings)
+        )
+        conn = _Connection(self.service, plan)
+        agent = AgentSpec(
+            image=settings.agent_image, session=bs.session_id, token_sha256=token_sha256(conn.token), code=recipe.code
+        )
+        name = pool_pod_name(self.service)
+        manifest = pool_pod(recipe.workload, plan, agent, name, exit_when_idle=settings.restore_ttl)
+        kube.call(f"create warm route pod {name}", k.core.create_namespaced_pod, k.namespace, manifest)
+        try:
+            _wait_for_pod(k, k.namespace, name, settings.agent_image, settings.connect_timeout)
+            conn.tunnel = _open_tunnel(bs, k, name, plan, token=conn.token, timeout=settings.connect_timeout)
+        except BaseException:
+            if conn.tunnel is not None:
+                conn.tunnel.stop(grace=0)
+            _delete(k, k.namespace, [("pod", name)])
+            raise
+        return _Warm(pod=name, conn=conn, workload=recipe.workload)
+
+
+def _pool(bs: BridgeSession, service: str, report: Callable[[str], None]) -> RoutePool | None:
+    """The session's pool for ``service`` (started on first use), or None when pools are off."""
+    if bs.settings.route_pool <= 0:
+        return None
+    with bs._lock:
+        pool = bs.route_pools.get(service)
+        if pool is None and not bs._closed:
+            pool = bs.route_pools[service] = RoutePool(
+                bs, service, bs.settings.route_pool, bs.settings.route_pool_idle, report
+            )
+    return pool
+
+
+def close_pools(bs: BridgeSession) -> None:
+    """Stop every pool of the session and delete its warm pods (at the session's close)."""
+    with bs._lock:
+        pools, bs.route_pools = list(bs.route_pools.values()), {}
+    for pool in pools:
+        pool.close()
+
+
+def _claim(bs: BridgeSession, pool: RoutePool | None, route: str) -> _Warm | None:
+    """A warm pod of ``pool`` claimed for ``route`` (labels patched), or None (none ready)."""
+    while pool is not None and (warm := pool.take()) is not None:
+        if _tunnel_up(warm):
+            try:
+                k = bs.client
+                kube.call(
+                    f"claim warm route pod {warm.pod}", k.core.patch_namespaced_pod, warm.pod, k.namespace,
+                    claim_patch(pool.service, route),
+                )  # fmt: skip
+            except Exception:  # gone, or not in the pool any more: the next one, or a cold start
+                pass
+            else:
+                return warm
+        pool.discard(warm)
+    return None
+
+
+def _tunnel_up(warm: _Warm) -> bool:
+    try:
+        return warm.conn.tunnel is not None and warm.conn.tunnel.tunnel.down_since is None
+    except Exception:  # stopped
+        return False
+
+
 def open_route(
     bs: BridgeSession,
     service: str,
@@ -711,16 +975,18 @@ def open_route(
     observe: Sequence[str] = (),
     report: Callable[[str], None] = lambda _: None,
 ) -> Route:
-    """Create, connect and prove route ``route`` of ``service``; on failure nothing is left."""
+    """Create (or claim from the warm pool), connect and prove route ``route`` of ``service``.
+
+    A route with free local ports and nothing to observe takes a warm pod of the session's pool
+    for ``service`` when one is ready (see :class:`RoutePool`), else starts its own pod as before.
+    On failure nothing is left.
+    """
     from .session import _Connection, required_permissions_check, workload_template_container  # noqa: PLC0415
 
     started = time.monotonic()
     k = bs.client
     ns = k.namespace
     settings = bs.settings
-    plan = bs._plan(k, service)
-    if free_ports:
-        plan = replace(plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in plan.port_bindings))
     if not bs.route_permissions_checked:  # once per session: 19 reviews, ~30 ms
         required_permissions_check(k, required_permissions(), what="isolated routes")
         bs.route_permissions_checked = True
@@ -735,35 +1001,52 @@ def open_route(
     code = bundle.build()
     runtime = routing_runtime(settings, code)
     ensure_manager(k, ns, runtime=runtime, code=code, idle_seconds=settings.routing_idle, report=report)
-    workload = bs._workload(k, plan)
-    conn = _Connection(service, plan)  # with its own token: every route's tunnel has its own
-    agent = AgentSpec(
-        image=settings.agent_image, session=bs.session_id, token_sha256=token_sha256(conn.token), code=runtime.code
-    )
-    pod_manifest = route_pod(workload, plan, agent, route, exit_when_idle=settings.restore_ttl, observe=observe)
-    pod_name = pod_manifest["metadata"]["name"]
+    pool = _pool(bs, service, report) if free_ports and not observe else None
+    warm = _claim(bs, pool, route)
     created: list[tuple[str, str]] = []
-    try:
-        try:
-            kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
-        except ForbiddenError as exc:
-            refused = policy.as_policy_error(
-                f"route pod {pod_name} (the pod template of {plan.workload.kind} {plan.workload.name} with the agent)",
-                exc,
-                "The agent keeps the workload's own security context",
-            )
-            if refused is None:
-                raise
-            raise refused from exc
+    if warm is not None:
+        conn, plan, workload, pod_name = warm.conn, warm.conn.plan, warm.workload, warm.pod
+        assert plan is not None
         created.append(("pod", pod_name))
-        _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
-        ready_at = time.monotonic()
-        conn.tunnel = _open_tunnel(bs, k, pod_name, plan, token=conn.token, timeout=settings.connect_timeout)
+    else:
+        plan = bs._plan(k, service)
+        if free_ports:
+            plan = replace(plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in plan.port_bindings))
+        workload = bs._workload(k, plan)
+        conn = _Connection(service, plan)  # with its own token: every route's tunnel has its own
+    try:
+        if warm is None:
+            agent = AgentSpec(
+                image=settings.agent_image, session=bs.session_id, token_sha256=token_sha256(conn.token),
+                code=runtime.code,
+            )  # fmt: skip
+            pod_manifest = route_pod(workload, plan, agent, route, exit_when_idle=settings.restore_ttl, observe=observe)
+            pod_name = pod_manifest["metadata"]["name"]
+            try:
+                kube.call(f"create route pod {pod_name}", k.core.create_namespaced_pod, ns, pod_manifest)
+            except ForbiddenError as exc:
+                refused = policy.as_policy_error(
+                    f"route pod {pod_name} (the pod template of {plan.workload.kind} {plan.workload.name} "
+                    "with the agent)",
+                    exc,
+                    "The agent keeps the workload's own security context",
+                )
+                if refused is None:
+                    raise
+                raise refused from exc
+            created.append(("pod", pod_name))
+            _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
+            ready_at = time.monotonic()
+            conn.tunnel = _open_tunnel(bs, k, pod_name, plan, token=conn.token, timeout=settings.connect_timeout)
+        else:
+            ready_at = time.monotonic()  # claimed: the pod was serving and its tunnel open already
+        assert conn.tunnel is not None
         prove_live(
             conn.tunnel, plan, route, settings.connect_timeout,
             diagnose=lambda: routing_problem(k, service, settings, route),
             notes=lambda: manager_findings(k, service, route)[1],
         )  # fmt: skip
+        routed_at = time.monotonic()
         late = wait_host_routers(k, host_backends, time.monotonic() + settings.connect_timeout)
         if late:  # header routing works; only <route>.<host> requests may still miss the route
             report(
@@ -775,20 +1058,26 @@ def open_route(
         bridged = bs._import(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")
     except BaseException:
         if conn.tunnel is not None:
-            conn.tunnel.stop()
+            conn.tunnel.stop(grace=0.05)
         _delete(k, ns, created)
         raise
+    if pool is not None:  # make (more) warm pods like this one
+        pool.feed(_Recipe(plan=plan, workload=workload, code=runtime.code))
     result = Route(
         name=route, service=service, namespace=ns, pod=pod_name, bridged=bridged, ingress_hosts=hosts,
         tunnel=conn.tunnel,
     )  # fmt: skip
     result.timings.update(
-        {"pod_ready": ready_at - started, "live": live_at - started, "total": time.monotonic() - started}
+        {
+            "pod_ready": ready_at - started,
+            "routed": routed_at - ready_at,  # pod serving (or claimed) -> the router sends it the route
+            "live": live_at - started,
+            "total": time.monotonic() - started,
+            "warm": 1.0 if warm is not None else 0.0,
+        }
     )
-    report(
-        f"{service}: route {route} live in {result.timings['live']:.1f}s "
-        f"(pod {pod_name} ready after {result.timings['pod_ready']:.1f}s)"
-    )
+    how = "a warm pod claimed" if warm is not None else f"pod ready after {result.timings['pod_ready']:.1f}s"
+    report(f"{service}: route {route} live in {result.timings['live']:.1f}s ({pod_name}: {how})")
     return result
 
 

@@ -185,6 +185,7 @@ class BridgeSession:
         self._open_routes: list[isolation.Route] = []  # every route still open (session and per-test)
         self._swept = False
         self.route_permissions_checked = False
+        self.route_pools: dict[str, isolation.RoutePool] = {}  # warm route pods per service (isolation.py)
         self.attached_to: str | None = None  # set by attach(): who holds the connection
 
     # ------------------------------------------------------------------ connect
@@ -875,6 +876,7 @@ class BridgeSession:
         if self._hosts_block is not None:
             with contextlib.suppress(Exception):
                 self._hosts_block.remove()
+        isolation.close_pools(self)
         for route in reversed(self._open_routes):
             try:
                 self.close_route(route)

@@ -89,6 +89,8 @@ class BridgeSettings:
     route_prefix: str | None = None
     routing_image: str = DEFAULT_ROUTING_IMAGE
     routing_idle: float = 300.0
+    route_pool: int = 2  # warm route pods kept per routed service (0: none)
+    route_pool_idle: float = 120.0  # seconds without a new route after which the warm pods go
     transport: str = "auto"
     code: str = "configmap"  # how the in-cluster code reaches its pods: CODE_DELIVERIES
     # Where each non-default value came from ("--bridge-service", "PYTEST_BRIDGE_SERVICE", ...),
@@ -218,8 +220,17 @@ def _parse_seconds(raw: str, origin: str) -> float:
     return seconds
 
 
+MAX_ROUTE_POOL = 16
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
+
+
+def _parse_pool_size(raw: str, origin: str) -> int:
+    text = raw.strip()
+    if not text.isdigit() or int(text) > MAX_ROUTE_POOL:
+        raise _fail(raw, origin, f"a whole number of pods from 0 (no pool) to {MAX_ROUTE_POOL}")
+    return int(text)
 
 
 def _parse_bool(raw: str, origin: str) -> bool:
@@ -382,6 +393,20 @@ _SETTINGS: tuple[_Setting[Any], ...] = (
     _Setting(
         "routing_idle",
         "Seconds without routes after which a routing manager it deploys removes itself (default: 300).",
+        _parse_seconds,
+        metavar="SECONDS",
+    ),
+    _Setting(
+        "route_pool",
+        "Warm route pods kept ready per routed service, so a new route only claims one (0: none; default: 2). "
+        "They are the workload's pod template with the agent, selected by no Service and routed to only once "
+        "claimed.",
+        _parse_pool_size,
+        metavar="N",
+    ),
+    _Setting(
+        "route_pool_idle",
+        "Seconds without a new route after which the warm route pods are deleted (default: 120).",
         _parse_seconds,
         metavar="SECONDS",
     ),

@@ -4,15 +4,19 @@ Reconciles the namespace towards what its route pods ask for (see :mod:`.objects
 lives in the cluster — route pods, labelled objects and the original-selector annotation on
 each switched Service — so a restarted manager carries on where the last one stopped.
 
-Per routed service S (a service with live route pods, one a route pod asks to observe, or the
-backend of an Ingress while any route exists):
+Per routed service S (a service with live route pods or unclaimed warm ones — a session's pool,
+``objects.LABEL_POOL`` — one a route pod asks to observe, or the backend of an Ingress while any
+route or pool exists):
 
 1. the default Service ``<S>-pbr-default`` (S's original selector) exists;
 2. the router Deployment and its ConfigMap (nginx.conf rendered from the route pods' IPs) exist;
 3. once the router is Ready, S's selector is switched to the router, recording the original
    selector in an annotation in the same patch.
 
-When S needs no router any more, its selector is restored first and then the router and the
+Warm pods of a pool are in no router's config until a claim gives them a route label (the pool
+keeps the routers, so a claimed route waits only for a config reload). Right after it changes a
+router's ConfigMap the manager sends the router pods ``POST /wake`` so they read it at once rather
+than at their next poll. When S needs no router any more, its selector is restored first and then the router and the
 default Service are deleted. Each Ingress gets one copy per route with ``<route>.``-prefixed
 hosts (only its rules whose host can carry a route: no wildcard, no host-less rule).
 
@@ -34,6 +38,7 @@ MANAGER_POLL_SECONDS; MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -184,6 +189,11 @@ class Manager:
     _logged: set[str] = field(default_factory=set)  # problems logged already: each once while it lasts
     _manager_uid: str | None = None
     _problems: Problems = field(default_factory=Problems)
+    wake: Any = field(default=None)  # (router pod IP) -> None; None: POST /wake in a thread
+
+    def __post_init__(self) -> None:
+        if self.wake is None:
+            self.wake = wake_router
 
     def observe(self) -> Observed:
         a = self.api
@@ -201,7 +211,8 @@ class Manager:
                 ((m.get("metadata") or {}).get("uid") for m in managers if _name(m) == o.MANAGER_NAME), None
             )
         return Observed(
-            route_pods=a.items("", "pods", o.LABEL_ROUTE),
+            # Route pods and unclaimed warm ones (the pool): a claim adds LABEL_ROUTE.
+            route_pods=a.items("", "pods", f"{o.COMPONENT}=route"),
             services=services,
             ingresses=a.items("networking.k8s.io", "ingresses"),
             routers=routers,
@@ -216,7 +227,8 @@ class Manager:
         problems = problems if problems is not None else Problems()
         routes = o.live_routes(seen.route_pods)
         wanted: set[str] = set()
-        for name in sorted(set(routes) | o.observed_services(seen.route_pods)):
+        pooled = o.pool_services(seen.route_pods)
+        for name in sorted(set(routes) | o.observed_services(seen.route_pods) | pooled):
             service = seen.services.get(name)
             problem = (
                 f"service {name} does not exist" if service is None
@@ -227,7 +239,7 @@ class Manager:
                 problems.service(name, problem)
             elif service is not None and not o.is_ours(service):
                 wanted.add(name)
-        if routes:
+        if routes or pooled:  # a pool keeps the Ingress backends' routers too: a claim must not wait for one
             for ingress in seen.ingresses:
                 if o.is_ours(ingress):
                     continue
@@ -257,6 +269,8 @@ class Manager:
                 except (ApiError, OSError) as e:
                     problems.note(f"route pod {_name(pod)}: cannot delete it: {e}")
                 continue
+            if o.LABEL_ROUTE not in _labels(pod):
+                continue  # a warm pod of the pool: no route yet, nothing to check
             problem = o.route_pod_problem(pod)
             if problem and not (pod.get("metadata") or {}).get("deletionTimestamp"):
                 route = _labels(pod).get(o.LABEL_ROUTE, "")
@@ -393,6 +407,7 @@ class Manager:
             updated = o.router_config_map(service, ns, render(generation), generation)
             updated["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
             a.replace("", "configmaps", o.router_name(service), updated)
+            self._wake_routers(seen, service)
         router = seen.routers.get(service)
         if router is None:
             log.info("service %s: creating router", service)
@@ -424,6 +439,21 @@ class Manager:
             return
         log.info("service %s: switching selector %s -> router", service, current)
         a.patch("", "services", service, o.switch_patch(service_obj))
+
+    def _wake_routers(self, seen: Observed, service: str) -> None:
+        """Tell ``service``'s router pods their ConfigMap changed (``POST /wake``), so they read it now.
+
+        Best effort and off the reconcile thread: a router we cannot reach (a NetworkPolicy) still
+        reads the ConfigMap at its next poll.
+        """
+        for pod in seen.router_pods:
+            ip = (pod.get("status") or {}).get("podIP")
+            if (
+                _labels(pod).get(o.LABEL_ROUTER) == service
+                and ip
+                and not (pod.get("metadata") or {}).get("deletionTimestamp")
+            ):
+                self.wake(str(ip))
 
     def _router_ready(self, seen: Observed, service: str) -> bool:
         return any(_labels(pod).get(o.LABEL_ROUTER) == service and o.is_ready(pod) for pod in seen.router_pods)
@@ -477,6 +507,22 @@ class Manager:
         if self._idle_since is None:
             self._idle_since = now
         return bool(now - self._idle_since >= self.idle_seconds)
+
+
+def wake_router(ip: str, port: int = o.STATS_PORT, timeout: float = 0.5) -> None:
+    """``POST http://ip:port/wake`` in a daemon thread; failures are only logged (the router polls too)."""
+
+    def send() -> None:
+        conn = http.client.HTTPConnection(ip, port, timeout=timeout)
+        try:
+            conn.request("POST", "/wake", body=b"", headers={"User-Agent": "pytest-bridge-routing-manager"})
+            conn.getresponse().read()
+        except (OSError, http.client.HTTPException) as e:
+            log.debug("wake router %s: %s", ip, e)
+        finally:
+            conn.close()
+
+    threading.Thread(target=send, name=f"wake-{ip}", daemon=True).start()
 
 
 def _esc(key: str) -> str:

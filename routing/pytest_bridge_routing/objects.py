@@ -45,6 +45,7 @@ __all__ = [
     "ANN_RUNTIME",
     "ANN_SOURCE",
     "COMPONENT",
+    "LABEL_POOL",
     "LABEL_ROUTE",
     "LABEL_ROUTER",
     "LABEL_ROUTE_SERVICE",
@@ -67,6 +68,9 @@ MANAGED_BY = ("app.kubernetes.io/managed-by", "pytest-bridge")
 COMPONENT = "pytest-bridge.io/component"
 LABEL_ROUTE = "pytest-bridge.io/route"
 LABEL_ROUTE_SERVICE = "pytest-bridge.io/route-service"
+# On a warm route pod nobody has claimed yet (value: its service). It has no LABEL_ROUTE, so no
+# router sends it anything; claiming it swaps this label for LABEL_ROUTE in one JSON Patch.
+LABEL_POOL = "pytest-bridge.io/pool"
 LABEL_ROUTER = "pytest-bridge.io/router"
 ANN_ORIGINAL_SELECTOR = "pytest-bridge.io/original-selector"
 ANN_ROUTE_ON_HEADER = "pytest-bridge.io/route-on-header"
@@ -225,6 +229,24 @@ def live_routes(pods: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, str | 
         routes = result.setdefault(service, {})
         if routes.get(route) is None:
             routes[route] = ip
+    return result
+
+
+def is_pool_pod(pod: Mapping[str, Any]) -> bool:
+    """An unclaimed warm route pod: labelled for the pool and not (yet) with a route."""
+    pod_labels = _meta(pod).get("labels") or {}
+    return LABEL_POOL in pod_labels and LABEL_ROUTE not in pod_labels
+
+
+def pool_services(pods: Iterable[Mapping[str, Any]]) -> set[str]:
+    """Services with unclaimed route pods that are not going away: their router stays, so a claim
+    only has to wait for a config reload, never for a new router pod."""
+    result: set[str] = set()
+    for pod in pods:
+        service = (_meta(pod).get("labels") or {}).get(LABEL_POOL)
+        live = is_pool_pod(pod) and not _meta(pod).get("deletionTimestamp") and not is_finished(pod)
+        if live and isinstance(service, str) and _LABEL.match(service):
+            result.add(service)
     return result
 
 

@@ -11,6 +11,8 @@ gets the new config, and only then does ``/healthz`` report the new generation. 
 On ``ROUTER_STATS_PORT`` (threaded ``http.server``):
 
 - ``GET /healthz``: 200 ``{"generation", "ok", "error", ...}`` once nginx runs a config, else 503;
+- ``POST /wake``: read the ConfigMap now, not at the next poll (the manager sends it right after it
+  changed the ConfigMap: a route is served about one reload after its claim, not up to a poll later);
 - ``GET /stats[?since=<epoch seconds>]``: request counts per (effective route, header received or
   not, remote address), read from nginx's access log (a JSON object per line, see
   :data:`pytest_bridge_routing.nginxconf.LOG_FIELDS`) when asked, so they include every request
@@ -859,6 +861,10 @@ class Router:
         self._failed_retry = False  # ...unless it passed nginx -t (a busy port may free up)
         self._retry_at = 0.0
         self._warned_runtime_dir = False
+        # Set by ``POST /wake`` (the manager, right after it changed our ConfigMap): the loop reads
+        # the ConfigMap at once instead of at the next poll. A wake carries no config, so anyone
+        # who can reach the port can only make us read what the API server holds.
+        self.wake = threading.Event()
 
     @staticmethod
     def _forward_errors(lines: list[bytes]) -> None:
@@ -1033,7 +1039,12 @@ class Router:
                 self.round()
             except Exception:
                 log.exception("unexpected error in the router loop")
-            stop.wait(self.config.poll_interval)
+            self.wake.wait(self.config.poll_interval)
+            self.wake.clear()
+
+    def request_wake(self) -> None:
+        """Read the ConfigMap now (``POST /wake``); ``run`` ends its wait at once."""
+        self.wake.set()
 
     def shutdown(self) -> None:
         log.info("stopping nginx (pid %s)", self.nginx.pid)
@@ -1091,6 +1102,16 @@ def _handler(router: Router) -> type[BaseHTTPRequestHandler]:
                 self._json(200, router.stats_answer(since))
             else:
                 self._json(404, {"error": "not found; try /healthz or /stats"})
+
+        def do_POST(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length:
+                self.rfile.read(min(length, 4096))
+            if urllib.parse.urlsplit(self.path).path == "/wake":
+                router.request_wake()
+                self._json(200, {"woken": True})
+            else:
+                self._json(404, {"error": "not found; POST /wake"})
 
         def log_message(self, format: str, *args: Any) -> None:
             pass
@@ -1189,6 +1210,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     def on_signal(signum: int, frame: FrameType | None) -> None:
         log.info("%s: stopping", signal.Signals(signum).name)
         stop.set()
+        router.request_wake()
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, on_signal)

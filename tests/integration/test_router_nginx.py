@@ -1110,3 +1110,27 @@ def test_router_drives_nginx_in_another_container(api: FakeApi, start_router: Ca
         kill_container(container)
         for backend in backends.values():
             backend.close()
+
+
+def test_a_wake_applies_a_new_config_without_waiting_for_the_poll(
+    api: FakeApi, start_router: Callable[..., RouterProcess]
+) -> None:
+    """POST /wake (what the manager sends after changing the ConfigMap) reads it at once."""
+    port = free_port_on(ROUTER_IP, POD_A, POD_B)
+    backends = http_backends(port)
+    try:
+        router = start_router(ROUTER_POLL_SECONDS="60")
+        run = router.wait_for_log(r"runtime=(\S+)").group(1)
+        default_port = backends["default"].port
+        api.publish(router_conf(port, default_port, {"a": POD_A}, 1)(run), 1)
+        conn = http.client.HTTPConnection(ROUTER_IP, router.stats_port, timeout=10)
+        with contextlib.closing(conn):
+            conn.request("POST", "/wake", body=b"")
+            response = conn.getresponse()
+            assert (response.status, json.loads(response.read())) == (200, {"woken": True})
+        woken = time.monotonic()
+        wait_until(lambda: router.healthz()["generation"] == 1, 10, "generation 1 after the wake")
+        assert time.monotonic() - woken < 5, "the wake, not the 60 s poll, applied it"
+    finally:
+        for backend in backends.values():
+            backend.close()

@@ -10,6 +10,8 @@ from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders
 from pytest_bridge_routing import objects as o
 
 from pytest_bridge import isolation
+from pytest_bridge.errors import JsonPatchError
+from pytest_bridge.jsonpatch import apply_patch
 from pytest_bridge.patch import SESSION_LABEL, AgentSpec
 from pytest_bridge.plan import BridgePlan, make_plan
 
@@ -108,3 +110,25 @@ def test_the_managers_findings_name_what_blocks_the_route() -> None:
         ["ingress x: …"],
     )
     assert isolation.manager_findings(_ConfigMaps(None), "orders", "r1") == ([], [])  # type: ignore[arg-type]
+
+
+def test_a_pool_pod_is_a_route_pod_without_a_route_until_the_claim_patch() -> None:
+    deployment = orders_deployment()
+    plan = orders_plan()
+    name = isolation.pool_pod_name("orders", lambda n: "abc123")
+    assert name == "orders-pool-abc123"
+    pod = isolation.pool_pod(deployment, plan, AGENT, name, exit_when_idle=45)
+    labels = pod["metadata"]["labels"]
+    assert not set(deployment["spec"]["template"]["metadata"]["labels"]) & set(labels), "no Service selects it"
+    assert o.LABEL_ROUTE not in labels and o.ANN_ROUTE_ON_HEADER not in pod["metadata"]["annotations"]
+    assert (labels[o.LABEL_POOL], labels[o.COMPONENT], labels[SESSION_LABEL]) == ("orders", "route", "s-1a2b")
+    assert o.is_pool_pod(pod) and o.pool_services([pod]) == {"orders"}
+    assert o.live_routes([pod]) == {}, "no router routes to an unclaimed pod"
+    claimed = apply_patch(pod, isolation.claim_patch("orders", "alice-1a2b3c"))
+    cold = isolation.route_pod(deployment, plan, AGENT, "alice-1a2b3c", exit_when_idle=45)
+    assert claimed["metadata"]["labels"] == cold["metadata"]["labels"], "a claimed pod is labelled like a route pod"
+    assert claimed["metadata"]["annotations"] == cold["metadata"]["annotations"]
+    assert claimed["spec"] == cold["spec"]
+    assert o.route_pod_problem(claimed) is None and not o.is_pool_pod(claimed)
+    with pytest.raises(JsonPatchError):
+        apply_patch(claimed, isolation.claim_patch("orders", "bob-000000"))  # claimed once only

@@ -141,6 +141,12 @@ class FakeApi:
             self.put("pods", pod)
 
 
+@pytest.fixture(autouse=True)
+def _no_router_wakes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manager's default wake posts to router pod IPs: none of these exist."""
+    monkeypatch.setattr("pytest_bridge_routing.manager.wake_router", lambda ip: None)
+
+
 @pytest.fixture
 def api() -> FakeApi:
     api = FakeApi()
@@ -618,3 +624,50 @@ def test_ingress_hosts_are_only_those_that_can_carry_routes() -> None:
     ingresses = [ingress_rules("i", [rule("*.a.example", "x"), rule(None, "x"), rule("b.example", "x")])]
     assert o.ingress_hosts(ingresses) == ["b.example"]
     assert not o.can_carry_routes("10.0.0.1") and not o.can_carry_routes("") and o.can_carry_routes("a-b.c")
+
+
+def pool_pod(service_name: str, name: str, ip: str, *, phase: str = "Running") -> dict[str, Any]:
+    pod = route_pod(service_name, "unused", ip, phase=phase)
+    pod["metadata"]["name"] = name
+    pod["metadata"]["labels"] = o.labels("route", **{o.LABEL_POOL: service_name, o.LABEL_ROUTE_SERVICE: service_name})
+    return pod
+
+
+def test_pool_pods_keep_the_router_but_get_no_traffic_until_claimed(api: FakeApi) -> None:
+    woken: list[str] = []
+    manager = Manager(api, o.RoutingRuntime(), wake=woken.append)  # type: ignore[arg-type]
+    api.put("pods", route_pod("orders", "r1", "10.244.0.20"))
+    api.put("pods", pool_pod("orders", "orders-pool-1", "10.244.0.30"))
+    settle(manager, api)
+    conf = api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
+    assert "10.244.0.30" not in conf, "an unclaimed pool pod is in no router's config"
+    api.store["pods"].pop("orders-r1")  # the last route closes: the pool keeps the router
+    settle(manager, api)
+    assert "orders-pbr-router" in api.store["deployments"]
+    assert api.store["services"]["orders"]["spec"]["selector"] == {o.LABEL_ROUTER: "orders"}
+    assert "10.244.0.30" not in api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
+    assert not manager._problems.lines(), "pool pods are not malformed route pods"
+    woken.clear()
+    claim = [
+        {"op": "test", "path": "/metadata/labels/pytest-bridge.io~1pool", "value": "orders"},
+        {"op": "remove", "path": "/metadata/labels/pytest-bridge.io~1pool"},
+        {"op": "add", "path": "/metadata/labels/pytest-bridge.io~1route", "value": "r2"},
+    ]
+    api.patch("", "pods", "orders-pool-1", claim)
+    manager.reconcile()
+    assert "10.244.0.30" in api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"]
+    assert woken == ["10.244.0.99"], "the router is told at once that its config changed"
+    api.store["pods"].pop("orders-pool-1")
+    for _ in range(4):
+        manager.reconcile()
+    assert "orders-pbr-router" not in api.store.get("deployments", {}), "no route and no pool: router goes"
+    assert api.store["services"]["orders"]["spec"]["selector"] == {"app": "orders"}
+
+
+def test_finished_pool_pods_are_deleted_and_the_manager_is_busy_while_a_pool_lives(api: FakeApi) -> None:
+    manager = Manager(api, o.RoutingRuntime(), wake=lambda ip: None)  # type: ignore[arg-type]
+    api.put("pods", pool_pod("orders", "orders-pool-1", "10.244.0.30"))
+    api.put("pods", pool_pod("orders", "orders-pool-2", "10.244.0.31", phase="Succeeded"))
+    busy, _ = manager.reconcile()
+    assert busy
+    assert "orders-pool-2" not in api.store["pods"] and "orders-pool-1" in api.store["pods"]

@@ -279,6 +279,12 @@ def test_transport_and_routing_settings(parse) -> None:  # type: ignore[no-untyp
     s = resolve(parse("--bridge-transport=KUBECTL", "--bridge-routing-idle=30", "--bridge-routing-image=r:1"), env={})
     assert (s.transport, s.routing_idle, s.routing_image) == ("kubectl", 30.0, "r:1")
     assert resolve(parse(), env={}).transport == "auto"
+    pooled = resolve(parse("--bridge-route-pool=4"), env={"PYTEST_BRIDGE_ROUTE_POOL_IDLE": "30"})
+    assert (pooled.route_pool, pooled.route_pool_idle) == (4, 30.0)
+    assert (resolve(parse(), env={}).route_pool, resolve(parse(), env={}).route_pool_idle) == (2, 120.0)
+    assert resolve(parse(), env={"PYTEST_BRIDGE_ROUTE_POOL": "0"}).route_pool == 0
+    with pytest.raises(pytest.UsageError, match=r"PYTEST_BRIDGE_ROUTE_POOL.*from 0"):
+        resolve(parse(), env={"PYTEST_BRIDGE_ROUTE_POOL": "-1"})
     assert resolve(parse("--bridge-transport=websocket"), env={}).transport == "websocket"
     with pytest.raises(pytest.UsageError, match="--bridge-transport"):
         resolve(parse("--bridge-transport=spdy"), env={})
