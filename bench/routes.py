@@ -334,7 +334,8 @@ class Routes:
         return self.bench.cluster
 
     def settings(self, **changes: Any) -> BridgeSettings:
-        return dataclasses.replace(self.bench.settings(), isolate=True, routing_idle=ROUTING_IDLE, **changes)
+        changes = {"isolate": True, "routing_idle": ROUTING_IDLE, **changes}
+        return dataclasses.replace(self.bench.settings(), **changes)
 
     def progress(self, line: str) -> None:
         self.bench.progress(line)
@@ -595,6 +596,107 @@ class Routes:
                     return str(pod.status.pod_ip)
             time.sleep(0.2)
         raise TimeoutError(f"no Ready router for {service} after {timeout:.0f}s")
+
+    # -------------------------------------------------------------- issue 13: warm pool, router wake
+
+    def route_pool(self) -> None:
+        """Per-test routes from a warm pool vs started cold, and the router told (wake) vs polling.
+
+        Two sessions side by side in the namespace, neither with a session route: one with
+        ``route_pool=2``, one with ``route_pool=0``. Each round opens and closes one per-test route
+        in each (the order flips every round; 0.5 s between routes, as between tests). The pool
+        keeps the routers, so the cold routes here are today's "beside another route" case. Then
+        the manager's ``MANAGER_WAKE_ROUTERS`` is switched off and on in blocks (the manager
+        restarts each time) and warm routes are measured in each: "routed" is the time from the
+        claim to the canary coming back through the router.
+        """
+        p = self.bench.profile
+        rounds = p.route_pool_rounds
+        kc.wait_settled(self.cluster, ROUTED)
+        self.ensure_clean_before()
+        samples: list[dict[str, Any]] = []
+        load: list[list[float]] = []
+        with (
+            self.session(self.settings(isolate=False, route_pool=2), "route-pool warm") as warm_s,
+            self.session(self.settings(isolate=False, route_pool=0), "route-pool cold") as cold_s,
+        ):
+            first = warm_s.open_route(ROUTED, per_test=True)  # deploys manager and routers; fills the pool
+            warm_s.close_route(first)
+            pool = warm_s.route_pools[ROUTED]
+
+            def one(session: BridgeSession, mode: str, block: str, n: int) -> None:
+                if mode == "warm":
+                    deadline = time.monotonic() + 90
+                    while len(pool) < 1 and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                time.sleep(0.5)
+                started = time.monotonic()
+                route = session.open_route(ROUTED, per_test=True)
+                opened = time.monotonic() - started
+                session.close_route(route)
+                sample = {"mode": mode, "block": block, "round": n, "open_s": round(opened, 4)}
+                sample.update({f"{k}_s": round(v, 4) for k, v in route.timings.items()})
+                samples.append(sample)
+                self.progress(
+                    f"route-pool {block} {n + 1}: {mode} route live {route.timings['live']:.3f}s "
+                    f"(claimed/pod ready {route.timings['pod_ready']:.3f}s, routed {route.timings['routed']:.3f}s)"
+                )
+
+            for n in range(rounds):
+                load.append(list(os.getloadavg()))
+                order = [(warm_s, "warm"), (cold_s, "cold")]
+                for session, mode in order if n % 2 == 0 else order[::-1]:
+                    one(session, mode, "pool vs cold", n)
+            for i, wake in enumerate([False, True, False, True]):
+                self._manager_wake(wake)
+                for n in range(max(2, rounds // 2)):
+                    one(warm_s, "warm", "wake" if wake else "poll", i * 100 + n)
+            load.append(list(os.getloadavg()))
+
+        def stats(mode: str, block: str, key: str) -> dict[str, float]:
+            return summarize([s[key] for s in samples if s["mode"] == mode and s["block"] == block and key in s])
+
+        self.bench.results["route_pool"] = {
+            "service": ROUTED,
+            "rounds": rounds,
+            "load_1m_5m_15m": load,
+            "samples": samples,
+            "summary": {
+                "warm live": stats("warm", "pool vs cold", "live_s"),
+                "cold live": stats("cold", "pool vs cold", "live_s"),
+                "warm open_route": stats("warm", "pool vs cold", "open_s"),
+                "cold open_route": stats("cold", "pool vs cold", "open_s"),
+                "cold pod ready": stats("cold", "pool vs cold", "pod_ready_s"),
+                "cold routed (pod serving -> canary back)": stats("cold", "pool vs cold", "routed_s"),
+                "warm routed, wake (claim -> canary back)": stats("warm", "wake", "routed_s"),
+                "warm routed, poll only (claim -> canary back)": stats("warm", "poll", "routed_s"),
+                "warm live, wake": stats("warm", "wake", "live_s"),
+                "warm live, poll only": stats("warm", "poll", "live_s"),
+            },
+        }
+        self.wait_clean("route-pool")
+
+    def _manager_wake(self, wake: bool) -> None:
+        """Set the manager's MANAGER_WAKE_ROUTERS and wait for its new pod (Recreate) to run."""
+        c = self.cluster
+        name = "pytest-bridge-routing-manager"
+        deployment: Any = c.apps.read_namespaced_deployment(name, c.namespace)
+        env = [e for e in deployment.spec.template.spec.containers[0].env if e.name != "MANAGER_WAKE_ROUTERS"]
+        env.append({"name": "MANAGER_WAKE_ROUTERS", "value": "1" if wake else "0"})
+        body = {"spec": {"template": {"spec": {"containers": [{"name": "manager", "env": env}]}}}}
+        c.apps.patch_namespaced_deployment(name, c.namespace, body)
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            current: Any = c.apps.read_namespaced_deployment(name, c.namespace)
+            status = current.status
+            if (
+                status.observed_generation == current.metadata.generation
+                and status.updated_replicas == status.ready_replicas == status.replicas == 1
+            ):
+                break
+            time.sleep(0.2)
+        time.sleep(2.0)  # its first reconcile pass
+        self.progress(f"route-pool: routing manager restarted with MANAGER_WAKE_ROUTERS={int(wake)}")
 
     # -------------------------------------------------------------- item 5: scale
 

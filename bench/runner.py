@@ -54,9 +54,11 @@ REPO = Path(__file__).resolve().parent.parent
 SERVICE = "orders"
 TARGET_PORT = 8080  # orders' Service port 80 -> targetPort `http` -> containerPort 8080 (fixtures/manifests)
 AGENT_STATUS_PORT = 47101
-BENCHMARKS = ("connect", "pytest", "throughput", "latency", "concurrency", "isolated-route", "router", "route-scale")
+BENCHMARKS = (
+    "connect", "pytest", "throughput", "latency", "concurrency", "isolated-route", "router", "route-scale", "route-pool",
+)  # fmt: skip
 TRANSPORT = ("throughput", "latency", "concurrency")
-ROUTING = ("isolated-route", "router", "route-scale")  # bench/routes.py; --quick: the route smoke only
+ROUTING = ("isolated-route", "router", "route-scale", "route-pool")  # bench/routes.py; --quick: the route smoke only
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,7 @@ class Profile:
     quiet_wait_s: float  # before each transfer, wait up to this long for other processes to go quiet
     route_cold_reps: int = 3  # sessions with isolate=True, each deploying the routing manager afresh
     route_warm_reps: int = 5  # per-test routes opened and closed in each of those sessions
+    route_pool_rounds: int = 12  # route-pool: rounds of one warm and one cold per-test route
     router_transfer_bytes: int = 256 * 2**20
     router_transfer_reps: int = 3
     route_scale: tuple[int, ...] = (1, 10, 50)  # the Nth route's time to live is reported for these N
@@ -220,7 +223,7 @@ class Bench:
         if self.profile.name == "quick":
             if self.selected("isolated-route"):
                 routes.smoke()
-            for name in ("router", "route-scale"):
+            for name in ("router", "route-scale", "route-pool"):
                 if self.only and name in self.only:
                     self.progress(f"{name}: not run in --quick (the route smoke is)")
             return
@@ -230,6 +233,8 @@ class Bench:
             routes.router()
         if self.selected("route-scale"):
             routes.scale()
+        if self.selected("route-pool"):
+            routes.route_pool()
 
     def _setup(self) -> None:
         c = self.cluster

@@ -33,7 +33,7 @@ Deployment; ownerReferences take its ServiceAccounts, Roles and RoleBindings wit
 
 Environment: MANAGER_NAMESPACE; MANAGER_IMAGE, MANAGER_NGINX_IMAGE, MANAGER_CODE_CONFIGMAP and
 MANAGER_CODE_DIGEST (what routers run: ``objects.RoutingRuntime``); MANAGER_IDLE_SECONDS (0 = never),
-MANAGER_POLL_SECONDS; MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
+MANAGER_POLL_SECONDS; MANAGER_WAKE_ROUTERS (0: no ``POST /wake``); MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
 """
 
 from __future__ import annotations
@@ -560,7 +560,9 @@ def main(environ: Mapping[str, str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
     target: ApiTarget = endpoint_from_env(env, "MANAGER_")
     api = Api(ApiClient(target), env["MANAGER_NAMESPACE"])
-    manager = Manager(api, o.RoutingRuntime.from_env(env), float(env.get("MANAGER_IDLE_SECONDS") or 300))
+    # MANAGER_WAKE_ROUTERS=0: routers only poll (the benchmark's "before" of the wake, bench.routes).
+    wake = (lambda ip: None) if env.get("MANAGER_WAKE_ROUTERS", "1") == "0" else None
+    manager = Manager(api, o.RoutingRuntime.from_env(env), float(env.get("MANAGER_IDLE_SECONDS") or 300), wake=wake)
     poll = float(env.get("MANAGER_POLL_SECONDS") or 2.0)
     stop = threading.Event()
 
