@@ -792,6 +792,7 @@ class RoutePool:
     def __init__(self, bs: BridgeSession, service: str, size: int, idle: float, report: Callable[[str], None]):
         self.bs, self.service, self.size, self.idle, self.report = bs, service, size, idle, report
         self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # a pod became ready or stopped starting
         self._ready: list[_Warm] = []
         self._recipe: _Recipe | None = None
         self._last_used = time.monotonic()
@@ -813,10 +814,21 @@ class RoutePool:
             self._last_used = time.monotonic()
         self._wake.set()
 
-    def take(self) -> _Warm | None:
-        """A warm pod, if one is ready (the caller claims it); the pool then makes another."""
+    def take(self, wait: float = 0.0) -> _Warm | None:
+        """A warm pod (the caller claims it); the pool then makes another.
+
+        With none ready but some starting, waits up to ``wait`` seconds for one: a pod that is
+        already starting is serving sooner than one the route would start now (routes opened
+        faster than the pool refills, as in a burst of tests).
+        """
+        deadline = time.monotonic() + wait
         with self._lock:
             self._last_used = time.monotonic()
+            while not self._ready and self._starting > 0 and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._changed.wait(remaining)
             warm = self._ready.pop(0) if self._ready else None
         self._wake.set()
         return warm
@@ -833,6 +845,7 @@ class RoutePool:
         with self._lock:
             self._closed = True
             ready, self._ready = self._ready, []
+            self._changed.notify_all()
         self._wake.set()
         self._thread.join(timeout=30)
         for warm in ready:
@@ -880,6 +893,7 @@ class RoutePool:
                 time.sleep(0.1)
             with self._lock:
                 self._starting -= 1
+                self._changed.notify_all()
             return
         self._failures = 0
         with self._lock:
@@ -887,6 +901,7 @@ class RoutePool:
             keep = self._is_open()
             if keep:
                 self._ready.append(warm)
+            self._changed.notify_all()
         if not keep:  # closed while it started
             self.discard(warm)
         self._wake.set()
@@ -943,7 +958,8 @@ def close_pools(bs: BridgeSession) -> None:
 
 def _claim(bs: BridgeSession, pool: RoutePool | None, route: str) -> _Warm | None:
     """A warm pod of ``pool`` claimed for ``route`` (labels patched), or None (none ready)."""
-    while pool is not None and (warm := pool.take()) is not None:
+    wait = bs.settings.connect_timeout / 2
+    while pool is not None and (warm := pool.take(wait)) is not None:
         if _tunnel_up(warm):
             try:
                 k = bs.client

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders_service
@@ -132,3 +136,27 @@ def test_a_pool_pod_is_a_route_pod_without_a_route_until_the_claim_patch() -> No
     assert o.route_pod_problem(claimed) is None and not o.is_pool_pod(claimed)
     with pytest.raises(JsonPatchError):
         apply_patch(claimed, isolation.claim_patch("orders", "bob-000000"))  # claimed once only
+
+
+def test_a_route_waits_for_a_warm_pod_that_is_starting_rather_than_starting_its_own() -> None:
+    bs: Any = SimpleNamespace(settings=SimpleNamespace(connect_timeout=5.0))
+    pool = isolation.RoutePool(bs, "orders", 2, 120.0, lambda line: None)
+    try:
+        assert pool.take(wait=5.0) is None, "nothing ready or starting: no wait"
+        warm: Any = SimpleNamespace(pod="orders-pool-1")
+        with pool._lock:
+            pool._starting = 1
+
+        def ready_later() -> None:
+            time.sleep(0.2)
+            with pool._lock:
+                pool._starting = 0
+                pool._ready.append(warm)
+                pool._changed.notify_all()
+
+        threading.Thread(target=ready_later).start()
+        started = time.monotonic()
+        assert pool.take(wait=5.0) is warm
+        assert time.monotonic() - started < 2.0
+    finally:
+        pool.close()
