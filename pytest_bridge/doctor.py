@@ -129,7 +129,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
             return f"{the_plan.workload.kind} {the_plan.workload.name} can be swapped and restored"
 
         check("workload", workload_check)
-        missing = _missing(client, required_permissions(the_plan.workload.kind, settings.code))
+        missing = _missing(client, required_permissions(the_plan.workload.kind, settings.code, the_plan.workload.name))
         found.append(
             Finding("permissions (bridge)", FAIL, "missing: " + ", ".join(missing) + "; see `pytest-bridge rbac`")
             if missing
