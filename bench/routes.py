@@ -676,6 +676,107 @@ class Routes:
         }
         self.wait_clean("route-pool")
 
+    def pool_scale(self) -> None:
+        """Issue 13 item 4, in one process: S sessions at once (threads; xdist workers and parallel
+        runs are one session each), each with a warm pool, each opening R per-test routes of
+        ``orders`` one after another and keeping them open (0.3 s apart: the test before). Then, with
+        all S x R open: untagged requests to the Service must reach none of their tunnels, and every
+        route's canary must come back to its own tunnel again."""
+        p = self.bench.profile
+        n_sessions, per_session, pool = p.pool_scale_sessions, p.pool_scale_routes, p.pool_scale_pool
+        kc.wait_settled(self.cluster, ROUTED)
+        self.ensure_clean_before()
+        samples: list[dict[str, Any]] = []
+        errors: list[str] = []
+        routes: list[Route] = []
+        lock = threading.Lock()
+        load = [list(os.getloadavg())]
+        with contextlib.ExitStack() as stack:
+            sessions = [
+                stack.enter_context(
+                    self.session(self.settings(isolate=False, route_pool=pool, connect_timeout=90.0), f"pool-scale {i}")
+                )
+                for i in range(n_sessions)
+            ]
+
+            prefilled: list[float] = []
+            if p.pool_scale_prefill:  # steady state: every pool full before the burst
+                for session in sessions:
+                    first = session.open_route(ROUTED, per_test=True)
+                    session.close_route(first)
+                fill_started = time.monotonic()
+                for session in sessions:
+                    deadline = time.monotonic() + 300
+                    while len(session.route_pools[ROUTED]) < pool and time.monotonic() < deadline:
+                        time.sleep(0.2)
+                prefilled.append(round(time.monotonic() - fill_started, 2))
+                for session in sessions:  # no refills during the burst: 50 more pods would not fit the node
+                    session.route_pools[ROUTED].size = 0
+                time.sleep(2.0)  # the manager settles
+                load.append(list(os.getloadavg()))
+
+            def run(i: int, session: BridgeSession) -> None:
+                for n in range(per_session):
+                    started = time.monotonic()
+                    try:
+                        route = session.open_route(ROUTED, per_test=True)
+                    except Exception as exc:
+                        with lock:
+                            errors.append(f"session {i} route {n + 1}: {type(exc).__name__}: {exc}")
+                        return
+                    with lock:
+                        routes.append(route)
+                        samples.append({
+                            "session": i, "n": n + 1, "open_s": round(time.monotonic() - started, 4),
+                            **{f"{k}_s": round(v, 4) for k, v in route.timings.items()},
+                        })  # fmt: skip
+                    time.sleep(0.3)
+
+            started = time.monotonic()
+            threads = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(sessions)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            all_open_s = time.monotonic() - started
+            load.append(list(os.getloadavg()))
+            for error in errors:
+                self.bench.fail(f"pool-scale: {error}")
+            svc: Any = self.cluster.core.read_namespaced_service(ROUTED, self.cluster.namespace)
+            before = sum(r.tunnel.tunnel.reverse_total for r in routes if r.tunnel is not None)
+            untagged = [_get(f"http://{svc.spec.cluster_ip}/healthz", {}) for _ in range(200)]
+            misrouted = sum(r.tunnel.tunnel.reverse_total for r in routes if r.tunnel is not None) - before
+            failed = sum(1 for u in untagged if "error" in u)
+            if misrouted:
+                self.bench.fail(f"pool-scale: {misrouted} untagged requests reached a route's tunnel")
+            live = 0
+            for r in routes:
+                assert r.tunnel is not None
+                try:
+                    isolation.prove_live(r.tunnel, r.bridged.plan, r.name, 10.0)
+                    live += 1
+                except Exception as exc:
+                    self.bench.fail(f"pool-scale: route {r.name} not live with {len(routes)} open: {exc}")
+            closing = time.monotonic()
+        close_s = time.monotonic() - closing
+        warm = [s["live_s"] for s in samples if s.get("warm_s") == 1.0]
+        cold = [s["live_s"] for s in samples if s.get("warm_s") == 0.0]
+        self.bench.results["pool_scale"] = {
+            "service": ROUTED, "sessions": n_sessions, "routes_per_session": per_session, "pool": pool,
+            "opened": len(routes), "errors": errors, "samples": samples, "load_1m_5m_15m": load,
+            "all_open_s": round(all_open_s, 2), "untagged requests": len(untagged), "untagged failed": failed,
+            "untagged reaching a route tunnel": misrouted, "routes live again at the end": live,
+            "live warm": summarize(warm), "live cold": summarize(cold),
+            "live all": summarize([s["live_s"] for s in samples]),
+            "warm over 1 s": sum(1 for x in warm if x > 1.0), "all over 1 s": sum(1 for s in samples if s["live_s"] > 1.0),
+            "close_all_s": round(close_s, 2), "prefill": p.pool_scale_prefill, "pools filled after s": prefilled,
+        }  # fmt: skip
+        self.progress(
+            f"pool-scale: {len(routes)} routes open in {all_open_s:.1f}s; warm {len(warm)}, cold {len(cold)}; "
+            f"{misrouted} untagged requests misrouted; {live} live at the end"
+        )
+        self.wait_clean("pool-scale", timeout=180.0)
+
     def _manager_wake(self, wake: bool) -> None:
         """Set the manager's MANAGER_WAKE_ROUTERS and wait for its new pod (Recreate) to run."""
         c = self.cluster

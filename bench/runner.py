@@ -56,9 +56,16 @@ TARGET_PORT = 8080  # orders' Service port 80 -> targetPort `http` -> containerP
 AGENT_STATUS_PORT = 47101
 BENCHMARKS = (
     "connect", "pytest", "throughput", "latency", "concurrency", "isolated-route", "router", "route-scale", "route-pool",
+    "pool-scale",
 )  # fmt: skip
 TRANSPORT = ("throughput", "latency", "concurrency")
-ROUTING = ("isolated-route", "router", "route-scale", "route-pool")  # bench/routes.py; --quick: the route smoke only
+ROUTING = (
+    "isolated-route",
+    "router",
+    "route-scale",
+    "route-pool",
+    "pool-scale",
+)  # bench/routes.py; --quick: the route smoke only
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,12 @@ class Profile:
     route_cold_reps: int = 3  # sessions with isolate=True, each deploying the routing manager afresh
     route_warm_reps: int = 5  # per-test routes opened and closed in each of those sessions
     route_pool_rounds: int = 12  # route-pool: rounds of one warm and one cold per-test route
+    pool_scale_sessions: int = 5  # pool-scale: sessions at once (xdist workers, parallel runs)...
+    pool_scale_routes: int = 10  # ...each opening this many per-test routes, all kept open
+    pool_scale_pool: int = int(os.environ.get("BENCH_POOL_SCALE_POOL", "10"))  # ...each with this many warm pods
+    # ...filled before the routes are opened (steady state); 0 (BENCH_POOL_SCALE_PREFILL=0): routes
+    # opened while the pools refill
+    pool_scale_prefill: bool = os.environ.get("BENCH_POOL_SCALE_PREFILL", "1") != "0"
     router_transfer_bytes: int = 256 * 2**20
     router_transfer_reps: int = 3
     route_scale: tuple[int, ...] = (1, 10, 50)  # the Nth route's time to live is reported for these N
@@ -223,7 +236,7 @@ class Bench:
         if self.profile.name == "quick":
             if self.selected("isolated-route"):
                 routes.smoke()
-            for name in ("router", "route-scale", "route-pool"):
+            for name in ("router", "route-scale", "route-pool", "pool-scale"):
                 if self.only and name in self.only:
                     self.progress(f"{name}: not run in --quick (the route smoke is)")
             return
@@ -235,6 +248,8 @@ class Bench:
             routes.scale()
         if self.selected("route-pool"):
             routes.route_pool()
+        if self.selected("pool-scale"):
+            routes.pool_scale()
 
     def _setup(self) -> None:
         c = self.cluster
