@@ -11,6 +11,7 @@ temporary folder, as CI users have) runs inner pytest sessions:
   (``pytest-bridge rbac --routing-manager``); without it, the route is one error naming what is
   missing and the file that grants it, before anything is created;
 * the Role less one verb: one error naming the verb, the resource and the file, nothing changed.
+* the Role with `patch` on deployments narrowed to ``orders`` (resourceNames) still bridges it.
 
 After each, the namespace is as before: workloads, Services, nothing of ours left.
 """
@@ -340,3 +341,25 @@ def test_a_missing_permission_is_one_clear_error_before_any_change(
         assert _orders(apps_v1, namespace) == orders
         assert namespace_state(kube_api_client, namespace) == before
         assert objects_of_ours(kube_api_client, namespace) == []
+
+
+def test_a_role_narrowed_to_the_bridged_workload_is_enough(
+    namespace: str, tmp_path: Path, kube_api_client: client.ApiClient, apps_v1: client.AppsV1Api
+) -> None:
+    """What the README suggests: `patch` on deployments only for the workloads you bridge."""
+    role = _shipped_role()
+    for rule in role["rules"]:
+        if rule["resources"] == ["deployments", "statefulsets"]:
+            rule["verbs"] = ["get"]
+    role["rules"].append(
+        {"apiGroups": ["apps"], "resources": ["deployments"], "resourceNames": ["orders"], "verbs": ["patch"]}
+    )
+    _settle(kube_api_client, namespace)
+    before = _orders(apps_v1, namespace)
+    with user_kubeconfig(kube_api_client, namespace, role, tmp_path / "narrow.kubeconfig") as kubeconfig:
+        run = _pytest(tmp_path, kubeconfig, namespace)
+        out, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, out
+    assert "1 passed" in out, out
+    assert _orders(apps_v1, namespace) == before
+    _wait_nothing_of_ours(kube_api_client, namespace, timeout=60)
