@@ -85,8 +85,8 @@ def check_record(record: Any, *, namespace: str, where: str) -> None:
         meta = record.original.get("metadata") or {}
         if meta.get("name") != record.name or meta.get("namespace", namespace) != namespace:
             raise RecordError(f"{where}: the original Pod is not {namespace}/{record.name}")
-        if record.reverse_patch:
-            raise RecordError(f"{where}: a bare Pod's record has no reverse patch")
+        if record.reverse_patch or getattr(record, "forward", None):
+            raise RecordError(f"{where}: a bare Pod's record has no patches")
         return
     ops = record.reverse_patch
     if not isinstance(ops, list) or not ops:
@@ -100,6 +100,13 @@ def check_record(record: Any, *, namespace: str, where: str) -> None:
             f"{where}: the reverse patch tests for session {first.get('value')!r}, not {record.session!r}"
         )
     _check_ops(ops, _ALLOWED, where=where, what="the reverse patch")
+    # The forward patch steers a restore that keeps someone's changes: it may only name what a
+    # bridge changes (its tests of uid and generation are not used for that, and not checked).
+    forward = getattr(record, "forward", None) or []
+    if not isinstance(forward, list):
+        raise RecordError(f"{where}: the forward patch is not a list of operations")
+    _check_ops([op for op in forward if not (isinstance(op, dict) and op.get("op") == "test")], _ALLOWED,
+               where=where, what="the forward patch")  # fmt: skip
     _check_related(record, where=where)
 
 

@@ -26,14 +26,16 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_bridge_agent import merge
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
 from . import bundle, faults, kube, records, workloads
-from .errors import ConnectError, ForbiddenError, NotFoundError
+from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
 __all__ = [
@@ -50,6 +52,9 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "pytest-bridge"}
 # Seconds the plugin has from creating the guard Job to arming it (normally well under one).
 SETUP_DEADLINE = 20
 ROLE_LABEL = "pytest-bridge.io/role"
+# Merged restores tried when the workload keeps changing under us (each after reading it again).
+MERGE_ATTEMPTS = 3
+log = logging.getLogger(__name__)
 
 
 def guard_name(session: str) -> str:
@@ -80,6 +85,9 @@ class RestoreRecord:
     # (HPAs pinned to one replica; see workloads.py). Pods deleted again after the restore (OnDelete).
     related: list[dict[str, Any]] = field(default_factory=list)
     roll_pods: list[str] = field(default_factory=list)
+    # The forward patch (what the bridge set where): lets a restore keep changes someone made to
+    # the workload during the session (pytest_bridge_agent.merge). Empty for bare Pods.
+    forward: JsonOps = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(vars(self), sort_keys=True)
@@ -359,8 +367,14 @@ def _record_from_configmap(record_map: dict[str, Any], namespace: str) -> Restor
     return record
 
 
-def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
-    """Undo the bridge recorded in ``record``; a workload already restored is left alone."""
+def apply_restore(k: kube.Kube, record: RestoreRecord) -> list[str]:
+    """Undo the bridge recorded in ``record``; a workload already restored, or deleted, is left alone.
+
+    A workload someone changed during the session is restored with their changes kept
+    (:func:`pytest_bridge_agent.merge.merge_restore`); the places kept are returned. ConflictError
+    if it keeps changing under us.
+    """
+    kept: list[str] = []
     ns, name = record.namespace, record.name
     if record.kind == "Pod":
         try:
@@ -381,16 +395,41 @@ def apply_restore(k: kube.Kube, record: RestoreRecord) -> None:
                 break
             time.sleep(0.2)
         kube.call("re-create the original pod", k.core.create_namespaced_pod, ns, record.original)
-        return
+        return kept
     workloads.before_restore(k, record)  # HPAs first: pinned to one replica, they would scale the restore down
     patcher = {"Deployment": k.apps.patch_namespaced_deployment, "StatefulSet": k.apps.patch_namespaced_stateful_set}
     reader = {"Deployment": k.apps.read_namespaced_deployment, "StatefulSet": k.apps.read_namespaced_stateful_set}
-    current = k.to_dict(kube.call(f"read {record.kind} {name}", reader[record.kind], name, ns))
-    annotations = (current.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
-    # Not carrying the session: already restored (or re-deployed by someone else), nothing of ours to undo.
-    if annotations.get(SESSION_ANNOTATION) == record.session:
-        kube.call(
-            f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, record.reverse_patch,
-            verb="patch", resource=record.kind.lower() + "s", namespace=ns,
-        )  # fmt: skip
+    resource = record.kind.lower() + "s"
+    patch = record.reverse_patch
+    for attempt in range(MERGE_ATTEMPTS + 1):
+        try:
+            current = k.to_dict(kube.call(f"read {record.kind} {name}", reader[record.kind], name, ns))
+        except NotFoundError:
+            log.info("%s %s/%s was deleted during the session: nothing to restore", record.kind, ns, name)
+            return []
+        annotations = (current.get("spec", {}).get("template", {}).get("metadata") or {}).get("annotations") or {}
+        # Not carrying the session: already restored (or re-deployed by someone else), nothing of ours to undo.
+        if annotations.get(SESSION_ANNOTATION) != record.session:
+            break
+        if attempt:
+            # Someone changed it while bridged (kubectl set image, scale, apply): keep their change.
+            merged = merge.merge_restore(record.original, current, record.forward)
+            patch, kept = merged.patch, merged.kept
+        try:
+            kube.call(
+                f"restore {record.kind} {ns}/{name}", patcher[record.kind], name, ns, patch,
+                verb="patch", resource=resource, namespace=ns,
+            )  # fmt: skip
+            break
+        except NotFoundError:
+            return []
+        except ConflictError as exc:
+            if not record.forward or attempt == MERGE_ATTEMPTS:
+                raise ConflictError(
+                    f"{record.kind} {ns}/{name} was changed during the session and still runs the agent of session "
+                    f"{record.session}; restoring it keeps changing under us ({exc}). Restore it by hand "
+                    f"(`kubectl rollout undo {record.kind.lower()}/{name} -n {ns}` or re-apply its manifest), "
+                    f"then run `pytest-bridge cleanup -n {ns}`"
+                ) from exc
     workloads.after_restore(k, record)  # an OnDelete StatefulSet's pod still runs the agent until deleted
+    return kept

@@ -465,11 +465,12 @@ class BridgeSession:
         replacement: dict[str, Any] = {}
         if plan.workload.kind == "Pod":
             reverse: list[dict[str, Any]] = []
+            forward: list[dict[str, Any]] = []
             original = pod_for_recreate(workload)
             replacement = agent_pod(workload, plan, agent)
         else:
             patches = workload_patches(workload, plan, agent)
-            reverse, original = patches.reverse, strip_server_fields(workload)
+            reverse, forward, original = patches.reverse, patches.forward, strip_server_fields(workload)
         self._check_policy(
             k, conn, workload, replacement if plan.workload.kind == "Pod" else None, agent=agent, pod_code=pod_code
         )
@@ -478,6 +479,7 @@ class BridgeSession:
             session=conn.key, namespace=ns, kind=plan.workload.kind, name=plan.workload.name,
             reverse_patch=reverse, original=original, owner=_owner(), created=time.time(),
             related=[r.record() for r in extras.related], roll_pods=list(extras.roll_pods),
+            forward=forward,
         )  # fmt: skip
         # Record before change: the guard and the record exist before the workload is touched.
         self._mark(f"{plan.service}: restore guard")
@@ -509,7 +511,7 @@ class BridgeSession:
             try:
                 kube.call(
                     f"swap {plan.workload.kind} {plan.workload.name} to the agent", patcher, plan.workload.name, ns,
-                    patches.forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
+                    forward, verb="patch", resource=plan.workload.kind.lower() + "s", namespace=ns,
                 )  # fmt: skip
             except ConflictError as exc:
                 raise self._patch_conflict(k, conn, exc) from exc
@@ -889,8 +891,13 @@ class BridgeSession:
             if conn.record is not None and self._kube is not None and (conn.patched or conn.guard):
                 try:
                     if conn.patched:
-                        restore.apply_restore(self._kube, conn.record)
+                        kept = restore.apply_restore(self._kube, conn.record)
                         faults.checkpoint("close-restored")
+                        if kept:
+                            self.report(
+                                f"{conn.service}: {conn.record.kind} {conn.record.name} was changed during the "
+                                f"session; restored with those changes kept: {', '.join(kept)}"
+                            )
                     restore.delete_session_objects(self._kube, conn.record.namespace, conn.key)
                 except Exception as exc:
                     errors.append(f"{conn.service}: {exc}")

@@ -534,4 +534,23 @@ def resolve(
             f"but none is given and the default {DEFAULT_AGENT_IMAGE} is a plain Python image; build and push one "
             "with `pytest-bridge images push --registry REGISTRY` and pass the agent image it prints"
         )
+    _fit_connect_timeout_to_ttl(values, sources)
     return BridgeSettings(**values, sources=sources)
+
+
+def _fit_connect_timeout_to_ttl(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """The guard counts the TTL from the moment connect records the session: a connect allowed to
+    take longer could be restored under its feet. A default connect timeout shrinks to the TTL;
+    one set explicitly and longer than the TTL is a usage error naming both settings."""
+    ttl = values.get("restore_ttl", BridgeSettings.restore_ttl)
+    timeout = values.get("connect_timeout", BridgeSettings.connect_timeout)
+    if ttl >= timeout:
+        return
+    if "connect_timeout" not in sources:
+        values["connect_timeout"] = ttl
+        return
+    raise pytest.UsageError(
+        f"pytest-bridge: --bridge-restore-ttl {ttl:g}s (from {sources.get('restore_ttl', 'default')}) is shorter than "
+        f"--bridge-connect-timeout {timeout:g}s (from {sources['connect_timeout']}): the restore guard could undo the "
+        "bridge while it is still connecting. Raise the TTL or lower the connect timeout"
+    )

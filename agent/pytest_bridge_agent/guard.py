@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
+from . import merge
+
 __all__ = [
     "IDLE_EXIT_PREFIX",
     "AgentPod",
@@ -148,6 +150,7 @@ class Record:
     created: float = 0.0
     related: list[dict[str, Any]] = field(default_factory=list)  # [{kind, name, reverse_patch}]
     roll_pods: list[str] = field(default_factory=list)  # deleted after the restore (StatefulSet OnDelete)
+    forward: list[dict[str, Any]] = field(default_factory=list)  # what the bridge set: see merge.py
 
 
 def parse_record(record_map: Any, config: GuardConfig) -> Record:
@@ -173,6 +176,7 @@ def parse_record(record_map: Any, config: GuardConfig) -> Record:
             created=float(data.get("created", 0.0)),
             related=[dict(r) for r in data.get("related") or []],
             roll_pods=[str(p) for p in data.get("roll_pods") or []],
+            forward=[dict(op) for op in data.get("forward") or []],
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ValueError(f"record.json lacks or mistypes a field: {e}") from e
@@ -547,6 +551,10 @@ class Retry(Exception):
     """The restore could not be completed now; try again on a later round."""
 
 
+class Abandon(Exception):
+    """The restore cannot succeed without a person: stop retrying, say why, keep the record."""
+
+
 Send = Callable[[Request], Response]
 FetchStatus = Callable[[str, int, float], Any]
 
@@ -559,6 +567,7 @@ class Guard:
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
     critical: bool = False  # inside a restore: a signal is remembered, not acted on
+    abandoned: str = ""  # why the restore needs a person; no more retries
     stop_requested: bool = False
     _pod_errors: dict[str, str] = field(default_factory=dict)
     _restarts: dict[str, int] = field(default_factory=dict)  # per agent pod: restarts when first seen
@@ -740,6 +749,8 @@ class Guard:
 
     def _restore_workload(self, record: Record, what: str) -> None:
         response = self.send(reverse_patch_request(record))
+        if response.status == 403:
+            raise Abandon(f"the guard may not patch {what} ({response.message()}): its Role was changed or removed")
         if response.status in (200, 201):
             log.info("restored %s (reverse patch applied)", what)
             return
@@ -759,12 +770,32 @@ class Guard:
         if not self._still_bridged(current.body, record):
             log.info("%s no longer carries session %s: already restored", what, record.session)
             return
-        log.error(
-            "RESTORE CONFLICT: the reverse patch of %s was refused (%s) but it still carries session %s; "
-            "someone changed it while bridged. Retrying; restore it by hand if this goes on",
-            what, response.message(), record.session,
-        )  # fmt: skip
-        raise Retry("reverse patch refused")
+        if not record.forward:
+            raise Abandon(
+                f"{what} was changed while bridged by session {record.session} and its record cannot tell "
+                "the bridge's changes from the other ones"
+            )
+        # Someone changed it while bridged (kubectl set image, scale, apply): keep their change.
+        try:
+            merged = merge.merge_restore(record.original, current.body, record.forward)
+        except ValueError as e:
+            raise Abandon(f"{what} was changed while bridged and the record's patch does not fit it: {e}") from e
+        answer = self.send(_json_request("PATCH", object_path(record.kind, record.namespace, record.name),
+                                         merged.patch, JSON_PATCH))  # fmt: skip
+        if answer.status in (200, 201):
+            log.warning(
+                "restored %s, keeping what was changed during the session: %s", what, ", ".join(merged.kept) or "-"
+            )
+            return
+        if answer.status == 404:
+            log.info("%s no longer exists: nothing to restore", what)
+            return
+        if answer.status == 403 or (
+            answer.status == 422 and isinstance(answer.body, dict) and merge.refused_as_invalid(answer.body)
+        ):
+            raise Abandon(f"the restore of {what}, keeping changes made during the session, was refused: "
+                          f"{answer.message()}")  # fmt: skip
+        raise Retry(f"{what} changed again while restoring it ({answer.message()})")
 
     def _restore_pod(self, record: Record, what: str) -> None:
         current = self.send(get_request(record))
@@ -850,6 +881,11 @@ class Guard:
         """One poll: the exit code when done, None to poll again; Retry to back off."""
         cfg = self.config
         record = self._read_record()
+        if self.abandoned:
+            if record is None:
+                log.info("restore record %s is gone: someone cleaned up; exiting", cfg.record_configmap)
+                return 0
+            return None  # waits for a person: `pytest-bridge cleanup` deletes the Job and the record
         if record is None and not self._record_seen:
             # The plugin starts the guard first and writes the record after; if it dies before
             # arming the guard, the Job's setup deadline ends it (pytest_bridge.restore).
@@ -882,6 +918,13 @@ class Guard:
         self.critical = True
         try:
             self.restore(record)
+        except Abandon as e:
+            self.abandoned = str(e)
+            log.error(  # noqa: TRY400 - the message says it all
+                "RESTORE ABANDONED, no more retries: %s. The record %s stays; restore the workload by hand, "
+                "then run `pytest-bridge cleanup -n %s`", e, cfg.record_configmap, cfg.namespace,
+            )  # fmt: skip
+            return None
         except OSError as e:
             raise Retry(f"restore not done: {e}") from e
         except Retry as e:

@@ -79,6 +79,18 @@ def _set(doc: Any, tokens: Sequence[str], value: Any) -> None:
         parent[int(key)] = value  # list items are removed by value, see merge_restore
 
 
+def _parent(doc: Any, tokens: Sequence[str]) -> Any:
+    """The container of ``tokens``' last step; maps the record left out (stripped server fields,
+    like an annotations map that held only the server's) are made empty."""
+    node = doc
+    for token in tokens[:-1]:
+        child = _child(node, token)
+        if child is _MISSING and isinstance(node, dict):
+            child = node[token] = {}
+        node = child
+    return node
+
+
 def _bridged(original: Mapping[str, Any], forward: Sequence[Mapping[str, Any]]) -> Any:
     """What the forward patch made of ``original`` (its add/replace operations; tests skipped)."""
     doc: Any = copy.deepcopy(dict(original))
@@ -86,7 +98,7 @@ def _bridged(original: Mapping[str, Any], forward: Sequence[Mapping[str, Any]]) 
         if op.get("op") not in ("add", "replace"):
             continue
         tokens = _tokens(str(op.get("path")))
-        parent, key, value = _get(doc, tokens[:-1]), tokens[-1], copy.deepcopy(op.get("value"))
+        parent, key, value = _parent(doc, tokens), tokens[-1], copy.deepcopy(op.get("value"))
         if isinstance(parent, dict):
             parent[key] = value
         elif isinstance(parent, list) and key == "-":
@@ -101,17 +113,59 @@ def _bridged(original: Mapping[str, Any], forward: Sequence[Mapping[str, Any]]) 
     return doc
 
 
+def _same(now: Any, ours: Any) -> bool:
+    """Whether ``now`` is what the bridge set: equal, or with only fields the API server filled in
+    (defaults like a probe's ``timeoutSeconds``), which the bridge's own value does not name."""
+    if isinstance(ours, Mapping) and isinstance(now, Mapping):
+        return all(key in now and _same(now[key], value) for key, value in ours.items())
+    if isinstance(ours, list) and isinstance(now, list):
+        return len(ours) == len(now) and all(_same(n, o) for n, o in zip(now, ours, strict=True))
+    return bool(now == ours)
+
+
+def _named(items: Any) -> dict[str, Any] | None:
+    """A list of objects with unique names (env, ports, volumeMounts) by name; None for other lists."""
+    if not isinstance(items, list) or not all(isinstance(i, Mapping) and isinstance(i.get("name"), str) for i in items):
+        return None
+    by_name = {i["name"]: i for i in items}
+    return by_name if len(by_name) == len(items) else None
+
+
+def _merge_named_list(current: list[Any], ours: Any, original: Any, path: str) -> tuple[list[Any], list[str]]:
+    """Item by name: the original's item where the current one is ours, theirs where it is not."""
+    now, set_by_us, was = _named(current) or {}, _named(ours) or {}, _named(original) or {}
+    merged: list[Any] = []
+    kept: list[str] = []
+    for name, item in now.items():
+        if name in set_by_us and _same(item, set_by_us[name]):
+            if name in was:
+                merged.append(copy.deepcopy(was[name]))
+        else:
+            merged.append(copy.deepcopy(item))
+            kept.append(f"{path}[{name}]")
+    for name, item in was.items():
+        if name not in now and name not in set_by_us:  # the bridge took it out and nobody put it back
+            merged.append(copy.deepcopy(item))
+    return merged, kept
+
+
 def _merge_mapping(
     current: Mapping[str, Any], ours: Mapping[str, Any], original: Any, path: str
 ) -> tuple[Any, list[str]]:
-    """Key by key: the original where the current value is ours, theirs where it is not."""
+    """Key by key: the original where the current value is ours, theirs where it is not (lists of
+    named items, like env, item by item)."""
     before = original if isinstance(original, Mapping) else {}
     merged: dict[str, Any] = {}
     kept: list[str] = []
     for key in [*current, *(k for k in before if k not in current)]:
         now, set_by_us, was = current.get(key, _MISSING), ours.get(key, _MISSING), before.get(key, _MISSING)
-        if now == set_by_us:
+        if now == set_by_us or (set_by_us is not _MISSING and _same(now, set_by_us)):
             pick = was
+        elif _named(now) is not None and (set_by_us is _MISSING or _named(set_by_us) is not None):
+            pick, theirs = _merge_named_list(now, set_by_us, was, f"{path}/{key}")
+            kept += theirs
+            if not pick and was is _MISSING:
+                pick = _MISSING
         else:
             pick = now
             kept.append(f"{path}/{key}")
@@ -148,7 +202,7 @@ def merge_restore(
         if now is _MISSING:
             if was is not _MISSING:
                 kept.append(f"{path} (removed)")
-        elif now == ours:
+        elif _same(now, ours):
             _set(desired, tokens, was if was is _MISSING else copy.deepcopy(was))
         elif isinstance(now, Mapping) and isinstance(ours, Mapping):
             merged, theirs = _merge_mapping(now, ours, was, path)
@@ -163,8 +217,15 @@ def merge_restore(
             kept.append(path)
     for tokens_, item in drop_from_lists:
         items = _get(desired, tokens_)
-        if isinstance(items, list) and item in items:
-            items.remove(item)
+        # by name too: the API server fills in defaults (a volume's defaultMode), so ours may not be equal
+        name = item.get("name") if isinstance(item, Mapping) else None
+        same = (
+            [i for i in items if i == item or (name and isinstance(i, Mapping) and i.get("name") == name)]
+            if (isinstance(items, list))
+            else []
+        )
+        if same:
+            items.remove(same[0])
             if not items and _get(original, tokens_) is _MISSING:
                 _set(desired, list(tokens_), _MISSING)
     meta = current.get("metadata") or {}

@@ -468,14 +468,100 @@ def test_conflict_on_an_already_restored_workload_is_fine() -> None:
     assert cluster.methods()[-3:] == [f"PATCH {DEPLOY}", f"GET {DEPLOY}", f"DELETE {JOB}?propagationPolicy=Background"]
 
 
-def test_conflict_while_still_bridged_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+def test_conflict_while_still_bridged_without_a_forward_patch_is_abandoned(caplog: pytest.LogCaptureFixture) -> None:
     cluster = Cluster()
-    patch_answers = iter([g.Response(422, {"message": "test failed: image"}), g.Response(200, {})])
-    cluster.routes["PATCH", DEPLOY] = lambda request: next(patch_answers)
+    cluster.routes["PATCH", DEPLOY] = answer(422, {"message": "test failed: image"})
     bridged = {"spec": {"template": {"metadata": {"annotations": {SESSION_LABEL: SESSION}}}}}
     cluster.routes["GET", DEPLOY] = answer(200, bridged)
-    assert make_guard(cluster).run() == 0
-    assert "RESTORE CONFLICT" in caplog.text
+    guard = make_guard(cluster)
+    reads = iter([g.Response(200, record_map(record()))] * 12)
+    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, g.Response(404))
+    assert guard.run() == 0  # exits when someone deletes the record (pytest-bridge cleanup)
+    assert "RESTORE ABANDONED, no more retries" in caplog.text
+    assert [r.method for r in cluster.log].count("PATCH") == 1, "never retried"
+    assert f"DELETE {JOB}?propagationPolicy=Background" not in cluster.methods(), "the record stays for a person"
+
+
+ORIGINAL = {
+    "kind": "Deployment",
+    "metadata": {"name": "orders", "labels": {"app": "orders"}},
+    "spec": {
+        "replicas": 2,
+        "template": {
+            "metadata": {"labels": {"app": "orders"}},
+            "spec": {"containers": [{"name": "orders", "image": "orders:v1", "command": ["serve"]}]},
+        },
+    },
+}
+AGENT = {"name": "orders", "image": "python:3", "command": ["agent"], "args": ["--port", "80"]}
+FORWARD = [
+    {"op": "test", "path": "/metadata/uid", "value": "u1"},
+    {"op": "replace", "path": "/spec/template/spec/containers/0", "value": AGENT},
+    {"op": "replace", "path": "/spec/replicas", "value": 1},
+    {"op": "add", "path": "/metadata/labels/pytest-bridge.io~1session", "value": SESSION},
+    {"op": "add", "path": "/spec/template/metadata/annotations", "value": {SESSION_LABEL: SESSION}},
+    {"op": "add", "path": "/spec/template/spec/volumes", "value": [{"name": "pytest-bridge-code"}]},
+]
+
+
+def _set_image_during_the_session() -> dict[str, Any]:
+    """The bridged Deployment after ``kubectl set image deploy/orders orders=orders:v2`` and a scale to 3."""
+    return {
+        "kind": "Deployment",
+        "metadata": {"name": "orders", "resourceVersion": "77", "labels": {"app": "orders", SESSION_LABEL: SESSION}},
+        "spec": {
+            "replicas": 3,
+            "template": {
+                "metadata": {"labels": {"app": "orders"}, "annotations": {SESSION_LABEL: SESSION}},
+                "spec": {
+                    "containers": [{**AGENT, "image": "orders:v2"}],
+                    "volumes": [{"name": "pytest-bridge-code"}],
+                },
+            },
+        },
+    }
+
+
+def test_conflict_while_still_bridged_restores_keeping_their_change(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster()
+    patches: list[Any] = []
+
+    def patch(request: g.Request) -> g.Response:
+        patches.append(json.loads(request.body or b"null"))
+        return g.Response(422, {"message": "test failed"}) if len(patches) == 1 else g.Response(200, {})
+
+    cluster.routes["PATCH", DEPLOY] = patch
+    cluster.routes["GET", DEPLOY] = answer(200, _set_image_during_the_session())
+    guard = make_guard(cluster)
+    rec = record(original=ORIGINAL, forward=FORWARD)
+    cluster.routes["GET", g.record_request(guard.config).path] = answer(200, record_map(rec))
+    assert guard.run() == 0
+    merged = patches[1]
+    assert merged[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "77"}
+    spec = next(op["value"] for op in merged if op["path"] == "/spec")
+    assert spec["template"]["spec"]["containers"] == [{"name": "orders", "image": "orders:v2", "command": ["serve"]}]
+    assert spec["replicas"] == 3 and "volumes" not in spec["template"]["spec"]
+    assert spec["template"]["metadata"] == {"labels": {"app": "orders"}}
+    assert {"op": "replace", "path": "/metadata/labels", "value": {"app": "orders"}} in merged
+    assert "keeping what was changed during the session" in caplog.text
+    assert cluster.methods()[-1] == f"DELETE {JOB}?propagationPolicy=Background"
+
+
+def test_a_merged_restore_the_server_finds_invalid_is_abandoned(caplog: pytest.LogCaptureFixture) -> None:
+    cluster = Cluster()
+    answers = iter(
+        [
+            g.Response(422, {"message": "test failed"}),
+            g.Response(422, {"code": 422, "message": "invalid", "details": {"causes": [{"field": "x"}]}}),
+        ]
+    )
+    cluster.routes["PATCH", DEPLOY] = lambda request: next(answers)
+    cluster.routes["GET", DEPLOY] = answer(200, _set_image_during_the_session())
+    guard = make_guard(cluster)
+    reads = iter([g.Response(200, record_map(record(original=ORIGINAL, forward=FORWARD)))] * 8)
+    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, g.Response(404))
+    assert guard.run() == 0
+    assert "RESTORE ABANDONED" in caplog.text and "invalid" in caplog.text
     assert [r.method for r in cluster.log].count("PATCH") == 2
 
 

@@ -86,3 +86,43 @@ def test_a_volume_someone_added_stays_and_ours_goes() -> None:
 def test_invalid_is_told_from_a_failed_test() -> None:
     assert not refused_as_invalid({"code": 422, "reason": "Invalid", "details": {}})
     assert refused_as_invalid({"code": 422, "reason": "Invalid", "details": {"causes": [{"field": "spec"}]}})
+
+
+def test_set_env_during_the_session_keeps_their_variable_and_drops_the_agents() -> None:
+    original, now, forward = bridged()
+    container(now)["env"].append({"name": "FEATURE", "value": "on"})  # kubectl set env deploy/orders FEATURE=on
+    merged = merge_restore(original, now, forward)
+    restored = apply_patch(now, merged.patch)
+    env = [*container(original)["env"], {"name": "FEATURE", "value": "on"}]
+    assert container(restored) == {**container(original), "env": env}
+    assert merged.kept == ["/spec/template/spec/containers/0/env[FEATURE]"]
+
+
+def test_a_record_whose_original_lost_a_map_to_stripping_still_merges() -> None:
+    """strip_server_fields drops server-set annotations; the forward patch may add into that map."""
+    original, now, forward = bridged()
+    original["metadata"].pop("annotations", None)
+    restored = apply_patch(now, merge_restore(original, now, forward).patch)
+    assert "pytest-bridge.io/session" not in restored["metadata"].get("annotations", {})
+
+
+def test_our_volume_goes_even_with_the_servers_defaults_filled_in() -> None:
+    original, now, forward = bridged()
+    volumes = now["spec"]["template"]["spec"]["volumes"]
+    volumes[-1] = {**volumes[-1], "configMap": {**volumes[-1].get("configMap", {}), "defaultMode": 420}}
+    restored = apply_patch(now, merge_restore(original, now, forward).patch)
+    assert restored["spec"]["template"]["spec"].get("volumes") == original["spec"]["template"]["spec"].get("volumes")
+
+
+def test_fields_the_server_filled_in_do_not_count_as_someone_elses_change() -> None:
+    """The API server defaults a probe's timeoutSeconds etc.: the agent's probe is still ours."""
+    original, now, forward = bridged()
+    probe = container(now).get("readinessProbe")
+    if probe is None:
+        container(now)["readinessProbe"] = {"httpGet": {"path": "/healthz", "port": 47101}}
+        forward = [*forward]  # the sample's agent has a probe; keep the test meaningful if it ever has none
+    else:
+        probe.update({"timeoutSeconds": 1, "successThreshold": 1, "failureThreshold": 3})
+    container(now)["image"] = "orders:v2"
+    restored = apply_patch(now, merge_restore(original, now, forward).patch)
+    assert container(restored).get("readinessProbe") == container(original).get("readinessProbe")

@@ -288,3 +288,12 @@ def test_transport_and_routing_settings(parse) -> None:  # type: ignore[no-untyp
     assert resolve(parse("--bridge-transport=websocket"), env={}).transport == "websocket"
     with pytest.raises(pytest.UsageError, match="--bridge-transport"):
         resolve(parse("--bridge-transport=spdy"), env={})
+
+
+def test_a_ttl_shorter_than_the_connect_timeout(parse) -> None:  # type: ignore[no-untyped-def]
+    """The default connect timeout shrinks to a short TTL; an explicit longer one is refused, naming both."""
+    assert resolve(parse("--bridge-restore-ttl=10"), env={}).connect_timeout == 10.0
+    with pytest.raises(
+        pytest.UsageError, match=r"--bridge-restore-ttl 5s .* shorter than --bridge-connect-timeout 60s"
+    ):
+        resolve(parse("--bridge-restore-ttl=5", "--bridge-connect-timeout=60"), env={})
