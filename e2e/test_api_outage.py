@@ -92,7 +92,7 @@ def _pytest(suite: Path, **env: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s", str(suite / "test_outage.py"),
          "--bridge-service=orders", f"--bridge-namespace={NAMESPACE}", f"--bridge-restore-ttl={TTL}",
-         "--bridge-connect-timeout=30"],
+         f"--bridge-connect-timeout={TTL}"],  # no longer than the TTL (a usage error otherwise)
         cwd=suite, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **env},
     )  # fmt: skip
 

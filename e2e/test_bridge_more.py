@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -322,6 +323,21 @@ def _service(name: str, target_port: int | str) -> dict[str, Any]:
     }
 
 
+def _udp_workload() -> dict[str, Any]:
+    deployment = _workload("dns", [_container("app", "http", 8080)])
+    deployment["spec"]["template"]["spec"]["containers"][0]["ports"] = [
+        {"name": "http", "containerPort": 8080},
+        {"name": "dns", "containerPort": 5353, "protocol": "UDP"},
+    ]
+    return deployment
+
+
+def _udp_service() -> dict[str, Any]:
+    service = _service("dns", "dns")
+    service["spec"]["ports"] = [{"name": "dns", "port": 53, "targetPort": "dns", "protocol": "UDP"}]
+    return service
+
+
 # name -> (deployment, service): one workload per error case.
 ERROR_WORKLOADS: dict[str, tuple[Any, Any]] = {
     # scaled to zero: the Service selects no pods
@@ -333,7 +349,16 @@ ERROR_WORKLOADS: dict[str, tuple[Any, Any]] = {
     ),
     # an ordinary one-container service, for the local-port case
     "solo": (_workload("solo", [_container("app", "http", 8080)]), _service("solo", "http")),
+    # a Service with only a UDP port
+    "dns": (_udp_workload(), _udp_service()),
 }
+# Services without a workload of their own: no selector (endpoints kept by hand), ExternalName.
+ERROR_SERVICES: list[dict[str, Any]] = [
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "manual"},
+     "spec": {"ports": [{"name": "http", "port": 80, "targetPort": 8080}]}},
+    {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "outside"},
+     "spec": {"type": "ExternalName", "externalName": "example.invalid"}},
+]  # fmt: skip
 
 
 def _wait_namespace_gone(core: client.CoreV1Api, namespace: str) -> None:
@@ -368,6 +393,9 @@ def error_namespace(core_v1: client.CoreV1Api, apps_v1: client.AppsV1Api) -> Ite
         for deployment, service in ERROR_WORKLOADS.values():
             apps_v1.create_namespaced_deployment(ERRORS_NAMESPACE, deployment)
             core_v1.create_namespaced_service(ERRORS_NAMESPACE, service)
+        for extra in ERROR_SERVICES:
+            body: Any = extra
+            core_v1.create_namespaced_service(ERRORS_NAMESPACE, body)
         for name in ERROR_WORKLOADS:
             _settled(apps_v1, core_v1, name, ERRORS_NAMESPACE)
         yield ERRORS_NAMESPACE
@@ -419,3 +447,75 @@ def test_local_port_in_use_is_a_clear_error(tmp_path: Path, error_namespace: str
     assert f"local port {port} (for solo target port 8080) is already in use" in stderr, stderr
     assert f"(pid {os.getpid()})" in stderr, stderr  # names who holds it: this test's process
     assert "nothing was changed" in stderr, stderr
+
+
+# The bad-input table (README "Bad input"): each row is a pytest run that must stop before the
+# session starts with one clear message naming the cause (and, where there is one, the setting to
+# change), while the cluster stays exactly as it was (the ``unchanged`` fixture). Rows:
+# (id, pytest arguments ({ns}: the error namespace), files to write, fragments of the message).
+KLPC = "KubernetesLocalProcessConfig.yaml"
+BAD_INPUTS: list[tuple[str, list[str], dict[str, str], list[str]]] = [
+    ("namespace-missing", ["--bridge-service=solo", "--bridge-namespace=no-such-namespace"], {},
+     ["no-such-namespace"]),
+    ("service-missing", ["--bridge-service=nope"], {}, ["service 'nope' not found"]),
+    ("service-without-selector", ["--bridge-service=manual"], {}, ["manual", "selector"]),
+    ("service-externalname", ["--bridge-service=outside"], {}, ["outside", "ExternalName"]),
+    ("udp-only-port", ["--bridge-service=dns"], {}, ["dns", "UDP"]),
+    ("container-missing", ["--bridge-service=solo", "--bridge-container=solo=nope"], {}, ["nope", "app"]),
+    ("local-port-out-of-range", ["--bridge-service=solo", "--bridge-local-port=70000"], {}, ["70000"]),
+    ("local-port-not-a-number", ["--bridge-service=solo", "--bridge-local-port=http"], {}, ["--bridge-local-port"]),
+    ("ttl-shorter-than-connect-timeout",
+     ["--bridge-service=solo", "--bridge-restore-ttl=5", "--bridge-connect-timeout=60"], {},
+     ["--bridge-restore-ttl", "--bridge-connect-timeout"]),
+    ("ttl-not-a-number", ["--bridge-service=solo", "--bridge-restore-ttl=soon"], {}, ["--bridge-restore-ttl", "soon"]),
+    ("route-prefix-too-long", ["--bridge-service=solo", "--bridge-isolate", "--bridge-route-prefix=" + "r" * 40], {},
+     ["--bridge-route-prefix"]),
+    ("route-prefix-not-dns", ["--bridge-service=solo", "--bridge-isolate", "--bridge-route-prefix=Bad_Prefix"], {},
+     ["--bridge-route-prefix", "Bad_Prefix"]),
+    ("transport-unknown", ["--bridge-service=solo", "--bridge-transport=pigeon"], {}, ["--bridge-transport", "pigeon"]),
+    ("code-delivery-unknown", ["--bridge-service=solo", "--bridge-code=floppy"], {}, ["--bridge-code", "floppy"]),
+    ("name-mapping-unknown", ["--bridge-service=solo", "--bridge-name-mapping=dns"], {},
+     ["--bridge-name-mapping", "dns"]),
+    ("kubeconfig-missing", ["--bridge-service=solo", "--bridge-kubeconfig=/no/such/kubeconfig"], {},
+     ["/no/such/kubeconfig"]),
+    ("context-unknown", ["--bridge-service=solo", "--bridge-context=no-such-context"], {}, ["no-such-context"]),
+    ("api-server-unreachable", ["--bridge-service=solo", "--bridge-kubeconfig=unreachable.kubeconfig"],
+     {"unreachable.kubeconfig": "UNREACHABLE"}, ["did not answer", "is it reachable"]),
+    ("config-not-yaml", ["--bridge-service=solo"], {KLPC: "env: [unclosed\n"}, [KLPC]),
+    ("config-unsupported-version", ["--bridge-service=solo"], {KLPC: "version: 9.9\n"}, [KLPC, "9.9"]),
+    ("config-missing-mount", ["--bridge-service=solo"],
+     {KLPC: "version: 0.1\nenv:\n  - name: CA\n    value: $(volumeMounts:no-such-mount)/ca.crt\n"},
+     ["no-such-mount"]),
+    ("config-missing-service", ["--bridge-service=solo"],
+     {KLPC: "version: 0.1\nenv:\n  - name: UP\n    value: http://$(services:no-such-service)\n"},
+     ["no-such-service"]),
+    ("config-malformed-token", ["--bridge-service=solo"],
+     {KLPC: "version: 0.1\nenv:\n  - name: UP\n    value: $(services:)\n"}, [KLPC, "$(services:)"]),
+]  # fmt: skip
+
+
+def _unreachable_kubeconfig() -> str:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    return yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "gone",
+        "clusters": [{"name": "gone", "cluster": {"server": f"https://127.0.0.1:{port}", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "gone", "user": {"token": "x"}}],
+        "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "gone", "namespace": "default"}}],
+    })  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_is_one_clear_error_and_changes_nothing(
+    tmp_path: Path, error_namespace: str, unchanged: None, case: tuple[str, list[str], dict[str, str], list[str]]
+) -> None:
+    _, args, files, fragments = case
+    for name, text in files.items():
+        (tmp_path / name).write_text(_unreachable_kubeconfig() if text == "UNREACHABLE" else text)
+    stderr = _run_error_case(tmp_path, error_namespace, *args)
+    print(next(line for line in stderr.splitlines() if line.startswith("ERROR:")))  # the message, for -rP
+    for fragment in fragments:
+        assert fragment in stderr, stderr
+    assert "Traceback" not in stderr and "INTERNALERROR" not in stderr, stderr
+    assert len([line for line in stderr.splitlines() if line.startswith("ERROR:")]) == 1, stderr

@@ -34,9 +34,18 @@ from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
 from . import bundle, faults, hosts, isolation, kube, names, policy, rbac, restore, sessiondir, workloads
-from .config import LocalProcessConfig, parse_config
+from .config import LocalProcessConfig, VolumeMountToken, parse_config
 from .envimport import SkippedVolume, build_environment, local_volume_paths, plan_downloads, plan_mounted_volumes
-from .errors import BridgeError, ConflictError, ConnectError, ForbiddenError, NotFoundError, PlanError, PolicyError
+from .errors import (
+    BridgeError,
+    ConfigError,
+    ConflictError,
+    ConnectError,
+    ForbiddenError,
+    NotFoundError,
+    PlanError,
+    PolicyError,
+)
 from .handoff import Handoff
 from .jsonpatch import apply_patch
 from .kubectl_forward import KubectlForward, kubectl_or_none, lane_pool
@@ -70,6 +79,7 @@ _START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect g
 # Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
+_SA_MOUNT = "kube-api-access"  # the service-account token volume admission adds (kube-api-access-xxxxx)
 LOST_AFTER = 15.0  # seconds a tunnel may be down (reconnecting) before the bridge counts as lost
 
 
@@ -406,6 +416,32 @@ class BridgeSession:
             what=f"bridge {plan.service!r}",
         )
         workloads.check(k, plan, self._workload(k, plan))  # paused, OnDelete, an HPA: see workloads.py
+        self._check_config_names(k, plan)
+
+    def _check_config_names(self, k: kube.Kube, plan: BridgePlan) -> None:
+        """The config's ``$(volumeMounts:X)`` and ``$(services:X)`` name what exists: ConfigError before any change."""
+        config = self._config
+        if config is None:
+            return
+        container = workload_template_container(self._workload(k, plan), plan)
+        template_mounts = {str(m.get("name")) for m in container.get("volumeMounts") or []}
+        # Admission adds the service-account token's mount to pods, not to templates.
+        if any(
+            isinstance(seg, VolumeMountToken) and seg.name not in template_mounts and not seg.name.startswith(_SA_MOUNT)
+            for entry in config.env
+            for seg in entry.segments
+        ):
+            plan_downloads(container, config, Path(self.session_dir), service_account_token=False)
+        for token in config.required_endpoints().services:
+            ns = token.namespace or k.namespace
+            try:
+                kube.call(f"service {token.name!r} named in the config", k.core.read_namespaced_service, token.name, ns)
+            except NotFoundError as exc:
+                raise ConfigError(
+                    f"$(services:{token.name}{'.' + token.namespace if token.namespace else ''}) names service "
+                    f"{token.name!r}, which does not exist in namespace {ns!r}; nothing was changed",
+                    source=config.source,
+                ) from exc
 
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
