@@ -155,7 +155,7 @@ def _in_use(k: kube.Kube, plan: Any, other: str) -> Finding:
     left by a dead one (connect restores it first)."""
     what = f"{plan.workload.kind} {plan.workload.name}"
     liveness = session_liveness(k, other)
-    if liveness == "alive":
+    if liveness in ("alive", "starting"):
         return Finding("in use", FAIL, f"{what} is bridged by live session {other}; wait, or use --bridge-isolate")
     if liveness == "unknown":
         return Finding("in use", UNKNOWN, f"{what} is bridged by session {other}, whose liveness cannot be told")

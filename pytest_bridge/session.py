@@ -80,6 +80,9 @@ _START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect g
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
 _SA_MOUNT = "kube-api-access"  # the service-account token volume admission adds (kube-api-access-xxxxx)
+# Seconds an agent must have been without a client before another session takes its session for
+# dead (and restores its workload): longer than a connect needs from agent start to tunnel.
+IDLE_PROOF = 20.0
 LOST_AFTER = 15.0  # seconds a tunnel may be down (reconnecting) before the bridge counts as lost
 
 
@@ -460,6 +463,14 @@ class BridgeSession:
                 + "; restore it by hand (kubectl rollout undo) and run again"
             )
         liveness = session_liveness(k, other)
+        if liveness == "dead" and time.time() - record.created < IDLE_PROOF:
+            liveness = "starting"  # patched a moment ago: its agent pod may not exist yet
+        if liveness == "starting":
+            raise ConflictError(
+                f"service {plan.service!r} is being bridged by session {other!r} ({record.owner}) right now, or that "
+                f"session ended less than {IDLE_PROOF:.0f}s ago; wait for it to end (a session that died is restored "
+                "by its guard), or use an isolated route (--bridge-isolate). Nothing was changed"
+            )
         if liveness == "alive":
             raise ConflictError(
                 f"service {plan.service!r} is already bridged by a live session {other!r} ({record.owner}); "
@@ -1024,29 +1035,43 @@ def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> d
 
 
 def session_liveness(k: kube.Kube, session: str) -> str:
-    """Whether any agent of ``session`` has a connected client: "alive", "dead" or "unknown".
+    """Whether ``session`` is "alive", "starting", "unknown" or "dead".
 
-    Asked through the API server's pod proxy. An agent that answers with no client, or no
-    agent serving at all, is "dead"; an agent the kubelet finds Ready that the proxy cannot
-    reach (a NetworkPolicy, the proxy down) is "unknown": liveness that cannot be disproven
-    is not death, and callers treat it as alive.
+    Asked of its agents through the API server's pod proxy. "alive": an agent has a client.
+    "starting": an agent pod is still starting, or its agent has had no client for less than
+    :data:`IDLE_PROOF` seconds — a session between its PATCH and its tunnel looks just like a
+    dead one, and must not be restored under its feet. "unknown": an agent the kubelet finds
+    Ready that the proxy cannot reach (a NetworkPolicy, the proxy down). "dead": every agent
+    answers, with no client for at least IDLE_PROOF, or none is left. Only "dead" is death:
+    liveness that cannot be disproven is not.
     """
     pods: Any = kube.call(
         "list agent pods", k.core.list_namespaced_pod, k.namespace, label_selector=f"{SESSION_LABEL}={session}"
     )
-    unknown = False
+    unknown = starting = False
     for pod in pods.items:
-        if pod.status.phase != "Running" or (pod.metadata.labels or {}).get(restore.ROLE_LABEL) == "guard":
+        if (pod.metadata.labels or {}).get(restore.ROLE_LABEL) == "guard" or pod.metadata.deletion_timestamp:
+            continue
+        if pod.status.phase == "Pending":
+            starting = True
+            continue
+        if pod.status.phase != "Running":
             continue
         try:
             status = kube.pod_proxy_json(k, pod.metadata.name, AGENT_STATUS_PORT, "status", timeout=3)
         except Exception:
             containers = pod.status.container_statuses or []
-            unknown = unknown or (bool(containers) and all(c.ready for c in containers))
+            ready = bool(containers) and all(c.ready for c in containers)
+            unknown = unknown or ready
+            starting = starting or not ready  # running, not ready yet: the agent is starting
             continue
         if isinstance(status, dict) and int(status.get("connected_clients", 0)) > 0:
             return "alive"
-    return "unknown" if unknown else "dead"
+        if isinstance(status, dict) and float(status.get("idle_seconds", IDLE_PROOF)) < IDLE_PROOF:
+            starting = True
+    if unknown:
+        return "unknown"
+    return "starting" if starting else "dead"
 
 
 def _session_alive(k: kube.Kube, session: str) -> bool:
