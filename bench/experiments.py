@@ -18,13 +18,21 @@ cluster -> local streams), so no plugin code is changed to try a variant.
   server's pod IP and to its ClusterIP, then also a local relay, against the bridge's outbound
   path. The agent-pod relay is the ceiling of any design whose outbound traffic leaves the
   cluster side from the agent (B2K's, ours); ``--pause`` idles before each transfer.
+- ``levers``: the session's own tunnel (kubectl transport, lanes) under one lever at a time --
+  larger socket buffers, 1 MiB relay reads, ``splice(2)`` instead of ``recv_into``/``sendall``
+  in the tunnel client's relay, outbound traffic to the server's pod IP instead of its
+  ClusterIP -- each beside raw ``kubectl port-forward`` in the same slot, both directions,
+  bridge out and bridge in; the levers are swapped in this process only (``--levers``), the
+  plugin's defaults are untouched.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -40,6 +48,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest_bridge_agent.lanes as lanes_module
+from pytest_bridge_agent.pipes import describe_error
+
+import pytest_bridge.tunnel as tunnel_module
 from pytest_bridge.plan import LocalPortSpec
 from pytest_bridge.portforward import ApiEndpoint, open_portforward
 from pytest_bridge.session import BridgeSession
@@ -346,6 +358,216 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
         print(f"| {name} | {' | '.join(f'{statistics.median(r[k] for r in by_process):.2f}' for k in keys)} |")
 
 
+# ---- levers: swapped in this process only, in the tunnel client's relay ----
+_ORIGINAL_RELAY = getattr(tunnel_module, "relay")  # noqa: B009 (not in its __all__)
+_ORIGINAL_CHUNKS = (lanes_module.RELAY_CHUNK, lanes_module.RELAY_FIRST_CHUNK)
+LEVER_BUFFER = 4 * MIB  # net.core.{r,w}mem_max here; the kernel doubles what it grants
+SPLICE_CHUNK = MIB
+
+
+async def _splice_relay(
+    a: socket.socket, b: socket.socket, *, stats: Any = None, idle_timeout: float | None = None
+) -> lanes_module.RelayResult:
+    """``lanes.relay`` with ``splice(2)`` through a pipe: the bytes never enter this process.
+
+    Same contract: half-close forwarded, any error aborts both sockets with RST. No idle
+    watchdog (a benchmark transfer is never idle).
+    """
+    loop = asyncio.get_running_loop()
+    result = lanes_module.RelayResult()
+    flags = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+    async def ready(sock: socket.socket, write: bool) -> None:
+        future = loop.create_future()
+        add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
+        add(sock.fileno(), _resolve, future)
+        try:
+            await future
+        finally:
+            remove(sock.fileno())
+
+    async def copy(src: socket.socket, dst: socket.socket, forward: bool) -> None:
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(pipe_w, fcntl.F_SETPIPE_SZ, SPLICE_CHUNK)
+            while True:
+                try:
+                    n = os.splice(src.fileno(), pipe_w, SPLICE_CHUNK, flags=flags)
+                except BlockingIOError:  # the pipe is empty here, so: nothing to read yet
+                    await ready(src, False)
+                    continue
+                if n == 0:
+                    break
+                left = n
+                while left:
+                    try:
+                        left -= os.splice(pipe_r, dst.fileno(), left, flags=flags)
+                    except BlockingIOError:
+                        await ready(dst, True)
+                if forward:
+                    result.bytes_ab += n
+                else:
+                    result.bytes_ba += n
+            dst.shutdown(socket.SHUT_WR)
+        finally:
+            os.close(pipe_r)
+            os.close(pipe_w)
+
+    clean = False
+    try:
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(copy(a, b, True))
+            tg.create_task(copy(b, a, False))
+        clean = True
+    except ExceptionGroup as eg:
+        result.error = describe_error(eg.exceptions[0])
+    finally:
+        for sock in (a, b):
+            if clean:
+                sock.close()
+            else:
+                lanes_module.abort_socket(sock)
+    return result
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # the fd may fire again before the waiter removes it
+        future.set_result(None)
+
+
+_relays_seen: collections.Counter[str] = collections.Counter()  # lane relays run per lever
+
+
+def _counted(name: str, relay: Any, prepare: Any = None) -> Any:
+    async def wrapped(a: socket.socket, b: socket.socket, **kw: Any) -> lanes_module.RelayResult:
+        _relays_seen[name] += 1
+        if prepare is not None:
+            prepare(a)
+            prepare(b)
+        result: lanes_module.RelayResult = await relay(a, b, **kw)
+        return result
+
+    return wrapped
+
+
+def _big_buffers(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LEVER_BUFFER)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, LEVER_BUFFER)
+
+
+def _big_send_buffer(sock: socket.socket) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LEVER_BUFFER)
+
+
+LEVERS = {
+    "baseline": "defaults: recv_into/sendall, 16 KiB reads growing to 256 KiB, kernel-tuned buffers",
+    "sndbuf": f"SO_SNDBUF {LEVER_BUFFER // MIB} MiB on both sockets of each client-side lane relay",
+    "bufs": f"SO_SNDBUF and SO_RCVBUF {LEVER_BUFFER // MIB} MiB on both (fixes the receive window: no autotuning)",
+    "chunk1m": "1 MiB relay reads from the first read on (RELAY_CHUNK, RELAY_FIRST_CHUNK)",
+    "splice": f"splice(2) through a {SPLICE_CHUNK // MIB} MiB pipe instead of recv_into/sendall",
+    "podip": "bridge out only: the outbound listener names the server's pod IP instead of its ClusterIP",
+}
+
+
+def _set_lever(name: str) -> None:
+    lanes_module.RELAY_CHUNK, lanes_module.RELAY_FIRST_CHUNK = _ORIGINAL_CHUNKS
+    relay = _counted(name, _ORIGINAL_RELAY)
+    if name == "sndbuf":
+        relay = _counted(name, _ORIGINAL_RELAY, _big_send_buffer)
+    elif name == "bufs":
+        relay = _counted(name, _ORIGINAL_RELAY, _big_buffers)
+    elif name == "chunk1m":
+        lanes_module.RELAY_CHUNK = lanes_module.RELAY_FIRST_CHUNK = MIB
+    elif name == "splice":
+        relay = _counted(name, _splice_relay)
+    setattr(tunnel_module, "relay", relay)  # noqa: B010 (read by Tunnel._relay_lane at each call, in the tunnel's thread)
+
+
+def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out: Path | None = None) -> None:
+    """Each lever beside raw ``kubectl port-forward``, slot by slot, both directions."""
+    c = live.cluster
+    conn = next(x for x in live.session._connections if x.service == "orders")
+    assert conn.tunnel is not None
+    outbound = live.session.services["orders"].mapping.service(kc.BENCH_SERVER)
+    bridge_out = (outbound.ip, outbound.local_port(kc.BENCH_PORT))
+    pod_ip_out = conn.tunnel.serve_outbound("127.0.0.1", 0, live.bench_pod.ip, kc.BENCH_PORT)
+    forwards = {name: kc.kubectl_port_forward(c, target, kc.BENCH_PORT)
+                for name, target in (("pf svc", f"svc/{kc.BENCH_SERVER}"), ("pf pod", f"pod/{live.bench_pod.name}"))}  # fmt: skip
+    # (path, baseline): bridge out against kubectl pf svc (the Service, as the app names it),
+    # bridge in against kubectl pf pod, as in `python -m bench`.
+    pairs = [("out", "pf svc"), ("in", "pf pod")]
+    mib_s: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)  # (lever, path, direction)
+    ratios: dict[tuple[str, str, str], list[float]] = collections.defaultdict(list)
+    loads: list[float] = []
+    log_lines: list[str] = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        log_lines.append(line)
+
+    def run(path: str, direction: str) -> float:
+        if path == "in":
+            r = _transfer(live.agent.ip, TARGET_PORT, direction, size)
+        else:
+            host, port = {"pf svc": ("127.0.0.1", forwards["pf svc"].port),
+                          "pf pod": ("127.0.0.1", forwards["pf pod"].port),
+                          "out": bridge_out, "podip": pod_ip_out}[path]  # fmt: skip
+            r = _transfer(host, port, direction, size, server_in_cluster=True)
+        assert r["ok"], r
+        return float(r["mib_per_s"])
+
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    say(f"levers {names}, {rounds} rounds of {size // MIB} MiB, started {started}, load {os.getloadavg()}")
+    try:
+        for i in range(rounds):
+            order = names[i % len(names) :] + names[: i % len(names)]  # each lever leads once in a while
+            for lever in order:
+                _set_lever(lever)
+                for path, base in pairs:
+                    bridge_path = "podip" if lever == "podip" else path
+                    if lever == "podip" and path == "in":
+                        continue
+                    for direction in ("to-cluster", "to-local"):
+                        first_kubectl = i % 2 == 0  # alternate which of the two goes first
+                        a, b = (base, bridge_path) if first_kubectl else (bridge_path, base)
+                        got = {a: run(a, direction), b: run(b, direction)}
+                        key = (lever, path, direction)
+                        mib_s[key].append(got[bridge_path])
+                        mib_s[("kubectl", base + f" ({lever})", direction)].append(got[base])
+                        ratios[key].append(got[bridge_path] / got[base])
+                        say(f"round {i + 1}: {lever:<8} bridge {path:<3} {direction:<10} {got[bridge_path]:6.1f} "
+                            f"vs kubectl {base} {got[base]:6.1f} MiB/s = {100 * got[bridge_path] / got[base]:5.1f} %")  # fmt: skip
+            load = os.getloadavg()[0]
+            loads.append(load)
+            say(f"round {i + 1} done, load average (1 min) {load:.2f}")
+    finally:
+        _set_lever("baseline")
+        setattr(tunnel_module, "relay", _ORIGINAL_RELAY)  # noqa: B010
+        for forward in forwards.values():
+            forward.close()
+    say(f"\nlane relays run per lever in this process: {dict(_relays_seen)}")
+    say(
+        f"load average (1 min) after each round: {[round(x, 2) for x in loads]}; finished {time.strftime('%H:%M:%S UTC', time.gmtime())}"
+    )
+    say("\n| lever | bridge out, to cluster | bridge out, to local | bridge in, to cluster | bridge in, to local |")
+    say("|---|---|---|---|---|")
+    for lever in names:
+        cells = []
+        for path in ("out", "in"):
+            for direction in ("to-cluster", "to-local"):
+                values = ratios.get((lever, path, direction))
+                if not values:
+                    cells.append("—")
+                    continue
+                runs = ", ".join(f"{100 * v:.0f}" for v in values)
+                cells.append(f"**{100 * statistics.median(values):.1f} %** ({runs}); "
+                             f"{statistics.median(mib_s[(lever, path, direction)]):.0f} MiB/s")  # fmt: skip
+        say(f"| {lever} | {' | '.join(cells)} |")
+    if out is not None:
+        out.write_text("\n".join(log_lines) + "\n")
+
+
 def _collapse(path: Path, only_thread: str | None = None, top: int = 12) -> None:
     leaf: collections.Counter[str] = collections.Counter()
     total = 0
@@ -393,11 +615,13 @@ def profile(live: Live, rounds: int, direction: str, out: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.experiments", description=__doc__)
-    parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target", "hops"))
+    parser.add_argument("name", choices=("profile", "window", "transport", "outbound-target", "hops", "levers"))
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--mib", type=int, default=256, help="MiB per transfer (hops)")
     parser.add_argument("--pause", type=float, default=0.0, help="seconds idle before each transfer (hops)")
     parser.add_argument("--inbound", action="store_true", help="bridge-in transfers before each path's (hops)")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated, of {', '.join(LEVERS)} (levers)")
+    parser.add_argument("--log", type=Path, help="also write the levers output here")
     parser.add_argument("--direction", choices=("to-local", "to-cluster"), default="to-cluster")
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench-profile")
     parser.add_argument("--namespace", default="bridge-bench")
@@ -414,6 +638,11 @@ def main() -> int:
             transport(live, args.rounds)
         elif args.name == "outbound-target":
             outbound_target(live, args.rounds)
+        elif args.name == "levers":
+            chosen = [x.strip() for x in args.levers.split(",") if x.strip()]
+            if unknown := set(chosen) - set(LEVERS):
+                parser.error(f"unknown levers {sorted(unknown)}; known: {', '.join(LEVERS)}")
+            levers(live, args.rounds, chosen, args.mib * MIB, args.log)
         elif args.name == "hops":
             hops(live, args.rounds, args.mib * MIB, args.pause, args.inbound)
         else:
