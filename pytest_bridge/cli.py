@@ -198,7 +198,7 @@ def cleanup(k: kube.Kube, force: bool, out: Any = sys.stdout) -> int:
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, ns, label_selector=f"{ro.COMPONENT}=route")
     for pod in pods.items:
         session = (pod.metadata.labels or {}).get(SESSION_LABEL, "")
-        if not force and pod.status.phase == "Running" and _session_alive(k, session):
+        if not force and pod.status.phase == "Running" and _session_alive(k, session, starting_counts=False):
             print(f"  kept: route pod {pod.metadata.name} (session {session} is alive)", file=out)
             continue
         with contextlib.suppress(NotFoundError):

@@ -80,8 +80,8 @@ _START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect g
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
 _SA_MOUNT = "kube-api-access"  # the service-account token volume admission adds (kube-api-access-xxxxx)
-# Seconds an agent must have been without a client before another session takes its session for
-# dead (and restores its workload): longer than a connect needs from agent start to tunnel.
+# Seconds an agent that never had a client counts as starting (its session connecting) before
+# another session takes that session for dead: longer than a connect needs from agent start to tunnel.
 IDLE_PROOF = 20.0
 LOST_AFTER = 15.0  # seconds a tunnel may be down (reconnecting) before the bridge counts as lost
 
@@ -305,7 +305,9 @@ class BridgeSession:
         k = self.client
         if not self._swept:
             self._swept = True
-            isolation.sweep_stale_routes(k, k.namespace, lambda other: _session_alive(k, other), self.report)
+            isolation.sweep_stale_routes(
+                k, k.namespace, lambda other: _session_alive(k, other, starting_counts=False), self.report
+            )
         name = route or isolation.route_name(self.settings.route_prefix, self.worker)
         # Concurrent sessions on this machine must not pick the same local port before their
         # local services listen: routes take free ports unless the user chose them.
@@ -462,14 +464,11 @@ class BridgeSession:
                 + ("record is not usable (" + "; ".join(unusable) + ")" if unusable else "record is gone")
                 + "; restore it by hand (kubectl rollout undo) and run again"
             )
-        liveness = session_liveness(k, other)
-        if liveness == "dead" and time.time() - record.created < IDLE_PROOF:
-            liveness = "starting"  # patched a moment ago: its agent pod may not exist yet
+        liveness = session_liveness(k, other, recorded=record.created)
         if liveness == "starting":
             raise ConflictError(
-                f"service {plan.service!r} is being bridged by session {other!r} ({record.owner}) right now, or that "
-                f"session ended less than {IDLE_PROOF:.0f}s ago; wait for it to end (a session that died is restored "
-                "by its guard), or use an isolated route (--bridge-isolate). Nothing was changed"
+                f"service {plan.service!r} is being bridged by session {other!r} ({record.owner}) right now; "
+                "wait for it to end, or use an isolated route (--bridge-isolate). Nothing was changed"
             )
         if liveness == "alive":
             raise ConflictError(
@@ -1034,24 +1033,27 @@ def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> d
     return container
 
 
-def session_liveness(k: kube.Kube, session: str) -> str:
+def session_liveness(k: kube.Kube, session: str, *, recorded: float | None = None) -> str:
     """Whether ``session`` is "alive", "starting", "unknown" or "dead".
 
     Asked of its agents through the API server's pod proxy. "alive": an agent has a client.
-    "starting": an agent pod is still starting, or its agent has had no client for less than
-    :data:`IDLE_PROOF` seconds — a session between its PATCH and its tunnel looks just like a
-    dead one, and must not be restored under its feet. "unknown": an agent the kubelet finds
-    Ready that the proxy cannot reach (a NetworkPolicy, the proxy down). "dead": every agent
-    answers, with no client for at least IDLE_PROOF, or none is left. Only "dead" is death:
-    liveness that cannot be disproven is not.
+    "starting": an agent pod is still starting, or its agent has never had a client and started
+    less than :data:`IDLE_PROOF` seconds ago, or (``recorded``: when its restore record was
+    written) no agent pod exists yet that soon after — a session between its PATCH and its
+    tunnel must not be restored under its feet. "unknown": an agent the kubelet finds Ready that
+    the proxy cannot reach (a NetworkPolicy, the proxy down). "dead": its agents answer with no
+    client (one that had a client and lost it, or never had one for IDLE_PROOF), or none is left.
+    Only "dead" is death: liveness that cannot be disproven is not.
     """
     pods: Any = kube.call(
         "list agent pods", k.core.list_namespaced_pod, k.namespace, label_selector=f"{SESSION_LABEL}={session}"
     )
     unknown = starting = False
+    agents = 0
     for pod in pods.items:
         if (pod.metadata.labels or {}).get(restore.ROLE_LABEL) == "guard" or pod.metadata.deletion_timestamp:
             continue
+        agents += 1
         if pod.status.phase == "Pending":
             starting = True
             continue
@@ -1065,18 +1067,26 @@ def session_liveness(k: kube.Kube, session: str) -> str:
             unknown = unknown or ready
             starting = starting or not ready  # running, not ready yet: the agent is starting
             continue
-        if isinstance(status, dict) and int(status.get("connected_clients", 0)) > 0:
+        if not isinstance(status, dict):
+            continue
+        if int(status.get("connected_clients", 0)) > 0:
             return "alive"
-        if isinstance(status, dict) and float(status.get("idle_seconds", IDLE_PROOF)) < IDLE_PROOF:
+        never_connected = int(status.get("sessions_total", 0)) == 0
+        if never_connected and float(status.get("idle_seconds", IDLE_PROOF)) < IDLE_PROOF:
             starting = True
     if unknown:
         return "unknown"
+    if not agents and recorded is not None and time.time() - recorded < IDLE_PROOF:
+        starting = True  # patched a moment ago: the controller has not made its agent pod yet
     return "starting" if starting else "dead"
 
 
-def _session_alive(k: kube.Kube, session: str) -> bool:
-    """Whether ``session`` may be alive (see :func:`session_liveness`; "unknown" counts as alive)."""
-    return session_liveness(k, session) != "dead"
+def _session_alive(k: kube.Kube, session: str, *, starting_counts: bool = True) -> bool:
+    """Whether ``session`` may be alive (see :func:`session_liveness`; "unknown" counts as alive, and
+    "starting" too unless ``starting_counts`` is false: route pods, which change no workload, of a
+    session that never connected them are swept at once)."""
+    liveness = session_liveness(k, session)
+    return liveness not in ("dead",) + (() if starting_counts else ("starting",))
 
 
 def required_permissions(
