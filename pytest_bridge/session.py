@@ -420,15 +420,16 @@ class BridgeSession:
             required_permissions(plan.workload.kind, self.settings.code, plan.workload.name),
             what=f"bridge {plan.service!r}",
         )
-        workloads.check(k, plan, self._workload(k, plan))  # paused, OnDelete, an HPA: see workloads.py
-        self._check_config_names(k, plan)
+        workload = self._workload(k, plan)
+        workloads.check(k, plan, workload)  # paused, OnDelete, an HPA: see workloads.py
+        self._check_config_names(k, plan, workload)
 
-    def _check_config_names(self, k: kube.Kube, plan: BridgePlan) -> None:
+    def _check_config_names(self, k: kube.Kube, plan: BridgePlan, workload: dict[str, Any]) -> None:
         """The config's ``$(volumeMounts:X)`` and ``$(services:X)`` name what exists: ConfigError before any change."""
         config = self._config
         if config is None:
             return
-        container = workload_template_container(self._workload(k, plan), plan)
+        container = workload_template_container(workload, plan)
         template_mounts = {str(m.get("name")) for m in container.get("volumeMounts") or []}
         # Admission adds the service-account token's mount to pods, not to templates.
         if any(

@@ -159,7 +159,7 @@ def _merge_mapping(
     kept: list[str] = []
     for key in [*current, *(k for k in before if k not in current)]:
         now, set_by_us, was = current.get(key, _MISSING), ours.get(key, _MISSING), before.get(key, _MISSING)
-        if now == set_by_us or (set_by_us is not _MISSING and _same(now, set_by_us)):
+        if _same(now, set_by_us):
             pick = was
         elif _named(now) is not None and (set_by_us is _MISSING or _named(set_by_us) is not None):
             pick, theirs = _merge_named_list(now, set_by_us, was, f"{path}/{key}")
