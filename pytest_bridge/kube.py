@@ -8,8 +8,11 @@ what to change in the cluster; that is ``session``'s job.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -22,12 +25,41 @@ from pytest_bridge_agent import merge
 
 from .errors import ApiUnreachableError, ClusterError, ConflictError, ForbiddenError, NotFoundError
 
-__all__ = ["Kube", "call", "load"]
+__all__ = ["Kube", "call", "deadline", "load"]
 
 T = TypeVar("T")
 # Every call to the API server: (connect, read) seconds. A stopped or unreachable API server fails
 # the call within this, instead of hanging connect, close or a test.
 REQUEST_TIMEOUT = (5.0, 30.0)
+# The end of the current block of calls (monotonic), see deadline(); None: each call has REQUEST_TIMEOUT.
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("pytest_bridge_kube_deadline", default=None)
+
+
+@contextlib.contextmanager
+def deadline(seconds: float) -> Iterator[None]:
+    """Calls made within (in this thread) end by ``seconds`` from now, all together.
+
+    For work that must end in bounded time whatever the API server does (closing a session: the
+    guard restores what it could not). Each call's timeouts are cut to what is left — halved,
+    since a failed connection is retried once — and a call made after the deadline fails at once
+    with ApiUnreachableError.
+    """
+    token = _deadline.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        _deadline.reset(token)
+
+
+def _timeout_within(what: str, wanted: Any) -> Any:
+    end = _deadline.get()
+    if end is None:
+        return wanted
+    left = (end - time.monotonic()) / 2  # one retry of a failed connection: two attempts at most
+    if left <= 0.05:
+        raise ApiUnreachableError(f"{what}: not tried, the time given to this work is up (the API server is slow)")
+    connect, read = wanted if isinstance(wanted, tuple) else (wanted, wanted)
+    return (min(connect, left), min(read, left))
 
 
 @dataclass
@@ -121,7 +153,7 @@ def call(
     ``what`` says what we were doing; ``verb``, ``resource`` and ``namespace`` name the
     permission a 403 lacks. They are for the message only and not passed to ``fn``.
     """
-    kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
+    kwargs["_request_timeout"] = _timeout_within(what, kwargs.get("_request_timeout", REQUEST_TIMEOUT))
     try:
         return fn(*args, **kwargs)
     except (urllib3.exceptions.HTTPError, OSError) as exc:

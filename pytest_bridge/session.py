@@ -83,6 +83,9 @@ _SA_MOUNT = "kube-api-access"  # the service-account token volume admission adds
 # Seconds an agent that never had a client counts as starting (its session connecting) before
 # another session takes that session for dead: longer than a connect needs from agent start to tunnel.
 IDLE_PROOF = 20.0
+# Seconds the API calls of close() may take together: a stopped API server must not hold pytest's exit
+# for minutes (each call alone may take REQUEST_TIMEOUT twice); the guard restores after the TTL.
+CLOSE_API_SECONDS = 30.0
 LOST_AFTER = 15.0  # seconds a tunnel may be down (reconnecting) before the bridge counts as lost
 
 
@@ -917,6 +920,11 @@ class BridgeSession:
             if self._closed:
                 return
             self._closed = True
+        # Bounded whatever the API server does: what close cannot undo in time, the guard does.
+        with kube.deadline(CLOSE_API_SECONDS):
+            self._close()
+
+    def _close(self) -> None:
         started = time.monotonic()
         faults.checkpoint("close-start")
         errors: list[str] = []

@@ -116,7 +116,7 @@ class Api:
         query = urllib.parse.urlencode(
             {
                 "watch": "1",
-                "labelSelector": o.LABEL_ROUTE,
+                "labelSelector": f"{o.COMPONENT}=route",  # as observe(): claimed route pods and the pool
                 "resourceVersion": resource_version,
                 "timeoutSeconds": str(WATCH_SECONDS),
                 "allowWatchBookmarks": "false",
