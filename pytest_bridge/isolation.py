@@ -74,6 +74,7 @@ __all__ = [
 ROUTE_HEADER = ro.ROUTE_HEADER
 _PREFIX_ENV = ("PYTEST_BRIDGE_ROUTE_PREFIX", "CI_JOB_NAME", "GITHUB_JOB", "BUILD_TAG")
 MAX_HOST = 253
+ROUTE_CANARY_CONNECTIONS = 8  # tagged canaries at once that must all come back for a route to be live
 STALE_AFTER = 300.0  # seconds: a route pod this old without a client has outlived any restore TTL we set
 
 
@@ -622,25 +623,31 @@ def prove_live(
     t = tunnel.tunnel
 
     async def probe() -> bool:
+        # A burst, as the bridge's canary: while kube-proxy still lists the original pods beside the
+        # router (the EndpointSlice controller swaps slices in more than one write), it picks per
+        # connection, so one canary can pass while the next request goes to the original pod.
+        # A clean-clone CI run failed that way (the first tagged request after "live").
         before = t.reverse_total
-        stream = None
-        answer: asyncio.Future[bytes] | None = None
+        streams: list[Any] = []
+        answers: list[asyncio.Future[bytes]] = []
         try:
             async with asyncio.timeout(2.0):
-                _, stream = await t.open_stream(host, port)
-                stream.write(canary_request(f"{plan.service}:{port}", route))
-                answer = asyncio.ensure_future(stream.read(1))
-                while t.reverse_total == before:
-                    if answer.done():
-                        return False  # answered by someone else (the route is not in the router yet)
+                for _ in range(ROUTE_CANARY_CONNECTIONS):
+                    _, stream = await t.open_stream(host, port)
+                    streams.append(stream)
+                    stream.write(canary_request(f"{plan.service}:{port}", route))
+                    answers.append(asyncio.ensure_future(stream.read(1)))
+                while t.reverse_total - before < ROUTE_CANARY_CONNECTIONS:
+                    if all(a.done() for a in answers):  # each came back here first, or was answered by another
+                        return t.reverse_total - before >= ROUTE_CANARY_CONNECTIONS
                     await asyncio.sleep(0.005)
             return True
         except Exception:
             return False
         finally:
-            if answer is not None:
+            for answer in answers:
                 answer.cancel()
-            if stream is not None:
+            for stream in streams:
                 stream.close()
 
     deadline = time.monotonic() + timeout
@@ -734,25 +741,92 @@ def endpoints_are_router(k: kube.Kube, service: str) -> bool:
     return bool(addresses) and addresses <= router_ips
 
 
-def wait_host_routers(k: kube.Kube, services: Iterable[str], deadline: float) -> list[str]:
+def wait_host_routers(k: kube.Kube, tunnel: BackgroundTunnel, services: Iterable[str], deadline: float) -> list[str]:
     """Until every Service behind an Ingress answers through its router (header injected for ``<route>.`` hosts).
 
     The route's own Service is proven by the canary; the others (a frontend behind the Ingress)
     get their routers at the same time but are switched to them one reconcile later, so a
     request on ``<route>.<host>`` right after the canary could still reach the frontend's pods
-    directly and lose the route. Only Services the manager can route are waited for. Returns those
-    still not served by their router at the deadline.
+    directly and lose the route. Proven as the route is: first the EndpointSlices (the API's
+    view), then a burst of requests dialled in-cluster that the router answers itself
+    (:data:`nginxconf.ROUTER_PROBE_PATH`): kube-proxy lags the API, and a clean-clone CI run had
+    a ``<route>.<host>`` request reach the frontend's pod right after the slices had switched.
+    Only Services the manager can route are waited for. Returns those still not served by their
+    router at the deadline.
     """
     existing: Any = kube.call("list services", k.core.list_namespaced_service, k.namespace)
     # What the manager routes: no ExternalName, none without a selector or with a damaged record.
-    selecting = {s.metadata.name for s in existing.items if ro.service_problem(k.to_dict(s)) is None}
-    pending = sorted(set(services) & selecting)
+    selecting = {s.metadata.name: k.to_dict(s) for s in existing.items if ro.service_problem(k.to_dict(s)) is None}
+    pending = sorted(set(services) & set(selecting))
     while pending:
-        pending = [name for name in pending if not endpoints_are_router(k, name)]
+        pending = [
+            name
+            for name in pending
+            if not (endpoints_are_router(k, name) and router_answers(tunnel, name, k.namespace, selecting[name]))
+        ]
         if not pending or time.monotonic() > deadline:
             break
         time.sleep(0.05)
     return pending
+
+
+def router_probe_request(host: str) -> bytes:
+    return (
+        f"GET {nginxconf.ROUTER_PROBE_PATH} HTTP/1.1\r\nHost: {host}\r\n"
+        "User-Agent: pytest-bridge-canary\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+def is_router_answer(head: bytes, service: str) -> bool:
+    """Whether a response head is ``service``'s router answering :func:`router_probe_request` itself."""
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 204"):
+        return False
+    wanted = f"{nginxconf.ROUTER_PROBE_HEADER}: {service}".lower().encode()
+    return any(line.strip().lower() == wanted for line in lines[1:])
+
+
+def router_answers(tunnel: BackgroundTunnel, service: str, namespace: str, service_obj: Mapping[str, Any]) -> bool:
+    """Whether a burst of fresh connections to ``service``'s first HTTP port all reach its router."""
+    port = next(
+        (int(p["port"]) for p in (service_obj.get("spec") or {}).get("ports") or [] if _is_http(p)),
+        None,
+    )
+    if port is None:
+        return True  # nothing carries <route>.<host> requests through it: nothing to wait for
+    host = f"{service}.{namespace}.svc.cluster.local"
+    t = tunnel.tunnel
+
+    async def one() -> bool:
+        _, stream = await t.open_stream(host, port)
+        try:
+            stream.write(router_probe_request(host))
+            head = b""
+            while b"\r\n\r\n" not in head and len(head) < 16384:
+                chunk = await stream.read(4096)
+                if not chunk:
+                    break
+                head += chunk
+            return is_router_answer(head, service)
+        finally:
+            stream.close()
+
+    async def burst() -> bool:
+        try:
+            async with asyncio.timeout(2.0):
+                answers = await asyncio.gather(*(one() for _ in range(ROUTE_CANARY_CONNECTIONS)))
+            return all(answers)
+        except Exception:
+            return False
+
+    return bool(tunnel._call(burst(), 6))
+
+
+def _is_http(port: Mapping[str, Any]) -> bool:
+    try:
+        return nginxconf.protocol_for(port) == "http"
+    except ValueError:
+        return False
 
 
 # --- the warm pool -------------------------------------------------------------------------------
@@ -1063,7 +1137,7 @@ def open_route(
             notes=lambda: manager_findings(k, service, route)[1],
         )  # fmt: skip
         routed_at = time.monotonic()
-        late = wait_host_routers(k, host_backends, time.monotonic() + settings.connect_timeout)
+        late = wait_host_routers(k, conn.tunnel, host_backends, time.monotonic() + settings.connect_timeout)
         if late:  # header routing works; only <route>.<host> requests may still miss the route
             report(
                 f"{service}: route {route}: {', '.join(late)} behind an Ingress not served by its router yet; "

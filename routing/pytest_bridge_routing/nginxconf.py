@@ -35,6 +35,8 @@ __all__ = [
     "LOG_FIELDS",
     "PID_FILE",
     "PROTOCOLS",
+    "ROUTER_PROBE_HEADER",
+    "ROUTER_PROBE_PATH",
     "ROUTE_HEADER",
     "RouterPort",
     "RouterSpec",
@@ -46,6 +48,8 @@ __all__ = [
 ]
 
 ROUTE_HEADER = "kubernetes-route-as"
+ROUTER_PROBE_PATH = "/.pytest-bridge/router"  # the router answers it itself: 204 with ROUTER_PROBE_HEADER
+ROUTER_PROBE_HEADER = "x-pytest-bridge-router"  # value: the service the router stands in for
 PROTOCOLS = ("http", "grpc", "tcp")
 DEFAULT_STATS_PORT = 47180
 DEFAULT_RUNTIME_DIR = "/tmp/pytest-bridge-router"
@@ -451,6 +455,12 @@ def render(
             out(f"proxy_connect_timeout {_CONNECT};")
             out(f"proxy_read_timeout {_LONG};")
             out(f"proxy_send_timeout {_LONG};")
+            # Answered by the router itself: whoever dials the Service can tell it reached the
+            # router, not the pods it replaced (the plugin's proof that <route>.<host> works).
+            out.open(f"location = {ROUTER_PROBE_PATH}")
+            out(f"add_header {ROUTER_PROBE_HEADER} {spec.service} always;")
+            out("return 204;")
+            out.close()
             out.open("location /")
             out(f"proxy_pass http://$bridge_upstream_{port.listen};")
             out.close()

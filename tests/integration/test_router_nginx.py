@@ -34,8 +34,11 @@ from typing import Any
 
 import pytest
 from pytest_bridge_agent.guard import Response
+from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render, sidecar_command
+
+from pytest_bridge.isolation import is_router_answer, router_probe_request
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 pytestmark = [
@@ -436,6 +439,21 @@ def test_host_route_injects_the_header(lab: Lab) -> None:
     assert first["headers"]["kubernetes-route-as"] == "b"
     assert first["headers"]["host"] == f"b.shop.example:{lab.http_port}"
     assert second["headers"]["kubernetes-route-as"] == "b"
+
+
+def test_the_router_answers_its_probe_itself_whatever_the_route(lab: Lab) -> None:
+    """The plugin's proof that a Service reaches its router (not the pods it replaced)."""
+    for headers in ({}, {"kubernetes-route-as": "a"}, {"Host": f"b.shop.example:{lab.http_port}"}):
+        with socket.create_connection((ROUTER_IP, lab.http_port), timeout=10) as sock:
+            sock.sendall(router_probe_request(headers.get("Host", ROUTER_IP)))
+            head = b""
+            while b"\r\n\r\n" not in head:
+                chunk = sock.recv(4096)
+                assert chunk, head
+                head += chunk
+        assert is_router_answer(head, lab.spec.service), head
+        assert not is_router_answer(head, "other"), head
+    assert all(not b.requests(nginxconf.ROUTER_PROBE_PATH) for b in lab.backends.values())
 
 
 def test_header_wins_over_host(lab: Lab) -> None:
