@@ -337,12 +337,25 @@ class Tunnel:
             await connection_handler(functools.partial(outbound_stream, target))(reader, writer)
 
         async def outbound_stream(target: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                stream = await self._open({"kind": "tcp", "host": remote_host, "port": remote_port})
-            except (OpenFailed, ConnectionError, TimeoutError, TunnelError) as e:
-                log.warning("outbound %s: %s", target, e)
-                abort(writer)
-                return
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self._connect_timeout
+            while True:
+                try:
+                    stream = await self._open({"kind": "tcp", "host": remote_host, "port": remote_port})
+                    break
+                except ConnectionLost as e:
+                    # The tunnel went down before the stream opened: none of the client's bytes left
+                    # this machine, so the connection waits for the reconnect instead of being reset
+                    # (a killed kubectl port-forward reset connections that were only opening).
+                    if loop.time() >= deadline:
+                        log.warning("outbound %s: %s", target, e)
+                        abort(writer)
+                        return
+                    log.info("outbound %s: the tunnel was lost while opening (%s); opening again", target, e)
+                except (OpenFailed, ConnectionError, TimeoutError, TunnelError) as e:
+                    log.warning("outbound %s: %s", target, e)
+                    abort(writer)
+                    return
             result = await pipe(stream, reader, writer, idle_timeout=self._stream_idle_timeout)
             if result.error:
                 log.info("outbound %s stream %d aborted: %s", target, stream.id, result.error)

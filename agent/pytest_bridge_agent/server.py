@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .lanes import SocketServer, abort_socket, dial, open_on_lane, recv_frame, relay, send_frame
-from .mux import Mux, MuxStats, MuxStream
+from .mux import ConnectionLost, Mux, MuxStats, MuxStream
 from .pipes import abort, connection_handler, os_error_detail, pipe
 from .runtime import running_code
 from .wire import (
@@ -527,6 +527,15 @@ class Agent:
                 return mux
         return None
 
+    async def _next_session(self, deadline: float) -> Mux | None:
+        """The client's session once it is connected again (until ``deadline``), or None."""
+        loop = asyncio.get_running_loop()
+        while (mux := self._current_session()) is None:
+            if loop.time() >= deadline:
+                return None
+            await asyncio.sleep(0.05)
+        return mux
+
     async def _on_listen(self, port: int, sock: socket.socket) -> None:
         self._track(self._connections)
         peer = _sock_peer(sock)
@@ -564,12 +573,25 @@ class Agent:
     async def _reverse_stream(
         self, mux: Mux, port: int, peer: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
-        try:
-            stream = await mux.open({"kind": "reverse", "port": port, "peer": peer}, self.config.open_timeout)
-        except ConnectionError as e:
-            log.info("listen :%d: refused %s: %s", port, peer, e)
-            abort(writer)
-            return
+        request = {"kind": "reverse", "port": port, "peer": peer}
+        deadline = asyncio.get_running_loop().time() + self.config.hold_seconds
+        while True:
+            try:
+                stream = await mux.open(request, self.config.open_timeout)
+                break
+            except ConnectionLost as e:
+                # The client's tunnel went down before the stream opened (nothing was sent yet):
+                # hold the connection for its reconnect, as for a connection that finds no client.
+                successor = await self._next_session(deadline)
+                if successor is None:
+                    log.info("listen :%d: refused %s: %s", port, peer, e)
+                    abort(writer)
+                    return
+                mux = successor
+            except ConnectionError as e:
+                log.info("listen :%d: refused %s: %s", port, peer, e)
+                abort(writer)
+                return
         await self._pipe(stream, reader, writer, f"reverse stream {stream.id} :{port} from {peer}")
 
     # ---- status ----

@@ -669,6 +669,27 @@ async def test_reconnect_after_transport_drop(relay_agent: tuple[Relay, int, int
 
 
 @pytest.mark.asyncio
+async def test_a_connection_opening_when_the_tunnel_drops_waits_for_the_reconnect(
+    relay_agent: tuple[Relay, int, int],
+) -> None:
+    """A killed port-forward must not reset connections whose stream had not opened yet."""
+    relay, relay_port, _ = relay_agent
+    async with (
+        serve(echo_handler) as echo_port,
+        Tunnel(tcp_connector(LOOPBACK, relay_port), TOKEN, {}, **relay.lane_options) as tunnel,  # type: ignore[arg-type]
+    ):
+        host, port = await tunnel.serve_outbound(LOOPBACK, 0, LOOPBACK, echo_port)
+        assert await echo_roundtrip(host, port, b"before") == b"before"
+        relay.thawed.clear()  # the OPEN of the next connection gets no answer...
+        opening = asyncio.ensure_future(echo_roundtrip(host, port, b"during"))
+        await asyncio.sleep(0.3)
+        relay.drop_all()  # ...and then the port-forward dies
+        relay.thawed.set()
+        assert await asyncio.wait_for(opening, 15) == b"during"
+        assert tunnel.connects == 2
+
+
+@pytest.mark.asyncio
 async def test_keepalive_detects_dead_transport(relay_agent: tuple[Relay, int, int]) -> None:
     relay, relay_port, _ = relay_agent
     tunnel = Tunnel(
