@@ -339,7 +339,10 @@ def _guard_log(core: client.CoreV1Api, namespace: str, session: str) -> str:
     logs = []
     for pod in pods:
         with contextlib.suppress(ApiException):
-            logs.append(core.read_namespaced_pod_log(pod.metadata.name, namespace, container="guard"))
+            text = core.read_namespaced_pod_log(pod.metadata.name, namespace, container="guard")
+            # A container being removed answers with this line instead of its log: no log to read.
+            if not text.startswith("unable to retrieve container logs"):
+                logs.append(text)
     return "\n".join(logs)
 
 
