@@ -76,8 +76,9 @@ from .coldstart import (
     save_image,
 )
 from .procstat import machine_info
+from .profiles import QUICK
 from .routes import ROUTED, PhaseRecorder, Routes, Timeline, route_breakdown
-from .runner import QUICK, Bench
+from .runner import Bench
 from .stats import Summary, summarize
 
 log = logging.getLogger("bench.codeship")

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from . import bundle, hosts, isolation, kube, restore, workloads
+from .connection import Connection
 from .errors import BridgeError, ForbiddenError
 from .kubectl_forward import kubectl_or_none
 from .patch import AgentSpec, agent_pod, bridged_session, token_sha256
-from .session import BridgeSession, _allowed, _Connection, required_permissions, session_liveness
+from .permissions import allowed, required_permissions
+from .session import BridgeSession, session_liveness
 from .settings import BridgeSettings, NameMappingMode
 
 __all__ = ["Finding", "diagnose", "render"]
@@ -44,7 +46,7 @@ class Finding:
 
 
 def _missing(k: kube.Kube, needed: list[Any]) -> list[str]:
-    return [f"{p[0]} {(p[1] + '/') if p[1] else ''}{p[2]}" for p in needed if not _allowed(k, *p)]
+    return [f"{p[0]} {(p[1] + '/') if p[1] else ''}{p[2]}" for p in needed if not allowed(k, *p)]
 
 
 def _images(k: kube.Kube, wanted: dict[str, str]) -> list[Finding]:
@@ -103,7 +105,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         found.append(Finding("context", OK, f"context {client.context!r}, namespace {client.namespace!r}"))
 
         def namespace() -> str:
-            session._check_namespace(client)
+            session.check_namespace(client)
             return f"{client.namespace!r} exists"
 
         if not check("namespace", namespace):
@@ -111,7 +113,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         plan_holder: list[Any] = []
 
         def plan() -> str:
-            plan_holder.append(session._plan(client, service))
+            plan_holder.append(session.plan_service(client, service))
             p = plan_holder[0]
             ports = ", ".join(f"{b.target_port}" for b in p.port_bindings)
             return f"{p.workload.kind} {p.workload.name}, container {p.container!r}, target ports {ports}"
@@ -119,7 +121,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         if not check("service", plan):
             return found
         the_plan = plan_holder[0]
-        workload = session._workload(client, the_plan)
+        workload = session.read_workload(client, the_plan)
         other = bridged_session(workload)
         if other:
             found.append(_in_use(client, the_plan, other))
@@ -179,10 +181,10 @@ def _policy(
     session: BridgeSession, k: kube.Kube, plan: Any, workload: dict[str, Any], settings: BridgeSettings
 ) -> list[Finding]:
     """The admission checks connect makes before any change, as dry runs."""
-    if not _allowed(k, "create", "", "pods"):
+    if not allowed(k, "create", "", "pods"):
         return [Finding("policy", UNKNOWN, "may not create pods, so the admission dry run cannot be made")]
     findings = []
-    conn = _Connection(plan.service, plan, key=session.session_id)
+    conn = Connection(plan.service, plan, key=session.session_id)
     code = bundle.build()
     pod_code = bundle.code_for(settings.code, code, restore.code_configmap_name(conn.key, code))
     agent = AgentSpec(
@@ -191,7 +193,7 @@ def _policy(
     )  # fmt: skip
     replacement = agent_pod(workload, plan, agent) if plan.workload.kind == "Pod" else None
     try:
-        session._check_policy(k, conn, workload, replacement, agent=agent, pod_code=pod_code)
+        session.check_policy(k, conn, workload, replacement, agent=agent, pod_code=pod_code)
         findings.append(Finding("policy", OK, "the agent's and the guard's pods are admitted (dry run)"))
     except BridgeError as exc:
         findings.append(Finding("policy", FAIL, str(exc)))

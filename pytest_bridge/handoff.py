@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from .connection import BridgedService
     from .hosts import Mechanisms
-    from .session import BridgedService
 
 __all__ = ["WORKERINPUT_KEY", "Handoff", "decode", "encode"]
 

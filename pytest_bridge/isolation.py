@@ -30,13 +30,14 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import objects as ro
 
-from . import bundle, kube, policy
+from . import bundle, kube, policy, timing
+from .connection import PULL_FAILURES, AgentStartCheck, BridgedService, Connection
 from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
 from .patch import (
     CONTAINER_ANNOTATION,
@@ -47,18 +48,19 @@ from .patch import (
     agent_container,
     token_sha256,
 )
-from .plan import BridgePlan, pod_template_spec
+from .permissions import required_permissions_check
+from .plan import BridgePlan, pod_template_spec, workload_template_container
 from .ports import free_port
 from .rbac import INSTALLED_LABEL, Permission, describe, missing_from
 from .tunnel_thread import BackgroundTunnel
 
 if TYPE_CHECKING:
-    from .session import BridgedService, BridgeSession, _Connection
     from .settings import BridgeSettings
 
 __all__ = [
     "ROUTE_HEADER",
     "Route",
+    "RouteHost",
     "RoutePool",
     "claim_patch",
     "close_pools",
@@ -70,6 +72,52 @@ __all__ = [
     "route_pod",
     "sweep_stale_routes",
 ]
+
+
+class RouteHost(Protocol):
+    """What isolated routes need of the session that opens them (``BridgeSession`` is one).
+
+    Declared here, by the side that uses it, so this module never imports the session: the
+    session imports this one to open routes, and hands itself over as the host.
+    """
+
+    session_id: str
+    route_permissions_checked: bool  # the route permissions are checked once per session
+    route_pools: dict[str, RoutePool]  # warm route pods per service, guarded by ``lock``
+    lock: threading.Lock
+    closed: bool
+
+    @property
+    def settings(self) -> BridgeSettings: ...
+
+    @property
+    def client(self) -> kube.Kube: ...
+
+    def plan_service(self, k: kube.Kube, service: str, *, claimed: set[int] | None = None) -> BridgePlan:
+        """The plan of ``service`` as the cluster has it now."""
+        ...
+
+    def read_workload(self, k: kube.Kube, plan: BridgePlan) -> dict[str, Any]:
+        """The live workload ``plan`` bridges."""
+        ...
+
+    def open_tunnel(
+        self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str, *, follow: str | None = None
+    ) -> BackgroundTunnel:
+        """The tunnel to the agent in ``pod``, connected and proven to run this plugin's code."""
+        ...
+
+    def import_environment(
+        self,
+        k: kube.Kube,
+        conn: Connection,
+        pod_name: str,
+        template_container: dict[str, Any],
+        dir_name: str | None = None,
+    ) -> BridgedService:
+        """The environment and volume files of ``conn``'s agent pod, imported into the session directory."""
+        ...
+
 
 ROUTE_HEADER = ro.ROUTE_HEADER
 _PREFIX_ENV = ("PYTEST_BRIDGE_ROUTE_PREFIX", "CI_JOB_NAME", "GITHUB_JOB", "BUILD_TAG")
@@ -342,6 +390,7 @@ def routing_runtime(settings: BridgeSettings, code: bundle.Bundle) -> ro.Routing
     )
 
 
+@timing.timed("ensure manager")
 def ensure_manager(
     k: kube.Kube,
     namespace: str,
@@ -437,8 +486,6 @@ def _create_manager_rbac(k: kube.Kube, namespace: str, objects: list[dict[str, A
     Kubernetes lets us grant only what we hold ourselves: ask first, so a missing permission is
     named, with the alternative (an admin installs them), before anything is created.
     """
-    from .session import required_permissions_check  # noqa: PLC0415 - session imports this module
-
     granted: list[Permission] = sorted(
         {
             (verb, group, resource)
@@ -522,6 +569,7 @@ def _retire_other_manager(
         )  # fmt: skip
 
 
+@timing.timed("stale-route sweep")
 def sweep_stale_routes(
     k: kube.Kube, namespace: str, alive: Callable[[str], bool], report: Callable[[str], None]
 ) -> None:
@@ -557,10 +605,9 @@ def _age(obj: Any) -> float:
     return time.time() - created.timestamp() if created is not None else 0.0
 
 
+@timing.timed("wait for the route pod (plugin polls)")
 def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
-    from .session import AgentStartCheck  # noqa: PLC0415 - session imports this module
-
     start_check = AgentStartCheck(image, f"the route pod {name}")
     last = "not created yet"
     while time.monotonic() < deadline:
@@ -581,20 +628,22 @@ def _wait_for_pod(k: kube.Kube, namespace: str, name: str, image: str, timeout: 
     )
 
 
+@timing.timed("open the tunnel")
 def _open_tunnel(
-    bs: BridgeSession, k: kube.Kube, pod: str, plan: BridgePlan, *, token: str, timeout: float
+    bs: RouteHost, k: kube.Kube, pod: str, plan: BridgePlan, *, token: str, timeout: float
 ) -> BackgroundTunnel:
     """The tunnel to a route pod that has just started: its agent may need a moment to listen."""
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return bs._open_tunnel(k, k.namespace, pod, plan, token)
+            return bs.open_tunnel(k, k.namespace, pod, plan, token)
         except Exception:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
 
 
+@timing.timed("canary through the router")
 def prove_live(
     tunnel: BackgroundTunnel,
     plan: BridgePlan,
@@ -681,8 +730,6 @@ def routing_problem(k: kube.Kube, service: str, settings: BridgeSettings, route:
     ``ReplicaFailure`` condition and an image that cannot be pulled is a container waiting in
     ``ErrImagePull``; each is named with the setting that chooses the image.
     """
-    from .session import PULL_FAILURES  # noqa: PLC0415 - session imports this module
-
     blocking, _ = manager_findings(k, service, route)
     if blocking:
         return f"the routing manager cannot route it: {'; '.join(blocking)}"
@@ -763,7 +810,7 @@ class _Warm:
     """A warm route pod of the pool: serving, its tunnel open (so its agent never idles out)."""
 
     pod: str
-    conn: _Connection
+    conn: Connection
     workload: dict[str, Any]
 
 
@@ -789,7 +836,7 @@ class RoutePool:
     only when the next route is opened.
     """
 
-    def __init__(self, bs: BridgeSession, service: str, size: int, idle: float, report: Callable[[str], None]):
+    def __init__(self, bs: RouteHost, service: str, size: int, idle: float, report: Callable[[str], None]):
         self.bs, self.service, self.size, self.idle, self.report = bs, service, size, idle, report
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)  # a pod became ready or stopped starting
@@ -910,14 +957,12 @@ class RoutePool:
         return not self._closed
 
     def _make(self, recipe: _Recipe) -> _Warm:
-        from .session import _Connection  # noqa: PLC0415 - session imports this module
-
         bs, k = self.bs, self.bs.client
         settings = bs.settings
         plan = replace(
             recipe.plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in recipe.plan.port_bindings)
         )
-        conn = _Connection(self.service, plan)
+        conn = Connection(self.service, plan)
         agent = AgentSpec(
             image=settings.agent_image, session=bs.session_id, token_sha256=token_sha256(conn.token), code=recipe.code
         )
@@ -935,28 +980,28 @@ class RoutePool:
         return _Warm(pod=name, conn=conn, workload=recipe.workload)
 
 
-def _pool(bs: BridgeSession, service: str, report: Callable[[str], None]) -> RoutePool | None:
+def _pool(bs: RouteHost, service: str, report: Callable[[str], None]) -> RoutePool | None:
     """The session's pool for ``service`` (started on first use), or None when pools are off."""
     if bs.settings.route_pool <= 0:
         return None
-    with bs._lock:
+    with bs.lock:
         pool = bs.route_pools.get(service)
-        if pool is None and not bs._closed:
+        if pool is None and not bs.closed:
             pool = bs.route_pools[service] = RoutePool(
                 bs, service, bs.settings.route_pool, bs.settings.route_pool_idle, report
             )
     return pool
 
 
-def close_pools(bs: BridgeSession) -> None:
+def close_pools(bs: RouteHost) -> None:
     """Stop every pool of the session and delete its warm pods (at the session's close)."""
-    with bs._lock:
+    with bs.lock:
         pools, bs.route_pools = list(bs.route_pools.values()), {}
     for pool in pools:
         pool.close()
 
 
-def _claim(bs: BridgeSession, pool: RoutePool | None, route: str) -> _Warm | None:
+def _claim(bs: RouteHost, pool: RoutePool | None, route: str) -> _Warm | None:
     """A warm pod of ``pool`` claimed for ``route`` (labels patched), or None (none ready)."""
     wait = bs.settings.connect_timeout / 2
     while pool is not None and (warm := pool.take(wait)) is not None:
@@ -983,7 +1028,7 @@ def _tunnel_up(warm: _Warm) -> bool:
 
 
 def open_route(
-    bs: BridgeSession,
+    bs: RouteHost,
     service: str,
     route: str,
     *,
@@ -997,8 +1042,6 @@ def open_route(
     for ``service`` when one is ready (see :class:`RoutePool`), else starts its own pod as before.
     On failure nothing is left.
     """
-    from .session import _Connection, required_permissions_check, workload_template_container  # noqa: PLC0415
-
     started = time.monotonic()
     k = bs.client
     ns = k.namespace
@@ -1025,11 +1068,11 @@ def open_route(
         assert plan is not None
         created.append(("pod", pod_name))
     else:
-        plan = bs._plan(k, service)
+        plan = bs.plan_service(k, service)
         if free_ports:
             plan = replace(plan, port_bindings=tuple(replace(b, local_port=free_port()) for b in plan.port_bindings))
-        workload = bs._workload(k, plan)
-        conn = _Connection(service, plan)  # with its own token: every route's tunnel has its own
+        workload = bs.read_workload(k, plan)
+        conn = Connection(service, plan)  # with its own token: every route's tunnel has its own
     try:
         if warm is None:
             agent = AgentSpec(
@@ -1071,7 +1114,7 @@ def open_route(
             )
         live_at = time.monotonic()
         original_container = dict(workload_template_container(workload, plan))
-        bridged = bs._import(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")
+        bridged = bs.import_environment(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")
     except BaseException:
         if conn.tunnel is not None:
             conn.tunnel.stop(grace=0.05)

@@ -20,6 +20,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 from pytest_bridge_agent import merge
 
+from . import timing
 from .errors import ApiUnreachableError, ClusterError, ConflictError, ForbiddenError, NotFoundError
 
 __all__ = ["Kube", "call", "load"]
@@ -123,7 +124,8 @@ def call(
     """
     kwargs.setdefault("_request_timeout", REQUEST_TIMEOUT)
     try:
-        return fn(*args, **kwargs)
+        with timing.step(what):
+            return fn(*args, **kwargs)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         raise ApiUnreachableError(
             f"{what}: the API server did not answer ({type(exc).__name__}: {exc}); is it reachable from here?"

@@ -27,6 +27,7 @@ __all__ = [
     "check_plans_disjoint",
     "make_plan",
     "pod_template_spec",
+    "workload_template_container",
 ]
 
 Obj = Mapping[str, Any]
@@ -474,3 +475,10 @@ def check_local_port_specs(plans: Sequence[BridgePlan], specs: Iterable[LocalPor
                 f"--bridge-local-port {spec.target_port}={spec.local_port}: no bridged service has target "
                 f"port {spec.target_port} ({listed or 'no services'}); use one of those target ports"
             )
+
+
+def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> dict[str, Any]:
+    """The bridged container as ``workload`` (a Deployment, StatefulSet or Pod) declares it."""
+    spec = workload["spec"] if workload.get("kind") == "Pod" else workload["spec"]["template"]["spec"]
+    container: dict[str, Any] = spec["containers"][plan.container_index]
+    return container

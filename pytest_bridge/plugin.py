@@ -22,11 +22,12 @@ import pytest
 
 from . import artifacts, handoff, propagation
 from . import settings as settings_mod
+from .connection import BridgedService
 from .errors import BridgeError
 from .isolation import ROUTE_HEADER, Route
 from .localproc import LocalProcess, start_local_process
 from .propagation import PropagationResult
-from .session import BridgedService, BridgeSession
+from .session import BridgeSession
 
 __all__ = ["BridgeFactory", "IsolatedRoute", "LocalService"]
 

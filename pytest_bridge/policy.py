@@ -21,6 +21,7 @@ from typing import Any
 
 from . import kube
 from .errors import ForbiddenError, PolicyError
+from .permissions import allowed
 
 __all__ = ["as_policy_error", "dry_run_pods", "is_policy_refusal", "pod_from_template", "replica_failure"]
 
@@ -56,9 +57,8 @@ def dry_run_pods(k: kube.Kube, pods: list[tuple[str, dict[str, Any]]], advice: s
 
     Returns False (and checks nothing) when this user may not create pods at all.
     """
-    from .session import _allowed  # noqa: PLC0415 - session imports this module
 
-    if not _allowed(k, "create", "", "pods"):
+    if not allowed(k, "create", "", "pods"):
         return False
     for what, pod in pods:
         ns = pod["metadata"]["namespace"]

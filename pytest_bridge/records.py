@@ -20,16 +20,47 @@ Anything else is :class:`RecordError`, naming the ConfigMap and what is wrong wi
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_bridge_agent.runtime import CODE_VOLUME
 
 from .errors import BridgeError
-from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL
+from .patch import CONTAINER_ANNOTATION, SESSION_ANNOTATION, SESSION_LABEL, JsonOps
 
-__all__ = ["RecordError", "check_owner", "check_pod_matches", "check_record"]
+__all__ = ["RecordError", "RestoreRecord", "check_owner", "check_pod_matches", "check_record"]
+
+
+@dataclass(frozen=True)
+class RestoreRecord:
+    """What undoes one bridge: stored in the cluster before the change is made."""
+
+    session: str
+    namespace: str
+    kind: str  # Deployment, StatefulSet or Pod
+    name: str
+    reverse_patch: JsonOps
+    original: dict[str, Any]  # stripped of server fields; for a bare Pod, the manifest to re-create
+    owner: str  # who/where: user@host pid N, for messages about stale sessions
+    created: float
+    # Other objects changed for the bridge, undone before the workload: [{kind, name, reverse_patch}]
+    # (HPAs pinned to one replica; see workloads.py). Pods deleted again after the restore (OnDelete).
+    related: list[dict[str, Any]] = field(default_factory=list)
+    roll_pods: list[str] = field(default_factory=list)
+    # The forward patch (what the bridge set where): lets a restore keep changes someone made to
+    # the workload during the session (pytest_bridge_agent.merge). Empty for bare Pods.
+    forward: JsonOps = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> RestoreRecord:
+        return cls(**json.loads(text))
+
 
 KINDS = ("Deployment", "StatefulSet", "Pod")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")

@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import logging
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from pytest_bridge_agent import merge
@@ -36,7 +34,8 @@ from pytest_bridge_agent.runtime import Code, command, container_security, pod_s
 
 from . import bundle, faults, kube, records, workloads
 from .errors import ConflictError, ConnectError, ForbiddenError, NotFoundError
-from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
+from .patch import SESSION_ANNOTATION, SESSION_LABEL
+from .records import RestoreRecord
 
 __all__ = [
     "MANAGED_BY",
@@ -67,34 +66,6 @@ def record_configmap_name(session: str) -> str:
 
 def _labels(session: str, role: str) -> dict[str, str]:
     return {**MANAGED_BY, SESSION_LABEL: session, ROLE_LABEL: role}
-
-
-@dataclass(frozen=True)
-class RestoreRecord:
-    """What undoes one bridge: stored in the cluster before the change is made."""
-
-    session: str
-    namespace: str
-    kind: str  # Deployment, StatefulSet or Pod
-    name: str
-    reverse_patch: JsonOps
-    original: dict[str, Any]  # stripped of server fields; for a bare Pod, the manifest to re-create
-    owner: str  # who/where: user@host pid N, for messages about stale sessions
-    created: float
-    # Other objects changed for the bridge, undone before the workload: [{kind, name, reverse_patch}]
-    # (HPAs pinned to one replica; see workloads.py). Pods deleted again after the restore (OnDelete).
-    related: list[dict[str, Any]] = field(default_factory=list)
-    roll_pods: list[str] = field(default_factory=list)
-    # The forward patch (what the bridge set where): lets a restore keep changes someone made to
-    # the workload during the session (pytest_bridge_agent.merge). Empty for bare Pods.
-    forward: JsonOps = field(default_factory=list)
-
-    def to_json(self) -> str:
-        return json.dumps(vars(self), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> RestoreRecord:
-        return cls(**json.loads(text))
 
 
 def guard_job(

@@ -33,8 +33,9 @@ from typing import Any
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
-from . import bundle, faults, hosts, isolation, kube, names, policy, rbac, restore, sessiondir, workloads
+from . import bundle, faults, hosts, isolation, kube, names, policy, restore, sessiondir, timing, workloads
 from .config import LocalProcessConfig, VolumeMountToken, parse_config
+from .connection import AgentStartCheck, BridgedService, Connection
 from .envimport import SkippedVolume, build_environment, local_volume_paths, plan_downloads, plan_mounted_volumes
 from .errors import (
     BridgeError,
@@ -62,20 +63,18 @@ from .patch import (
     token_sha256,
     workload_patches,
 )
-from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan
+from .permissions import required_permissions, required_permissions_check
+from .plan import BridgePlan, check_local_port_specs, check_plans_disjoint, make_plan, workload_template_container
 from .portforward import ApiEndpoint, open_portforward
 from .ports import free_port, port_free, who_listens
 from .settings import BridgeSettings
 from .tunnel import TunnelStats
 from .tunnel_thread import BackgroundTunnel
 
-__all__ = ["BridgeSession", "BridgedService", "new_session_id"]
+__all__ = ["BridgeSession", "new_session_id"]
 
 log = logging.getLogger(__name__)
 
-PULL_FAILURES = {"ErrImagePull", "ImagePullBackOff", "ErrImageNeverPull", "InvalidImageName"}
-_START_FAILURES = {"CreateContainerConfigError", "CreateContainerError", "CrashLoopBackOff", "RunContainerError"}
-_START_FAILURE_GRACE = 20.0  # seconds a start failure may last before connect gives up
 # Fresh connections per canary burst: with one stale endpoint beside the agent, all of them
 # reaching the agent by chance has probability 2**-16.
 CANARY_CONNECTIONS = 16
@@ -91,80 +90,6 @@ def new_session_id(prefix: str | None = None) -> str:
     base = prefix or os.environ.get("CI_JOB_ID") or os.environ.get("GITHUB_RUN_ID") or getpass.getuser()
     clean = "".join(c if c.isalnum() else "-" for c in base.lower()).strip("-")[:12] or "session"
     return f"{clean}-{secrets.token_hex(3)}"
-
-
-class AgentStartCheck:
-    """Fails fast when an agent pod cannot start: at once if its image cannot be pulled, and after
-    a grace if the container cannot start (some of those are transient, e.g. the kubelet's
-    "failed to sync secret cache" right after the token Secret was created)."""
-
-    def __init__(self, image: str, what: str) -> None:
-        self.image = image
-        self.what = what
-        self._failing_since: float | None = None
-
-    def check(self, pod: Any) -> None:
-        """ConnectError if ``pod`` (a client V1Pod) shows a pull error, or a start error that lasts."""
-        for status in pod.status.container_statuses or []:
-            waiting = status.state.waiting if status.state else None
-            if waiting and waiting.reason in PULL_FAILURES:
-                raise ConnectError(
-                    f"{self.what}: the image {self.image!r} cannot be pulled ({waiting.reason}: "
-                    f"{waiting.message or ''}); the cluster must be able to pull it: mirror it to a registry the "
-                    "cluster reaches and pass --bridge-agent-image (see `pytest-bridge images --help`)"
-                )
-            if waiting and waiting.reason in _START_FAILURES:
-                self._failing_since = self._failing_since or time.monotonic()
-                if time.monotonic() - self._failing_since > _START_FAILURE_GRACE:
-                    raise ConnectError(f"{self.what} cannot start ({waiting.reason}: {waiting.message or ''})")
-
-
-@dataclass
-class BridgedService:
-    """What a test sees of one bridged service (the ``bridged_service`` fixture's value)."""
-
-    name: str
-    namespace: str
-    plan: BridgePlan
-    local_ports: dict[int, int]  # target port in the pod -> local port the traffic goes to
-    env: dict[str, str] = field(repr=False)  # secrets among them: never in a traceback or report
-    session_dir: Path
-    mapping: names.NameMapping = field(repr=False)
-    agent_pod: str
-    dropped_env: tuple[str, ...] = ()
-    # mountPath in the container -> local folder (a subPath file: the file) of each fetched volume
-    volumes: dict[str, str] = field(default_factory=dict)
-    skipped_volumes: tuple[str, ...] = ()  # mounts not fetched, each "<mountPath> (<kind> <name>: why)"
-
-    @property
-    def local_port(self) -> int:
-        """The local port of the first target port (the common one-port case)."""
-        return self.local_ports[self.plan.target_ports[0]]
-
-    def url(self, service: str, port: int | None = None, path: str = "") -> str:
-        """``http://<service>.<ns>:<port><path>``: a cluster name that resolves to the local mapping."""
-        svc, _, ns = service.partition(".")
-        entry = self.mapping.service(svc, ns or self.namespace)
-        remote = port if port is not None else entry.ports[0].remote_port
-        qualified = [name for name in entry.hostnames if "." in name]  # svc.ns unless that is a public name
-        host = qualified[0] if qualified else f"{svc}.{ns or self.namespace}.svc"
-        return f"http://{host}:{entry.local_port(remote)}{path}"
-
-
-@dataclass
-class _Connection:
-    service: str
-    plan: BridgePlan | None = None
-    # Names this bridge's objects in the cluster (agent label, guard, record, token): the session
-    # id for the first service, ``<session>-<n>`` for more, so each service has its own guard.
-    key: str = ""
-    record: restore.RestoreRecord | None = None
-    patched: bool = False
-    guard: bool = False
-    tunnel: BackgroundTunnel | None = None
-    bridged: BridgedService | None = None
-    # The tunnel's secret, one per bridged service or route; the cluster sees only its SHA-256.
-    token: str = field(default_factory=lambda: secrets.token_urlsafe(32), repr=False)
 
 
 @dataclass
@@ -183,12 +108,12 @@ class BridgeSession:
         self.phases: dict[str, float] = {}  # seconds per phase of connect ("orders: agent pod"), in order
         self._phase: tuple[str, float] | None = None
         self._connect_started = time.monotonic()
-        self._connections: list[_Connection] = []
+        self._connections: list[Connection] = []
         self._kube: kube.Kube | None = None
         self._config: LocalProcessConfig | None = None
         self._transport_fallback: str | None = None  # "auto" resolved once per session
-        self._lock = threading.Lock()
-        self._closed = False
+        self.lock = threading.Lock()
+        self.closed = False
         self.session_dir = sessiondir.create(self.session_id)
         self.mechanisms = hosts.choose_mechanisms(self.settings.name_mapping)
         self._resolver_token: object | None = None
@@ -262,9 +187,9 @@ class BridgeSession:
             self._mark("plan")
             self._config = self._load_config()
             k = self.client
-            self._check_namespace(k)
+            self.check_namespace(k)
             claimed: set[int] = set()  # local ports handed out to earlier services of this session
-            plans = {svc: self._plan(k, svc, claimed=claimed) for svc in self.settings.services}
+            plans = {svc: self.plan_service(k, svc, claimed=claimed) for svc in self.settings.services}
             check_plans_disjoint(list(plans.values()))
             check_local_port_specs(list(plans.values()), self.settings.local_ports)
             _check_local_ports(plans.values())
@@ -281,7 +206,7 @@ class BridgeSession:
                 for plan in plans.values():
                     self._refuse_or_recover_existing(k, plan)
                 for n, (svc, plan) in enumerate(plans.items()):
-                    conn = _Connection(svc, plan, key=f"{self.session_id}-{n}" if n else self.session_id)
+                    conn = Connection(svc, plan, key=f"{self.session_id}-{n}" if n else self.session_id)
                     self._connections.append(conn)
                     self._bridge(k, conn)
             self._mark("name mapping")
@@ -332,7 +257,7 @@ class BridgeSession:
             raise BridgeError(f"cannot read the bridge config file {path}: {exc}") from exc
         return parse_config(text, source=str(path))
 
-    def _check_namespace(self, k: kube.Kube) -> None:
+    def check_namespace(self, k: kube.Kube) -> None:
         try:
             kube.call(
                 f"namespace {k.namespace!r}", k.core.read_namespace, k.namespace, verb="get", resource="namespaces"
@@ -344,7 +269,7 @@ class BridgeSession:
                 f"namespace {k.namespace!r} does not exist in context {k.context!r}; pass --bridge-namespace"
             ) from exc
 
-    def _plan(self, k: kube.Kube, service: str, *, claimed: set[int] | None = None) -> BridgePlan:
+    def plan_service(self, k: kube.Kube, service: str, *, claimed: set[int] | None = None) -> BridgePlan:
         ns = k.namespace
         try:
             svc = kube.call(
@@ -401,7 +326,7 @@ class BridgeSession:
             frontier += obj["metadata"].get("ownerReferences") or []
         return list(owners.values())
 
-    def _workload(self, k: kube.Kube, plan: BridgePlan) -> dict[str, Any]:
+    def read_workload(self, k: kube.Kube, plan: BridgePlan) -> dict[str, Any]:
         w = plan.workload
         reader = {
             "Deployment": k.apps.read_namespaced_deployment,
@@ -420,7 +345,7 @@ class BridgeSession:
             required_permissions(plan.workload.kind, self.settings.code, plan.workload.name),
             what=f"bridge {plan.service!r}",
         )
-        workload = self._workload(k, plan)
+        workload = self.read_workload(k, plan)
         workloads.check(k, plan, workload)  # paused, OnDelete, an HPA: see workloads.py
         self._check_config_names(k, plan, workload)
 
@@ -451,7 +376,7 @@ class BridgeSession:
 
     def _refuse_or_recover_existing(self, k: kube.Kube, plan: BridgePlan) -> None:
         """A workload still bridged by another session: recover it if that session is dead, else refuse."""
-        workload = self._workload(k, plan)
+        workload = self.read_workload(k, plan)
         other = bridged_session(workload)
         if other is None:
             return
@@ -488,13 +413,13 @@ class BridgeSession:
         restore.apply_restore(k, record)
         restore.delete_session_objects(k, k.namespace, other)
 
-    def _bridge(self, k: kube.Kube, conn: _Connection) -> None:
+    def _bridge(self, k: kube.Kube, conn: Connection) -> None:
         assert conn.plan is not None
         plan = conn.plan
         ns = plan.namespace
         started = time.monotonic()
         self._mark(f"{plan.service}: admission dry run")
-        workload = self._workload(k, plan)
+        workload = self.read_workload(k, plan)
         code = bundle.build()
         pod_code = bundle.code_for(self.settings.code, code, restore.code_configmap_name(conn.key, code))
         agent = AgentSpec(
@@ -518,7 +443,7 @@ class BridgeSession:
         else:
             patches = workload_patches(workload, plan, agent)
             reverse, forward, original = patches.reverse, patches.forward, strip_server_fields(workload)
-        self._check_policy(
+        self.check_policy(
             k, conn, workload, replacement if plan.workload.kind == "Pod" else None, agent=agent, pod_code=pod_code
         )
         extras = workloads.prepare(k, plan, workload, conn.key)
@@ -571,21 +496,21 @@ class BridgeSession:
         self.report(f"{plan.service}: agent pod {pod} ready in {time.monotonic() - started:.1f}s")
         faults.checkpoint("agent-ready")
         self._mark(f"{plan.service}: tunnel and canaries")
-        conn.tunnel = self._open_tunnel(k, ns, pod, plan, conn.token, follow=conn.key)
+        conn.tunnel = self.open_tunnel(k, ns, pod, plan, conn.token, follow=conn.key)
         self._prove_routed(conn.tunnel, plan)
         faults.checkpoint("tunnel-open")
         self._mark(f"{plan.service}: import env and volumes")
-        conn.bridged = self._import(k, conn, pod, original_container)
+        conn.bridged = self.import_environment(k, conn, pod, original_container)
         self.services[plan.service] = conn.bridged
 
-    def _patch_conflict(self, k: kube.Kube, conn: _Connection, exc: ConflictError) -> ConflictError:
+    def _patch_conflict(self, k: kube.Kube, conn: Connection, exc: ConflictError) -> ConflictError:
         """Why the forward PATCH was refused: another session bridged the workload just now, or
         someone changed it since it was read. Either way nothing of the workload is ours."""
         assert conn.plan is not None
         plan = conn.plan
         what = f"{plan.workload.kind} {plan.workload.name}"
         try:
-            other = bridged_session(self._workload(k, plan))
+            other = bridged_session(self.read_workload(k, plan))
         except BridgeError:
             other = None
         if other and other != conn.key:
@@ -596,10 +521,10 @@ class BridgeSession:
             )
         return ConflictError(f"service {plan.service!r}: {what} changed while connecting ({exc}); run again")
 
-    def _check_policy(
+    def check_policy(
         self,
         k: kube.Kube,
-        conn: _Connection,
+        conn: Connection,
         workload: dict[str, Any],
         replacement: dict[str, Any] | None,
         *,
@@ -644,7 +569,7 @@ class BridgeSession:
         while time.monotonic() < deadline:
             if plan.workload.kind == "Deployment" and time.monotonic() > next_status:
                 next_status = time.monotonic() + 1.0
-                refused = policy.replica_failure(self._workload(k, plan).get("status"))
+                refused = policy.replica_failure(self.read_workload(k, plan).get("status"))
                 if refused:
                     raise PolicyError(
                         f"the cluster refuses the agent pod of Deployment {plan.workload.name}: {refused}"
@@ -724,7 +649,7 @@ class BridgeSession:
             self._transport_fallback = "kubectl" if kubectl_or_none() else "websocket"
         return self._transport_fallback
 
-    def _open_tunnel(
+    def open_tunnel(
         self, k: kube.Kube, ns: str, pod: str, plan: BridgePlan, token: str, *, follow: str | None = None
     ) -> BackgroundTunnel:
         """The tunnel to the agent in ``pod``, connected, and the agent proven to run this plugin's code.
@@ -773,10 +698,11 @@ class BridgeSession:
         tunnel.start(timeout=self.settings.connect_timeout)
         return tunnel
 
-    def _import(
+    @timing.timed("import env and files")
+    def import_environment(
         self,
         k: kube.Kube,
-        conn: _Connection,
+        conn: Connection,
         pod_name: str,
         template_container: dict[str, Any],
         dir_name: str | None = None,
@@ -913,10 +839,10 @@ class BridgeSession:
         self.close()
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
+        with self.lock:
+            if self.closed:
                 return
-            self._closed = True
+            self.closed = True
         started = time.monotonic()
         faults.checkpoint("close-start")
         errors: list[str] = []
@@ -1028,12 +954,6 @@ def client_discovery(k: kube.Kube) -> Any:
     return client.DiscoveryV1Api(k.api_client)
 
 
-def workload_template_container(workload: dict[str, Any], plan: BridgePlan) -> dict[str, Any]:
-    spec = workload["spec"] if workload.get("kind") == "Pod" else workload["spec"]["template"]["spec"]
-    container: dict[str, Any] = spec["containers"][plan.container_index]
-    return container
-
-
 def session_liveness(k: kube.Kube, session: str, *, recorded: float | None = None) -> str:
     """Whether ``session`` is "alive", "starting", "unknown" or "dead".
 
@@ -1088,76 +1008,6 @@ def _session_alive(k: kube.Kube, session: str, *, starting_counts: bool = True) 
     session that never connected them are swept at once)."""
     liveness = session_liveness(k, session)
     return liveness not in ("dead",) + (() if starting_counts else ("starting",))
-
-
-def required_permissions(
-    workload_kind: str, code: str = "configmap", workload_name: str | None = None
-) -> list[rbac.Permission]:
-    """(verb, API group, resource[, name]) that connect and disconnect use for a workload of this kind.
-
-    ``code`` is the code delivery (settings ``code``): "configmap" ships it in a ConfigMap. What the
-    guard's Role grants is here too: Kubernetes lets us grant only what we hold. No Secrets: the
-    restore record is a ConfigMap and the env is imported from the agent (see bridge-user.yaml).
-    """
-    workload = {"Deployment": "deployments", "StatefulSet": "statefulsets"}.get(workload_kind)
-    needed: list[rbac.Permission] = [
-        ("get", "", "pods"),
-        ("list", "", "pods"),
-        ("get", "", "pods/portforward"),  # the WebSocket upgrade is a GET
-        ("create", "", "pods/portforward"),
-        ("list", "discovery.k8s.io", "endpointslices"),
-        ("create", "batch", "jobs"),
-        ("get", "batch", "jobs"),  # the guard's Role: its own Job
-        ("patch", "batch", "jobs"),
-        ("delete", "batch", "jobs"),
-        ("create", "", "configmaps"),  # the restore record
-        ("get", "", "configmaps"),  # the guard's Role: its record
-        ("list", "", "configmaps"),  # records of dead sessions
-        ("create", "", "serviceaccounts"),
-        ("create", "rbac.authorization.k8s.io", "roles"),
-        ("create", "rbac.authorization.k8s.io", "rolebindings"),
-    ]
-    if workload is None:
-        needed += [("create", "", "pods"), ("delete", "", "pods")]
-    elif workload_name:
-        needed += [("get", "apps", workload, workload_name), ("patch", "apps", workload, workload_name)]
-    else:
-        needed += [("get", "apps", workload), ("patch", "apps", workload)]
-    return needed
-
-
-def required_permissions_check(k: kube.Kube, needed: Iterable[rbac.Permission], *, what: str, hint: str = "") -> None:
-    """ForbiddenError naming every permission of ``needed`` that we may not use, and which shipped
-    Role grants it (``hint`` is added to the message); else nothing."""
-    missing = [permission for permission in needed if not _allowed(k, *permission)]
-    if not missing:
-        return
-    sources: dict[str, list[str]] = {}
-    for permission in missing:
-        sources.setdefault(rbac.source_of(permission) or "no Role pytest-bridge ships", []).append(
-            rbac.describe(permission)
-        )
-    granted = "; ".join(f"{', '.join(names)}: granted by {source}" for source, names in sources.items())
-    raise ForbiddenError(
-        f"missing permissions in namespace {k.namespace!r} to {what}: "
-        f"{', '.join(rbac.describe(p) for p in missing)}; nothing was changed. {granted}" + (f". {hint}" if hint else ""),
-        verb=missing[0][0], resource=missing[0][2], namespace=k.namespace,
-    )  # fmt: skip
-
-
-def _allowed(k: kube.Kube, verb: str, group: str, resource: str, name: str | None = None) -> bool:
-    from kubernetes import client  # noqa: PLC0415
-
-    resource, _, sub = resource.partition("/")
-    review = client.V1SelfSubjectAccessReview(
-        spec=client.V1SelfSubjectAccessReviewSpec(
-            resource_attributes=client.V1ResourceAttributes(
-                namespace=k.namespace, verb=verb, group=group, resource=resource, subresource=sub or None, name=name
-            )
-        )
-    )
-    result: Any = kube.call("check permissions", k.authz.create_self_subject_access_review, review)
-    return bool(result.status.allowed)
 
 
 def _owner() -> str:

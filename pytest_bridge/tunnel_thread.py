@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, TypeVar
 
+from . import timing
 from .tunnel import Connector, Tunnel, TunnelError, TunnelStats, TunnelTimeoutError
 
 __all__ = ["BackgroundTunnel"]
@@ -59,6 +60,7 @@ class BackgroundTunnel:
                 cleanup()
             raise
 
+    @timing.timed("stop the tunnel")
     def stop(self, timeout: float = 15.0, grace: float = 1.0) -> None:
         if self._loop is None:
             return

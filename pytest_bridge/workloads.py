@@ -34,10 +34,11 @@ from . import kube
 from .errors import ConflictError, ConnectError, NotFoundError, PlanError
 from .jsonpatch import pointer
 from .patch import SESSION_ANNOTATION, SESSION_LABEL, JsonOps
+from .permissions import required_permissions_check
 from .plan import BridgePlan
 
 if TYPE_CHECKING:
-    from .restore import RestoreRecord
+    from .records import RestoreRecord
 
 __all__ = [
     "HPA_KIND",
@@ -250,7 +251,6 @@ def _list_hpas(k: kube.Kube, namespace: str) -> list[dict[str, Any]]:
 def check(k: kube.Kube, plan: BridgePlan, workload: dict[str, Any]) -> None:
     """Before any change: PlanError if the workload's controllers would not follow the patch, and
     ForbiddenError if what they need (pinning an HPA, deleting a pod) is not allowed."""
-    from .session import required_permissions_check  # noqa: PLC0415 - session imports this module
 
     if plan.workload.kind == "Pod":
         return
