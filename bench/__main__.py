@@ -20,7 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.orchestration.session import BridgeSession
 
 from .cluster import default_kubectl, start_run
 from .loadtool import raise_nofile

@@ -27,7 +27,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import SAMPLE_IMAGE, apply_sample_app
-from pytest_bridge.patch import SESSION_ANNOTATION
+from pytest_bridge.core.patch import SESSION_ANNOTATION
 
 log = logging.getLogger("bench")
 

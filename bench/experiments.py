@@ -51,13 +51,13 @@ from typing import Any
 import pytest_bridge_agent.lanes as lanes_module
 from pytest_bridge_agent.pipes import describe_error
 
-import pytest_bridge.tunnel as tunnel_module
-from pytest_bridge.plan import LocalPortSpec
-from pytest_bridge.portforward import ApiEndpoint, open_portforward
-from pytest_bridge.session import BridgeSession
+import pytest_bridge.transport.tunnel as tunnel_module
+from pytest_bridge.core.plan import LocalPortSpec
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
-from pytest_bridge.tunnel import tcp_connector
-from pytest_bridge.tunnel_thread import BackgroundTunnel
+from pytest_bridge.transport.portforward import ApiEndpoint, open_portforward
+from pytest_bridge.transport.tunnel import tcp_connector
+from pytest_bridge.transport.tunnel_thread import BackgroundTunnel
 
 from . import cluster as kc
 from .loadtool import pattern_digest

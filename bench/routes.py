@@ -35,9 +35,10 @@ from typing import Any, Protocol
 
 from kubernetes import watch
 
-from pytest_bridge import isolation, timing
-from pytest_bridge.isolation import Route
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core import timing
+from pytest_bridge.orchestration import isolation
+from pytest_bridge.orchestration.isolation import Route
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
 
 from . import cluster as kc
@@ -94,7 +95,7 @@ class BenchRun(Protocol):
 class PhaseRecorder:
     """Times the plugin's steps of ``open_route`` through its timing hook, in this process only.
 
-    Nothing in the plugin changes: it reports each timed step (``pytest_bridge.timing``) and
+    Nothing in the plugin changes: it reports each timed step (``pytest_bridge.core.timing``) and
     this keeps the ones below as (label, start, end).
     """
 

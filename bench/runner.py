@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_bridge.kubectl_forward import lane_pool
-from pytest_bridge.plan import LocalPortSpec
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core.plan import LocalPortSpec
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
+from pytest_bridge.transport.kubectl_forward import lane_pool
 
 from . import cluster as kc
 from .loadtool import pattern_digest
@@ -414,7 +414,7 @@ class Bench:
             )  # fmt: skip
             stack.callback(forwards[name].close)
             paths.append(LoadPath(name, "127.0.0.1", forwards[name].port, "pod", False,
-                                  "pytest_bridge.portforward, one websocket per connection, no agent"))  # fmt: skip
+                                  "pytest_bridge.transport.portforward, one websocket per connection, no agent"))  # fmt: skip
         self.results["paths"] = {p.name: {"target": f"{p.host}:{p.port}", "role": p.role} for p in paths}
         agent_pid = next(iter(pids_in_pod(agent.uid, "pytest_bridge_agent")), None)
         self.context = TransportContext(

@@ -25,7 +25,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
 from e2e.cluster.images import PYTHON
-from pytest_bridge.patch import SESSION_LABEL
+from pytest_bridge.core.patch import SESSION_LABEL
 
 # The manifests place the sample app in bridge-demo; PYTEST_BRIDGE_E2E_NAMESPACE runs the suites
 # against a private copy elsewhere, so several people (or runs) can share one cluster.

@@ -2,7 +2,7 @@
 
 Each test drives an inner ``pytest --bridge-service=orders`` as a user runs it, in a namespace of
 its own (``<e2e namespace>-faults``, with the sample app), and injects faults through the plugin's
-test hook ``PYTEST_BRIDGE_FAULT=<point>=<action>`` (:mod:`pytest_bridge.faults`). Afterwards the
+test hook ``PYTEST_BRIDGE_FAULT=<point>=<action>`` (:mod:`pytest_bridge.core.faults`). Afterwards the
 Deployment must equal what it was and nothing of ours may be left
 (:func:`e2e.conftest.objects_of_ours`: jobs, suspended or not, configmaps, secrets, service
 accounts, roles, role bindings, our pods and agent pods).
@@ -43,7 +43,7 @@ from e2e.conftest import (
     objects_of_ours,
     wait_app_settled,
 )
-from pytest_bridge.patch import AGENT_STATUS_PORT, SESSION_ANNOTATION, SESSION_LABEL, strip_server_fields
+from pytest_bridge.core.patch import AGENT_STATUS_PORT, SESSION_ANNOTATION, SESSION_LABEL, strip_server_fields
 
 pytestmark = pytest.mark.e2e
 

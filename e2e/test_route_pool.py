@@ -26,8 +26,8 @@ from kubernetes import client
 from pytest_bridge_routing import objects as ro
 
 from e2e.conftest import NAMESPACE, apply_sample_app, ensure_namespace, wait_app_settled
-from pytest_bridge.ports import free_port
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.local.ports import free_port
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
 pytestmark = pytest.mark.e2e

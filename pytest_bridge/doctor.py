@@ -24,14 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bundle, hosts, isolation, kube, restore, workloads
-from .connection import Connection
-from .errors import BridgeError, ForbiddenError
-from .kubectl_forward import kubectl_or_none
-from .patch import AgentSpec, agent_pod, bridged_session, token_sha256
-from .permissions import allowed, required_permissions
-from .session import BridgeSession, session_liveness
-from .settings import BridgeSettings, NameMappingMode
+from pytest_bridge.cluster import bundle, kube, restore, workloads
+from pytest_bridge.cluster.permissions import allowed, required_permissions
+from pytest_bridge.core.errors import BridgeError, ForbiddenError
+from pytest_bridge.core.patch import AgentSpec, agent_pod, bridged_session, token_sha256
+from pytest_bridge.local import hosts
+from pytest_bridge.orchestration import isolation
+from pytest_bridge.orchestration.connection import Connection
+from pytest_bridge.orchestration.session import BridgeSession, session_liveness
+from pytest_bridge.settings import BridgeSettings, NameMappingMode
+from pytest_bridge.transport.kubectl_forward import kubectl_or_none
 
 __all__ = ["Finding", "diagnose", "render"]
 

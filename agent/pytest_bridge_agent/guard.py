@@ -1,6 +1,6 @@
 """``python3 -m pytest_bridge_agent.guard``: the in-cluster restore guard of one bridge session.
 
-Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.restore`` creates (it may
+Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.cluster.restore`` creates (it may
 start before the plugin has written the record: it waits for it). Every second it reads the
 session's restore record (a ConfigMap) and asks the session's agent pods for ``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
 reverse JSON Patch, or deleting the agent pod and re-creating a bare Pod from the record), then
@@ -60,12 +60,12 @@ __all__ = [
 log = logging.getLogger("pytest_bridge_guard")
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Must match pytest_bridge.restore.ROLE_LABEL: the guard's own pod carries the session label too
+# Must match pytest_bridge.cluster.restore.ROLE_LABEL: the guard's own pod carries the session label too
 # (with role=guard) and is not an agent.
 ROLE_LABEL = "pytest-bridge.io/role"
 JSON_PATCH = "application/json-patch+json"
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Pod": "pods"}
-# Objects other than the workload that a bridge may change (pytest_bridge.workloads): undone first.
+# Objects other than the workload that a bridge may change (pytest_bridge.cluster.workloads): undone first.
 RELATED_KINDS = {
     "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers/{name}"
 }
@@ -138,7 +138,7 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
 
 @dataclass(frozen=True)
 class Record:
-    """``pytest_bridge.restore.RestoreRecord`` as the guard reads it."""
+    """``pytest_bridge.cluster.restore.RestoreRecord`` as the guard reads it."""
 
     session: str
     namespace: str
@@ -888,7 +888,7 @@ class Guard:
             return None  # waits for a person: `pytest-bridge cleanup` deletes the Job and the record
         if record is None and not self._record_seen:
             # The plugin starts the guard first and writes the record after; if it dies before
-            # arming the guard, the Job's setup deadline ends it (pytest_bridge.restore).
+            # arming the guard, the Job's setup deadline ends it (pytest_bridge.cluster.restore).
             return None
         if record is None:
             log.info(

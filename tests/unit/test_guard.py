@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from pytest_bridge_agent import guard as g
 
-from pytest_bridge.patch import SESSION_LABEL
-from pytest_bridge.restore import ROLE_LABEL, RestoreRecord, guard_job
+from pytest_bridge.cluster.restore import ROLE_LABEL, RestoreRecord, guard_job
+from pytest_bridge.core.patch import SESSION_LABEL
 
 SESSION = "s-1a2b3c"
 NS = "shop"

@@ -12,10 +12,19 @@ from typing import Any
 
 import pytest
 
-from pytest_bridge import hosts
-from pytest_bridge._resolver_site import pytest_bridge_resolver as resolver
-from pytest_bridge.errors import NameMappingError
-from pytest_bridge.hosts import (
+from pytest_bridge.core.errors import NameMappingError
+from pytest_bridge.core.names import (
+    AddressMode,
+    Endpoint,
+    EndpointPort,
+    NameMapping,
+    map_endpoints,
+    parse_hosts_blocks,
+    update_hosts_text,
+)
+from pytest_bridge.local import hosts
+from pytest_bridge.local._resolver_site import pytest_bridge_resolver as resolver
+from pytest_bridge.local.hosts import (
     SITE_DIR,
     HostsSession,
     HostsTable,
@@ -30,15 +39,6 @@ from pytest_bridge.hosts import (
     split_block_id,
     subprocess_env,
     write_session_hosts_file,
-)
-from pytest_bridge.names import (
-    AddressMode,
-    Endpoint,
-    EndpointPort,
-    NameMapping,
-    map_endpoints,
-    parse_hosts_blocks,
-    update_hosts_text,
 )
 from pytest_bridge.settings import NameMappingMode
 

@@ -10,9 +10,12 @@ import pytest
 import yaml
 from pytest_bridge_routing import objects as ro
 
-from pytest_bridge import cli, isolation, permissions, rbac, restore
-from pytest_bridge.errors import ForbiddenError
-from pytest_bridge.workloads import HPA_KIND
+from pytest_bridge import cli
+from pytest_bridge.cluster import permissions, restore
+from pytest_bridge.cluster.workloads import HPA_KIND
+from pytest_bridge.core import rbac
+from pytest_bridge.core.errors import ForbiddenError
+from pytest_bridge.orchestration import isolation
 
 USER = rbac.role_rules(rbac.USER_FILE)["pytest-bridge-user"]
 MANAGER = rbac.role_rules(rbac.MANAGER_FILE)

@@ -22,12 +22,8 @@ from k8s_samples import (
 )
 from pytest_bridge_agent import guard as g
 
-from pytest_bridge.errors import PatchConflictError, PlanError
-from pytest_bridge.jsonpatch import apply_patch
-from pytest_bridge.patch import SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, WorkloadPatches, workload_patches
-from pytest_bridge.plan import make_plan
-from pytest_bridge.restore import RestoreRecord, guard_rbac
-from pytest_bridge.workloads import (
+from pytest_bridge.cluster.restore import RestoreRecord, guard_rbac
+from pytest_bridge.cluster.workloads import (
     HPA_KIND,
     WorkloadExtras,
     autoscalers_of,
@@ -36,6 +32,10 @@ from pytest_bridge.workloads import (
     refusal,
     roll_pods,
 )
+from pytest_bridge.core.errors import PatchConflictError, PlanError
+from pytest_bridge.core.jsonpatch import apply_patch
+from pytest_bridge.core.patch import SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, WorkloadPatches, workload_patches
+from pytest_bridge.core.plan import make_plan
 
 SESSION = "s-1a2b3c"
 
