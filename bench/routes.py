@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from kubernetes import watch
+from pytest_bridge_agent import labels
 
 from pytest_bridge.core import timing
 from pytest_bridge.orchestration import isolation
@@ -54,9 +55,9 @@ ROUTED = "orders"  # the sample app's service routed by item 1 and 5 (as the e2e
 ROUTING_IDLE = 3.0  # the manager removes itself this long after its last route (cold runs wait for it)
 PER_TEST_TARGET_S = 2.0
 SAMPLE_APP_REPS, SAMPLE_APP_COUNT = 2, 100  # router latency to orders' sample app (see Routes.router)
-COMPONENT = "pytest-bridge.io/component"
-ROUTER_LABEL = "pytest-bridge.io/router"
-ROUTE_LABEL = "pytest-bridge.io/route"
+COMPONENT = labels.COMPONENT_LABEL
+ROUTER_LABEL = labels.ROUTER_LABEL
+ROUTE_LABEL = labels.ROUTE_LABEL
 ROUTER_STATS_PORT = 47180
 REPO = kc.LOADTOOL.resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -220,7 +221,7 @@ class Timeline:
             now = time.monotonic()
             cm: Any = event["object"]
             service = (cm.metadata.labels or {}).get(ROUTER_LABEL, "")
-            generation = int((cm.metadata.annotations or {}).get("pytest-bridge.io/generation", "0") or 0)
+            generation = int((cm.metadata.annotations or {}).get(labels.GENERATION_ANNOTATION, "0") or 0)
             text = (cm.data or {}).get("nginx.conf", "")
             routes = frozenset(line.split()[2] for line in text.splitlines() if line.startswith("#   route "))
             if event["type"] != "DELETED":
@@ -234,7 +235,7 @@ class Timeline:
         w = watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(c.core.list_namespaced_service, c.namespace, timeout_seconds=2):  # type: ignore[no-untyped-call]
             svc: Any = event["object"]
-            switched = "pytest-bridge.io/original-selector" in (svc.metadata.annotations or {})
+            switched = labels.ORIGINAL_SELECTOR_ANNOTATION in (svc.metadata.annotations or {})
             if switched and not state.get(svc.metadata.name) and event["type"] != "DELETED":
                 self.switched.append((time.monotonic(), svc.metadata.name))
             state[svc.metadata.name] = switched

@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pytest_bridge_agent import labels
 from pytest_bridge_agent.guard import IDLE_EXIT_PREFIX
 
 from e2e.cluster.layout import Layout
@@ -52,7 +53,7 @@ APP = REPO / "fixtures" / "sampleapp" / "app.py"
 FAULTS = f"{NAMESPACE}-faults"
 TTL = 10  # --bridge-restore-ttl of the killed sessions
 BOUND = TTL + 30  # the promise: restored, and nothing left, this long after a SIGKILL
-ROLE_LABEL = "pytest-bridge.io/role"
+ROLE_LABEL = labels.ROLE_LABEL
 NETPOL_COMMENT = "pytest-bridge-e2e-netpol"  # marks our iptables rules, so a later run can remove them
 
 INNER_SUITE = f"""

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any, Protocol
 
-from . import merge
+from . import labels, merge
 
 __all__ = [
     "IDLE_EXIT_PREFIX",
@@ -60,9 +60,8 @@ __all__ = [
 log = logging.getLogger("pytest_bridge_guard")
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Must match pytest_bridge.cluster.restore.ROLE_LABEL: the guard's own pod carries the session label too
-# (with role=guard) and is not an agent.
-ROLE_LABEL = "pytest-bridge.io/role"
+# The guard's own pod carries the session label too (with role=guard) and is not an agent.
+ROLE_LABEL = labels.ROLE_LABEL
 JSON_PATCH = "application/json-patch+json"
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Pod": "pods"}
 # Objects other than the workload that a bridge may change (pytest_bridge.cluster.workloads): undone first.

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest_bridge_agent
 import pytest_bridge_routing
+from pytest_bridge_agent import labels
 from pytest_bridge_agent.runtime import BUNDLE_FILE, ROLES, Code
 
 from pytest_bridge.cluster import kube
@@ -32,8 +33,8 @@ from pytest_bridge.core.errors import ClusterError, ConflictError, ForbiddenErro
 
 __all__ = ["BUNDLE_FILE", "Bundle", "build", "code_for", "configmap", "configmap_name", "plugin_version", "ship"]
 
-CODE_LABEL = "pytest-bridge.io/code"
-VERSION_ANNOTATION = "pytest-bridge.io/version"
+CODE_LABEL = labels.CODE_LABEL
+VERSION_ANNOTATION = labels.VERSION_ANNOTATION
 _EPOCH = (1980, 1, 1, 0, 0, 0)
 
 _MAIN = '''"""pytest-bridge {version} in-cluster code ({digest}): python3 -I pytest-bridge.pyz ROLE [ARGS...]"""

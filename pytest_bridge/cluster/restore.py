@@ -29,7 +29,7 @@ import logging
 import time
 from typing import Any
 
-from pytest_bridge_agent import merge
+from pytest_bridge_agent import labels, merge
 from pytest_bridge_agent.runtime import Code, command, container_security, pod_security, resources
 
 from pytest_bridge.cluster import bundle, kube, workloads
@@ -48,10 +48,10 @@ __all__ = [
     "owned_configmap",
 ]
 
-MANAGED_BY = {"app.kubernetes.io/managed-by": "pytest-bridge"}
+MANAGED_BY = {labels.MANAGED_BY_LABEL: labels.MANAGED_BY_VALUE}
 # Seconds the plugin has from creating the guard Job to arming it (normally well under one).
 SETUP_DEADLINE = 20
-ROLE_LABEL = "pytest-bridge.io/role"
+ROLE_LABEL = labels.ROLE_LABEL
 # Merged restores tried when the workload keeps changing under us (each after reading it again).
 MERGE_ATTEMPTS = 3
 log = logging.getLogger(__name__)
@@ -288,7 +288,7 @@ def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
             propagation_policy="Background", verb="delete", resource="jobs", namespace=namespace,
         )  # fmt: skip
     # Belt and braces: anything labelled with the session that lost its owner.
-    selector = f"{SESSION_LABEL}={session},app.kubernetes.io/managed-by=pytest-bridge"
+    selector = f"{SESSION_LABEL}={session},{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
     # No Secrets: a session creates none (records are ConfigMaps; tunnel tokens live only in pods, hashed).
     cleaners: tuple[tuple[Any, Any], ...] = (
         (k.core.list_namespaced_config_map, k.core.delete_namespaced_config_map),
@@ -309,7 +309,7 @@ def delete_session_objects(k: kube.Kube, namespace: str, session: str) -> None:
 def read_records(k: kube.Kube, namespace: str, rejected: list[str] | None = None) -> list[RestoreRecord]:
     """The namespace's restore records that have the shape this plugin writes (:mod:`.records`);
     why each other one is not used is appended to ``rejected``."""
-    selector = f"{ROLE_LABEL}=restore-record,app.kubernetes.io/managed-by=pytest-bridge"
+    selector = f"{ROLE_LABEL}=restore-record,{labels.MANAGED_BY_LABEL}={labels.MANAGED_BY_VALUE}"
     maps = kube.call(
         "list restore records", k.core.list_namespaced_config_map, namespace, label_selector=selector,
         verb="list", resource="configmaps", namespace=namespace,

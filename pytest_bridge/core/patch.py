@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_bridge_agent import labels
 from pytest_bridge_agent.runtime import Code, agent_security_context, command
 
 from pytest_bridge.core.errors import PatchError
@@ -56,9 +57,9 @@ __all__ = [
 AGENT_CONTROL_PORT = 47100
 AGENT_STATUS_PORT = 47101
 DEFAULT_AGENT_COMMAND: tuple[str, ...] = tuple(command("agent"))
-SESSION_LABEL = "pytest-bridge.io/session"
-SESSION_ANNOTATION = "pytest-bridge.io/session"
-CONTAINER_ANNOTATION = "pytest-bridge.io/container"
+SESSION_LABEL = labels.SESSION_LABEL
+SESSION_ANNOTATION = labels.SESSION_ANNOTATION
+CONTAINER_ANNOTATION = labels.CONTAINER_ANNOTATION
 
 _SESSION_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _AGENT_ENV_PREFIX = "PYTEST_BRIDGE_"

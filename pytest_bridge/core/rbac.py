@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import yaml
+from pytest_bridge_agent import labels
 
 __all__ = [
     "INSTALLED_LABEL",
@@ -36,7 +37,7 @@ __all__ = [
 USER_FILE = "bridge-user.yaml"
 MANAGER_FILE = "routing-manager.yaml"
 # On what an admin installed from MANAGER_FILE: the plugin neither re-creates nor adopts it.
-INSTALLED_LABEL = "pytest-bridge.io/installed"
+INSTALLED_LABEL = labels.INSTALLED_LABEL
 
 # (verb, API group, resource) or (verb, API group, resource, name): the name is asked for too, so a
 # Role narrowed with resourceNames passes the check.

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from pytest_bridge_agent.labels import SESSION_LABEL
 from pytest_bridge_routing import objects as ro
 
 from pytest_bridge.cluster import kube
@@ -135,7 +136,7 @@ def pod_owners(
         labels = (pod.get("metadata") or {}).get("labels") or {}
         if not ip:
             continue
-        if labels.get("pytest-bridge.io/session") == session:
+        if labels.get(SESSION_LABEL) == session:
             service = labels.get(ro.LABEL_ROUTE_SERVICE) or next(
                 (name for name, sel in selectors.items() if _matches(sel, labels)), "agent"
             )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pytest_bridge_agent.labels import ROLE_LABEL
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing.objects import original_selector
 
@@ -591,7 +592,7 @@ class BridgeSession:
                     )
             pods: Any = kube.call("list agent pods", k.core.list_namespaced_pod, ns, label_selector=selector).items
             for pod in pods:
-                if pod.metadata.deletion_timestamp or (pod.metadata.labels or {}).get("pytest-bridge.io/role"):
+                if pod.metadata.deletion_timestamp or (pod.metadata.labels or {}).get(ROLE_LABEL):
                     continue
                 start_check.check(pod)
                 conditions = {c.type: c.status for c in pod.status.conditions or []}

@@ -60,6 +60,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import FrameType
 from typing import Any, BinaryIO
 
+from pytest_bridge_agent import labels
 from pytest_bridge_agent.guard import ApiClient, Request, Response, endpoint_from_env
 
 from . import nginxconf
@@ -95,7 +96,7 @@ log = logging.getLogger("pytest_bridge_router")
 
 SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
 CONFIG_KEY = "nginx.conf"
-GENERATION_ANNOTATION = "pytest-bridge.io/generation"
+GENERATION_ANNOTATION = labels.GENERATION_ANNOTATION
 ROTATE_BYTES = 64 * 1024 * 1024  # the access log is renamed to access.log.1 past this size
 RESTART_BACKOFF = 5.0
 WORKER_TITLE = "nginx: worker process"
