@@ -61,7 +61,7 @@ from types import FrameType
 from typing import Any, BinaryIO
 
 from pytest_bridge_agent import labels
-from pytest_bridge_agent.guard import ApiClient, Request, Response, endpoint_from_env
+from pytest_bridge_agent.kubeapi import ApiClient, Request, Response, endpoint_from_env
 
 from . import nginxconf
 

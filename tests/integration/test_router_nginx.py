@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_bridge_agent.guard import Response
+from pytest_bridge_agent.kubeapi import Response
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render, sidecar_command
 
