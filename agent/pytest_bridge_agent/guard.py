@@ -44,7 +44,6 @@ __all__ = [
     "Record",
     "Watchdog",
     "agent_pods",
-    "agent_targets",
     "config_from_env",
     "main",
     "parse_record",
@@ -339,11 +338,6 @@ def agent_pods(pod_list: Any, config: GuardConfig) -> list[AgentPod]:
             )
         )
     return pods
-
-
-def agent_targets(pod_list: Any, config: GuardConfig) -> list[tuple[str, str]]:
-    """(pod name, pod IP) of the Running pods to ask for ``/status``: not the guard's own pod."""
-    return [(pod.name, pod.ip) for pod in agent_pods(pod_list, config)]
 
 
 @dataclass

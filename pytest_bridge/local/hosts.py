@@ -71,7 +71,6 @@ __all__ = [
     "ENV_HOSTS_FILE",
     "SITE_DIR",
     "SYSTEM_HOSTS",
-    "HostsSession",
     "HostsTable",
     "Mechanisms",
     "SystemHostsBlock",
@@ -506,81 +505,3 @@ def describe(selection: Mechanisms | NameMappingMode) -> str:
     if mechanisms.isolated_subprocesses:
         parts.append("private /etc/hosts (mount namespace) for wrapped subprocesses")
     return " + ".join(parts) if parts else "off (cluster names do not resolve locally)"
-
-
-class HostsSession:
-    """All name mapping of one session: start it, hand ``env()``/``wrap()`` to subprocesses, stop it."""
-
-    def __init__(
-        self,
-        mapping: NameMapping,
-        session_id: str,
-        session_dir: Path,
-        mechanisms: Mechanisms,
-        *,
-        system_hosts: Path = SYSTEM_HOSTS,
-    ) -> None:
-        self.mapping = mapping
-        self.session_id = session_id
-        self.session_dir = Path(session_dir)
-        self.mechanisms = mechanisms
-        self.system_hosts = system_hosts
-        self.hosts_file: Path | None = None
-        self.swept: list[str] = []  # marker ids of dead sessions removed from the system hosts file
-        self._token: object | None = None
-        self._system: SystemHostsBlock | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.mapping.mode is AddressMode.LOOPBACK_IPS and bool(self.mapping.entries)
-
-    def start(self) -> None:
-        if not self.active:
-            return
-        m = self.mechanisms
-        if m.system_hosts_file is not None:
-            self._system = SystemHostsBlock(self.mapping, self.session_id, m.system_hosts_file)
-            if os.access(m.system_hosts_file, os.W_OK):
-                self.swept = remove_stale_blocks(m.system_hosts_file)
-            self._system.apply()
-        if m.python_subprocesses or m.isolated_subprocesses:
-            self.hosts_file = write_session_hosts_file(
-                self.mapping, self.session_dir, self.session_id, system_hosts=self.system_hosts
-            )
-        if m.in_process:
-            self._token = install_resolver(self.mapping)
-
-    def stop(self) -> None:
-        if self._token is not None:
-            uninstall_resolver(self._token)
-            self._token = None
-        if self._system is not None:
-            self._system.remove()
-            self._system = None
-
-    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
-        if not (self.active and self.mechanisms.python_subprocesses):
-            return dict(os.environ if base is None else base)
-        return subprocess_env(
-            self.mapping, self.session_dir, base=base, session_id=self.session_id, system_hosts=self.system_hosts
-        )
-
-    def wrap(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` with a private /etc/hosts when that mechanism is on, else unchanged."""
-        if self.hosts_file is None or not self.mechanisms.isolated_subprocesses:
-            return list(argv)
-        return wrap_argv(argv, self.hosts_file)
-
-    def describe(self) -> str:
-        return describe(self.mechanisms)
-
-    def __enter__(self) -> HostsSession:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()

@@ -221,7 +221,7 @@ def pod(name: str, phase: str = "Running", ip: str | None = "10.0.0.5", **labels
     return {"metadata": {"name": name, "labels": {SESSION_LABEL: SESSION, **labels}}, "status": status}
 
 
-def test_agent_targets_skip_the_guard_and_pods_not_running() -> None:
+def test_agent_pods_skip_the_guard_and_pods_not_running() -> None:
     cfg = config(HOSTNAME="guard-pod-0")
     items = [
         pod("agent", ip="10.0.0.5"),
@@ -232,10 +232,13 @@ def test_agent_targets_skip_the_guard_and_pods_not_running() -> None:
         pod("guard-by-job", **{"job-name": cfg.job}),
         pod("guard-pod-0"),
     ]
-    assert g.agent_targets({"items": items}, cfg) == [("agent", "10.0.0.5"), ("agent-v6", "fd00::5")]
-    assert g.agent_targets({"items": None}, cfg) == []
-    assert g.agent_targets({"items": ["garbage", None]}, cfg) == []
-    assert g.agent_targets("garbage", cfg) == []
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": items}, cfg)] == [
+        ("agent", "10.0.0.5"),
+        ("agent-v6", "fd00::5"),
+    ]
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": None}, cfg)] == []
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": ["garbage", None]}, cfg)] == []
+    assert [(p.name, p.ip) for p in g.agent_pods("garbage", cfg)] == []
 
 
 # ---------------------------------------------------------------- the decision

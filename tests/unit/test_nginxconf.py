@@ -6,11 +6,12 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_bridge_routing import accesslog, nginxproc
+from pytest_bridge_routing import accesslog, nginxconf, nginxproc
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import (
     LOG_FIELDS,
@@ -19,7 +20,6 @@ from pytest_bridge_routing.nginxconf import (
     is_route_name,
     protocol_for,
     render,
-    route_from_host,
     validate_spec,
 )
 
@@ -27,6 +27,21 @@ HTTP = RouterPort("http", 8080, "http", "10.96.0.10:80")
 GRPC = RouterPort("grpc-api", 9090, "grpc", "10.96.0.10:90")
 TCP = RouterPort("", 5432, "tcp", "10.96.0.10:5432")
 ROUTES = {"feature-x": "10.244.0.7", "ci-3f9a": "10.244.0.8"}
+
+
+def route_from_host(host: str, hosts: Sequence[str]) -> str | None:
+    """The route that the router's host rule should take from a Host header value, if any.
+
+    What nginx does: ``$host`` is the Host header lowercased, without a port or a trailing dot.
+    """
+    if not hosts:
+        return None
+    name = host.strip().lower()
+    if name.startswith("["):  # an IPv6 literal is no ingress host
+        return None
+    name = name.partition(":")[0].removesuffix(".")
+    match = re.fullmatch(nginxconf._host_regex(hosts), name)
+    return match.group(1) if match else None
 
 
 def spec(**changes: Any) -> RouterSpec:
