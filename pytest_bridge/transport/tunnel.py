@@ -22,7 +22,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pytest_bridge_agent.lanes import (
     LANE_POOL,
@@ -54,6 +54,7 @@ __all__ = [
     "AuthenticationError",
     "ConnectionLost",
     "Connector",
+    "LaneRelay",
     "MuxStream",
     "OpenFailed",
     "SocketConnector",
@@ -71,6 +72,15 @@ log = logging.getLogger(__name__)
 Connector = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 # A connected, non-blocking socket to the agent's control port (for lanes).
 SocketConnector = Callable[[], Awaitable[socket.socket]]
+
+
+class LaneRelay(Protocol):
+    """What relays one lane: :func:`pytest_bridge_agent.lanes.relay` (:attr:`Tunnel.lane_relay`)."""
+
+    async def __call__(
+        self, a: socket.socket, b: socket.socket, *, stats: MuxStats | None = None, idle_timeout: float | None = None
+    ) -> RelayResult: ...
+
 
 # StreamReader buffer for the transport: big enough that a 64 KiB frame never waits on a pause.
 TRANSPORT_READ_LIMIT = 1024 * 1024
@@ -211,6 +221,9 @@ class Tunnel:
         self.agent_info: dict[str, Any] = {}
         self.last_error: str | None = None
         self.down_since: float | None = None  # time.monotonic() when the connection was lost
+        # Relays one lane (``lanes.relay``); a caller may swap it, e.g. the benchmarks' levers
+        # (bench/experiments.py). Read at each lane, in the tunnel's thread.
+        self.lane_relay: LaneRelay = relay
 
     # ---- lifecycle ----
     async def start(self) -> None:
@@ -487,7 +500,7 @@ class Tunnel:
 
     async def _relay_lane(self, near: socket.socket, lane: socket.socket) -> RelayResult:
         self.lanes_used += 1
-        return await relay(near, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
+        return await self.lane_relay(near, lane, stats=self._stats, idle_timeout=self._stream_idle_timeout)
 
     def _lane_released(self) -> None:
         self.lanes_active -= 1
