@@ -20,13 +20,14 @@ import time
 import traceback
 from pathlib import Path
 
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.orchestration.session import BridgeSession
 
 from .cluster import default_kubectl, start_run
 from .loadtool import raise_nofile
 from .procstat import machine_info
+from .profiles import FULL, QUICK
 from .report import evaluate, render
-from .runner import BENCHMARKS, FULL, QUICK, Bench
+from .runner import BENCHMARKS, Bench
 
 DEFAULT_NAMESPACE = "bridge-bench"
 

@@ -3,7 +3,7 @@ check after each kill that the cluster is restored and nothing of ours is left.
 
 Each kill runs a small victim (``BridgeSession(...).connect()`` then ``close()`` of ``orders``, in
 a process of its own) with ``PYTEST_BRIDGE_FAULT=<point>=sigkill``; the point is drawn uniformly
-from :data:`pytest_bridge.faults.POINTS` (``--seed`` repeats a run). After the victim died, the
+from :data:`pytest_bridge.core.faults.POINTS` (``--seed`` repeats a run). After the victim died, the
 Deployment must equal what it was and nothing of ours may be left (jobs, suspended or not,
 configmaps, secrets, service accounts, roles, role bindings, our pods and agent pods:
 :func:`e2e.conftest.objects_of_ours`) within TTL + 30 s (``--ttl``, the sessions'
@@ -43,8 +43,8 @@ from typing import Any
 from kubernetes import client
 
 from e2e.conftest import apply_sample_app, ensure_namespace, objects_of_ours, wait_app_settled
-from pytest_bridge import faults
-from pytest_bridge.patch import strip_server_fields
+from pytest_bridge.core import faults
+from pytest_bridge.core.patch import strip_server_fields
 
 from . import cluster as kc
 from .procstat import machine_info
@@ -116,7 +116,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _victim(namespace: str, ttl: float, kubeconfig: str) -> int:
-    from pytest_bridge.session import BridgeSession  # noqa: PLC0415 - only the victim connects
+    from pytest_bridge.orchestration.session import BridgeSession  # noqa: PLC0415 - only the victim connects
     from pytest_bridge.settings import BridgeSettings, NameMappingMode  # noqa: PLC0415
 
     settings = BridgeSettings(

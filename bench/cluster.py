@@ -25,9 +25,10 @@ from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from pytest_bridge_agent import labels
 
 from e2e.conftest import SAMPLE_IMAGE, apply_sample_app
-from pytest_bridge.patch import SESSION_ANNOTATION
+from pytest_bridge.core.patch import SESSION_ANNOTATION
 
 log = logging.getLogger("bench")
 
@@ -409,7 +410,7 @@ def delete_bench_http(cluster: Cluster) -> None:
         cluster.apps.delete_namespaced_deployment(BENCH_HTTP, cluster.namespace, propagation_policy="Background")
 
 
-ROUTING_COMPONENT = "pytest-bridge.io/component"
+ROUTING_COMPONENT = labels.COMPONENT_LABEL
 MANAGER = "pytest-bridge-routing-manager"
 
 
@@ -431,7 +432,7 @@ def routing_leftovers(cluster: Cluster, manager: bool = True) -> list[str]:
         left.append(f"deployment {dep.metadata.name}")
     services: Any = core.list_namespaced_service(ns)
     for svc in services.items:
-        if "pytest-bridge.io/original-selector" in (svc.metadata.annotations or {}):
+        if labels.ORIGINAL_SELECTOR_ANNOTATION in (svc.metadata.annotations or {}):
             left.append(f"service {svc.metadata.name} switched to its router")
         elif (svc.metadata.labels or {}).get(ROUTING_COMPONENT):
             left.append(f"service {svc.metadata.name}")

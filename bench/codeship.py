@@ -57,9 +57,9 @@ from kubernetes.client.exceptions import ApiException
 from e2e.cluster.images import _docker_socket, containerd_refs, ensure_dockerd
 from e2e.cluster.layout import Layout
 from e2e.cluster.registry import Registry, crane, ensure_tools
-from pytest_bridge import bundle, images
-from pytest_bridge.patch import SESSION_LABEL
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.cluster import bundle, images
+from pytest_bridge.core.patch import SESSION_LABEL
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
 
 from . import cluster as kc
@@ -76,8 +76,9 @@ from .coldstart import (
     save_image,
 )
 from .procstat import machine_info
+from .profiles import QUICK
 from .routes import ROUTED, PhaseRecorder, Routes, Timeline, route_breakdown
-from .runner import QUICK, Bench
+from .runner import Bench
 from .stats import Summary, summarize
 
 log = logging.getLogger("bench.codeship")

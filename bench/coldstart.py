@@ -58,9 +58,9 @@ from typing import IO, Any
 from e2e.cluster.images import PYTHON, containerd_refs, ensure_dockerd, remove_images
 from e2e.cluster.layout import Layout
 from e2e.cluster.registry import Registry, crane, ensure_tools
-from pytest_bridge import bundle, restore
-from pytest_bridge.patch import SESSION_LABEL
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.cluster import bundle, restore
+from pytest_bridge.core.patch import SESSION_LABEL
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
 from . import cluster as kc

@@ -33,6 +33,7 @@ import asyncio
 import collections
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -51,13 +52,12 @@ from typing import Any
 import pytest_bridge_agent.lanes as lanes_module
 from pytest_bridge_agent.pipes import describe_error
 
-import pytest_bridge.tunnel as tunnel_module
-from pytest_bridge.plan import LocalPortSpec
-from pytest_bridge.portforward import ApiEndpoint, open_portforward
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core.plan import LocalPortSpec
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
-from pytest_bridge.tunnel import tcp_connector
-from pytest_bridge.tunnel_thread import BackgroundTunnel
+from pytest_bridge.transport.portforward import ApiEndpoint, open_portforward
+from pytest_bridge.transport.tunnel import Tunnel, tcp_connector
+from pytest_bridge.transport.tunnel_thread import BackgroundTunnel
 
 from . import cluster as kc
 from .loadtool import pattern_digest
@@ -359,8 +359,7 @@ def hops(live: Live, rounds: int, size: int = 256 * MIB, pause: float = 0.0, inb
 
 
 # ---- levers: swapped in this process only, in the tunnel client's relay ----
-_ORIGINAL_RELAY = getattr(tunnel_module, "relay")  # noqa: B009 (not in its __all__)
-_ORIGINAL_CHUNKS = (lanes_module.RELAY_CHUNK, lanes_module.RELAY_FIRST_CHUNK)
+_ORIGINAL_RELAY = lanes_module.relay
 LEVER_BUFFER = 4 * MIB  # net.core.{r,w}mem_max here; the kernel doubles what it grants
 SPLICE_CHUNK = MIB
 
@@ -470,18 +469,18 @@ LEVERS = {
 }
 
 
-def _set_lever(name: str) -> None:
-    lanes_module.RELAY_CHUNK, lanes_module.RELAY_FIRST_CHUNK = _ORIGINAL_CHUNKS
+def _set_lever(tunnel: Tunnel, name: str) -> None:
+    """Swap ``tunnel``'s lane relay (its public ``lane_relay``) for the one of lever ``name``."""
     relay = _counted(name, _ORIGINAL_RELAY)
     if name == "sndbuf":
         relay = _counted(name, _ORIGINAL_RELAY, _big_send_buffer)
     elif name == "bufs":
         relay = _counted(name, _ORIGINAL_RELAY, _big_buffers)
     elif name == "chunk1m":
-        lanes_module.RELAY_CHUNK = lanes_module.RELAY_FIRST_CHUNK = MIB
+        relay = _counted(name, functools.partial(_ORIGINAL_RELAY, chunk=MIB, first_chunk=MIB))
     elif name == "splice":
         relay = _counted(name, _splice_relay)
-    setattr(tunnel_module, "relay", relay)  # noqa: B010 (read by Tunnel._relay_lane at each call, in the tunnel's thread)
+    tunnel.lane_relay = relay
 
 
 def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out: Path | None = None) -> None:
@@ -523,7 +522,7 @@ def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out
         for i in range(rounds):
             order = names[i % len(names) :] + names[: i % len(names)]  # each lever leads once in a while
             for lever in order:
-                _set_lever(lever)
+                _set_lever(conn.tunnel.tunnel, lever)
                 for path, base in pairs:
                     bridge_path = "podip" if lever == "podip" else path
                     if lever == "podip" and path == "in":
@@ -542,8 +541,7 @@ def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out
             loads.append(load)
             say(f"round {i + 1} done, load average (1 min) {load:.2f}")
     finally:
-        _set_lever("baseline")
-        setattr(tunnel_module, "relay", _ORIGINAL_RELAY)  # noqa: B010
+        conn.tunnel.tunnel.lane_relay = _ORIGINAL_RELAY
         for forward in forwards.values():
             forward.close()
     say(f"\nlane relays run per lever in this process: {dict(_relays_seen)}")

@@ -1,7 +1,7 @@
 """``python -m bench.pyforward``: ``kubectl port-forward`` rebuilt on the bridge's own transport.
 
 Listens on 127.0.0.1 and, for every accepted connection, opens one API-server port-forward
-websocket with :func:`pytest_bridge.portforward.open_portforward` (what the tunnel rides on)
+websocket with :func:`pytest_bridge.transport.portforward.open_portforward` (what the tunnel rides on)
 and copies bytes both ways — no multiplexer, no agent. Comparing it with the bridge shows what
 the tunnel's framing and agent hop cost; comparing it with kubectl shows what the Python
 websocket/TLS transport costs. A diagnostic for the benchmarks, not part of the plugin.
@@ -14,8 +14,8 @@ import asyncio
 import contextlib
 import sys
 
-from pytest_bridge import kube
-from pytest_bridge.portforward import ApiEndpoint, open_portforward
+from pytest_bridge.cluster import kube
+from pytest_bridge.transport.portforward import ApiEndpoint, open_portforward
 
 CHUNK = 256 * 1024
 

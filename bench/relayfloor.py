@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from pytest_bridge.ports import free_port
+from pytest_bridge.local.ports import free_port
 
 MIB = 2**20
 REPO = Path(__file__).resolve().parent.parent

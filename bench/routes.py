@@ -31,26 +31,23 @@ import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from functools import wraps
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from kubernetes import watch
+from pytest_bridge_agent import labels
 
-from pytest_bridge import isolation, kube
-from pytest_bridge import session as bridge_session
-from pytest_bridge.isolation import Route
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core import timing
+from pytest_bridge.orchestration import isolation
+from pytest_bridge.orchestration.isolation import Route
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
-from pytest_bridge.tunnel_thread import BackgroundTunnel
 
 from . import cluster as kc
 from .procstat import memory_kib, pids_in_pod
+from .profiles import Profile
 from .stats import summarize
 
-if TYPE_CHECKING:
-    from .runner import Bench
-
-__all__ = ["PER_TEST_TARGET_S", "ROUTING_IDLE", "PhaseRecorder", "Routes", "Timeline"]
+__all__ = ["PER_TEST_TARGET_S", "ROUTING_IDLE", "BenchRun", "PhaseRecorder", "Routes", "Timeline"]
 
 log = logging.getLogger("bench")
 
@@ -58,31 +55,55 @@ ROUTED = "orders"  # the sample app's service routed by item 1 and 5 (as the e2e
 ROUTING_IDLE = 3.0  # the manager removes itself this long after its last route (cold runs wait for it)
 PER_TEST_TARGET_S = 2.0
 SAMPLE_APP_REPS, SAMPLE_APP_COUNT = 2, 100  # router latency to orders' sample app (see Routes.router)
-COMPONENT = "pytest-bridge.io/component"
-ROUTER_LABEL = "pytest-bridge.io/router"
-ROUTE_LABEL = "pytest-bridge.io/route"
+COMPONENT = labels.COMPONENT_LABEL
+ROUTER_LABEL = labels.ROUTER_LABEL
+ROUTE_LABEL = labels.ROUTE_LABEL
 ROUTER_STATS_PORT = 47180
 REPO = kc.LOADTOOL.resolve().parent.parent
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class BenchRun(Protocol):
+    """What the route benchmarks need of the run that holds them (``bench.runner.Bench`` is one).
+
+    Declared here so this module does not import the runner, which imports it.
+    """
+
+    profile: Profile
+    results: dict[str, Any]
+
+    @property
+    def cluster(self) -> kc.Cluster: ...
+
+    def settings(self) -> BridgeSettings: ...
+
+    def progress(self, line: str) -> None: ...
+
+    def fail(self, message: str) -> None: ...
+
+    def warn(self, message: str) -> None: ...
+
+    def defer(self, what: str, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the run cleans up (last deferred first)."""
+        ...
+
+    def loadtool(self, *args: str, timeout: float) -> dict[str, Any]: ...
 
 
 # ----------------------------------------------------------------------------- instrumentation
 
 
 class PhaseRecorder:
-    """Times the plugin's steps of ``open_route`` by wrapping module functions, in this process only.
+    """Times the plugin's steps of ``open_route`` through its timing hook, in this process only.
 
-    Nothing in the plugin changes: the wrappers call the originals and note (label, start, end).
+    Nothing in the plugin changes: it reports each timed step (``pytest_bridge.core.timing``) and
+    this keeps the ones below as (label, start, end).
     """
 
-    WRAPPED: tuple[tuple[Any, str, str], ...] = (
-        (isolation, "sweep_stale_routes", "stale-route sweep"),
-        (isolation, "ensure_manager", "ensure manager"),
-        (bridge_session, "required_permissions_check", "permission checks"),
-        (isolation, "_wait_for_pod", "wait for the route pod (plugin polls)"),
-        (isolation, "_open_tunnel", "open the tunnel"),
-        (isolation, "prove_live", "canary through the router"),
-    )
+    STEPS: tuple[str, ...] = (
+        "stale-route sweep", "ensure manager", "permission checks", "wait for the route pod (plugin polls)",
+        "open the tunnel", "canary through the router", "import env and files", "stop the tunnel",
+    )  # fmt: skip
     KUBE_CALLS: tuple[str, ...] = (
         "create route pod", "create the route token", "tie the token", "list ingresses", "delete the route pod",
         "delete the route token",
@@ -90,47 +111,20 @@ class PhaseRecorder:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, float, float]] = []
-        self._saved: list[tuple[Any, str, Any]] = []
+        self._observing = contextlib.ExitStack()
 
     def __enter__(self) -> PhaseRecorder:
-        for module, name, label in self.WRAPPED:
-            self._patch(module, name, self._timed(getattr(module, name), label))
-        original_call = kube.call
-
-        def call(what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-            if not what.startswith(self.KUBE_CALLS):
-                return original_call(what, fn, *args, **kwargs)
-            label = next(prefix for prefix in self.KUBE_CALLS if what.startswith(prefix))
-            started = time.monotonic()
-            try:
-                return original_call(what, fn, *args, **kwargs)
-            finally:
-                self.events.append((label, started, time.monotonic()))
-
-        self._patch(kube, "call", call)
-        self._patch(BridgeSession, "_import", self._timed(BridgeSession._import, "import env and files"))
-        self._patch(BackgroundTunnel, "stop", self._timed(BackgroundTunnel.stop, "stop the tunnel"))
+        self._observing.enter_context(timing.observe(self._note))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        while self._saved:
-            owner, name, value = self._saved.pop()
-            setattr(owner, name, value)
+        self._observing.close()
 
-    def _patch(self, owner: Any, name: str, value: Any) -> None:
-        self._saved.append((owner, name, getattr(owner, name)))
-        setattr(owner, name, value)
-
-    def _timed(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
-        @wraps(fn)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.monotonic()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.events.append((label, started, time.monotonic()))
-
-        return timed
+    def _note(self, label: str, started: float, ended: float) -> None:
+        if label not in self.STEPS:
+            label = next((prefix for prefix in self.KUBE_CALLS if label.startswith(prefix)), "")
+        if label:
+            self.events.append((label, started, ended))
 
     def between(self, start: float, end: float) -> list[tuple[str, float, float]]:
         return [e for e in self.events if e[1] >= start - 1e-6 and e[2] <= end + 1e-6]
@@ -227,7 +221,7 @@ class Timeline:
             now = time.monotonic()
             cm: Any = event["object"]
             service = (cm.metadata.labels or {}).get(ROUTER_LABEL, "")
-            generation = int((cm.metadata.annotations or {}).get("pytest-bridge.io/generation", "0") or 0)
+            generation = int((cm.metadata.annotations or {}).get(labels.GENERATION_ANNOTATION, "0") or 0)
             text = (cm.data or {}).get("nginx.conf", "")
             routes = frozenset(line.split()[2] for line in text.splitlines() if line.startswith("#   route "))
             if event["type"] != "DELETED":
@@ -241,7 +235,7 @@ class Timeline:
         w = watch.Watch()  # type: ignore[no-untyped-call]
         for event in w.stream(c.core.list_namespaced_service, c.namespace, timeout_seconds=2):  # type: ignore[no-untyped-call]
             svc: Any = event["object"]
-            switched = "pytest-bridge.io/original-selector" in (svc.metadata.annotations or {})
+            switched = labels.ORIGINAL_SELECTOR_ANNOTATION in (svc.metadata.annotations or {})
             if switched and not state.get(svc.metadata.name) and event["type"] != "DELETED":
                 self.switched.append((time.monotonic(), svc.metadata.name))
             state[svc.metadata.name] = switched
@@ -327,7 +321,7 @@ def route_breakdown(
 
 @dataclasses.dataclass
 class Routes:
-    bench: Bench
+    bench: BenchRun
 
     @property
     def cluster(self) -> kc.Cluster:
@@ -378,7 +372,7 @@ class Routes:
                 done = True
                 session.close()
 
-        self.bench._defer(f"close the {what} session", close)
+        self.bench.defer(f"close the {what} session", close)
         try:
             yield session
         except BaseException:  # interrupted or failed: also wait until the manager has restored everything
@@ -392,7 +386,7 @@ class Routes:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         argv = [sys.executable, "-m", "bench.loadtool", "server", "--host", "127.0.0.1", "--port", str(port)]
         server = kc.PortProcess([*argv, "--name", "local"], env, "local HTTP server")
-        self.bench._defer("stop a local HTTP server", server.close)
+        self.bench.defer("stop a local HTTP server", server.close)
         return server
 
     # -------------------------------------------------------------- item 1b: route time
@@ -481,7 +475,7 @@ class Routes:
 
     def router(self) -> None:
         c, p = self.cluster, self.bench.profile
-        self.bench._defer("delete the bench-http Deployment and Service", lambda: kc.delete_bench_http(c))
+        self.bench.defer("delete the bench-http Deployment and Service", lambda: kc.delete_bench_http(c))
         pod = kc.ensure_bench_http(c)
         kc.wait_settled(c, ROUTED)
         self.ensure_clean_before()

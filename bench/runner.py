@@ -26,10 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pytest_bridge.kubectl_forward import lane_pool
-from pytest_bridge.plan import LocalPortSpec
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core.plan import LocalPortSpec
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
+from pytest_bridge.transport.kubectl_forward import lane_pool
 
 from . import cluster as kc
 from .loadtool import pattern_digest
@@ -43,10 +43,11 @@ from .procstat import (
     reset_peak_rss,
     system_cpu,
 )
+from .profiles import Profile
 from .routes import Routes
 from .stats import summarize
 
-__all__ = ["BENCHMARKS", "FULL", "QUICK", "ROUTING", "Bench", "Profile"]
+__all__ = ["BENCHMARKS", "ROUTING", "Bench"]
 
 log = logging.getLogger("bench")
 
@@ -66,50 +67,6 @@ ROUTING = (
     "route-pool",
     "pool-scale",
 )  # bench/routes.py; --quick: the route smoke only
-
-
-@dataclass(frozen=True)
-class Profile:
-    name: str
-    connect_reps: int  # separate connect/close cycles (quick: the transport session is the one sample)
-    pytest_reps: int
-    transfer_bytes: int
-    transfer_reps: int
-    latency_keepalive: int
-    latency_newconn: int
-    latency_reps: int
-    concurrency: tuple[int, ...]
-    concurrency_bytes: int
-    concurrency_reps: int
-    baseline_concurrency: bool  # also load the baselines with N connections
-    diagnostics: bool  # the python port-forward (no mux) path
-    quiet_wait_s: float  # before each transfer, wait up to this long for other processes to go quiet
-    route_cold_reps: int = 3  # sessions with isolate=True, each deploying the routing manager afresh
-    route_warm_reps: int = 5  # per-test routes opened and closed in each of those sessions
-    route_pool_rounds: int = 12  # route-pool: rounds of one warm and one cold per-test route
-    pool_scale_sessions: int = 5  # pool-scale: sessions at once (xdist workers, parallel runs)...
-    pool_scale_routes: int = 10  # ...each opening this many per-test routes, all kept open
-    pool_scale_pool: int = int(os.environ.get("BENCH_POOL_SCALE_POOL", "10"))  # ...each with this many warm pods
-    # ...filled before the routes are opened (steady state); 0 (BENCH_POOL_SCALE_PREFILL=0): routes
-    # opened while the pools refill
-    pool_scale_prefill: bool = os.environ.get("BENCH_POOL_SCALE_PREFILL", "1") != "0"
-    router_transfer_bytes: int = 256 * 2**20
-    router_transfer_reps: int = 3
-    route_scale: tuple[int, ...] = (1, 10, 50)  # the Nth route's time to live is reported for these N
-
-
-FULL = Profile(
-    name="full", connect_reps=5, pytest_reps=3, transfer_bytes=256 * 2**20, transfer_reps=5,
-    latency_keepalive=1000, latency_newconn=300, latency_reps=5, concurrency=(100, 1000),
-    concurrency_bytes=32 * 1024, concurrency_reps=2, baseline_concurrency=True, diagnostics=True,
-    quiet_wait_s=30.0,
-)  # fmt: skip
-QUICK = Profile(
-    name="quick", connect_reps=0, pytest_reps=0, transfer_bytes=8 * 2**20, transfer_reps=1,
-    latency_keepalive=200, latency_newconn=50, latency_reps=1, concurrency=(100, 1000),
-    concurrency_bytes=4 * 1024, concurrency_reps=1, baseline_concurrency=False, diagnostics=False,
-    quiet_wait_s=0.0,
-)  # fmt: skip
 
 
 @dataclass
@@ -180,7 +137,7 @@ class Bench:
             transport=os.environ.get("PYTEST_BRIDGE_TRANSPORT", "auto"),
         )
 
-    def _defer(self, what: str, fn: Callable[[], None]) -> None:
+    def defer(self, what: str, fn: Callable[[], None]) -> None:
         self._cleanups.append((what, fn))
 
     def cleanup(self) -> None:
@@ -265,7 +222,7 @@ class Bench:
         if needs_pod:
             started = time.monotonic()
             # Before any bridge connects: the session maps the namespace's Services at connect time.
-            self._defer("delete the bench server pod", lambda: kc.delete_bench_server(c))
+            self.defer("delete the bench server pod", lambda: kc.delete_bench_server(c))
             self.bench_pod = kc.create_bench_server(c)
             self.results["setup"]["bench_pod_ready_s"] = round(time.monotonic() - started, 2)
             self.progress(f"bench server pod {self.bench_pod.name} at {self.bench_pod.ip}:{kc.BENCH_PORT}")
@@ -457,7 +414,7 @@ class Bench:
             )  # fmt: skip
             stack.callback(forwards[name].close)
             paths.append(LoadPath(name, "127.0.0.1", forwards[name].port, "pod", False,
-                                  "pytest_bridge.portforward, one websocket per connection, no agent"))  # fmt: skip
+                                  "pytest_bridge.transport.portforward, one websocket per connection, no agent"))  # fmt: skip
         self.results["paths"] = {p.name: {"target": f"{p.host}:{p.port}", "role": p.role} for p in paths}
         agent_pid = next(iter(pids_in_pod(agent.uid, "pytest_bridge_agent")), None)
         self.context = TransportContext(

@@ -23,9 +23,10 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from pytest_bridge_agent import labels
 
 from e2e.cluster.images import PYTHON
-from pytest_bridge.patch import SESSION_LABEL
+from pytest_bridge.core.patch import SESSION_LABEL
 
 # The manifests place the sample app in bridge-demo; PYTEST_BRIDGE_E2E_NAMESPACE runs the suites
 # against a private copy elsewhere, so several people (or runs) can share one cluster.
@@ -384,7 +385,7 @@ def wait_app_settled(core: client.CoreV1Api, namespace: str, timeout: float = 18
             for d in deployments
         )
         # the routing manager may outlive the routes that started it (it exits when idle): not the app's
-        listed: Any = core.list_namespaced_pod(namespace, label_selector="pytest-bridge.io/component!=routing-manager")
+        listed: Any = core.list_namespaced_pod(namespace, label_selector=f"{labels.COMPONENT_LABEL}!=routing-manager")
         pods: Any = listed.items
         ready = [p for p in pods if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])]
         names = sorted(str((p.metadata.labels or {}).get("app.kubernetes.io/name")) for p in ready)

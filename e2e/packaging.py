@@ -286,7 +286,7 @@ def ensure_sample_app(namespace: str, kubeconfig: str) -> float:
 def _orders(namespace: str, kubeconfig: str) -> dict[str, Any]:
     from kubernetes import client, config  # noqa: PLC0415
 
-    from pytest_bridge.patch import strip_server_fields  # noqa: PLC0415
+    from pytest_bridge.core.patch import strip_server_fields  # noqa: PLC0415
 
     api = config.new_client_from_config(config_file=kubeconfig)
     try:

@@ -25,7 +25,7 @@ from kubernetes import client
 from e2e.cluster import procs
 from e2e.cluster.layout import Layout
 from e2e.conftest import NAMESPACE, objects_of_ours, wait_app_settled
-from pytest_bridge.patch import strip_server_fields
+from pytest_bridge.core.patch import strip_server_fields
 
 pytestmark = pytest.mark.e2e
 

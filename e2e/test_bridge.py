@@ -23,8 +23,8 @@ from pytest_bridge_routing import objects as ro
 
 from e2e.conftest import NAMESPACE, pod_is_ready, role_user_kubeconfig
 from e2e.test_smoke import exec_in_pod_json
-from pytest_bridge import sessiondir
-from pytest_bridge.patch import strip_server_fields
+from pytest_bridge.core.patch import strip_server_fields
+from pytest_bridge.local import sessiondir
 
 pytestmark = pytest.mark.e2e
 

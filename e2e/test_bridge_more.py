@@ -33,8 +33,8 @@ from e2e.conftest import (
     pod_is_ready,
     sample_app_code,
 )
-from pytest_bridge.patch import SESSION_LABEL, strip_server_fields
-from pytest_bridge.ports import free_port
+from pytest_bridge.core.patch import SESSION_LABEL, strip_server_fields
+from pytest_bridge.local.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

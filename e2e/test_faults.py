@@ -2,7 +2,7 @@
 
 Each test drives an inner ``pytest --bridge-service=orders`` as a user runs it, in a namespace of
 its own (``<e2e namespace>-faults``, with the sample app), and injects faults through the plugin's
-test hook ``PYTEST_BRIDGE_FAULT=<point>=<action>`` (:mod:`pytest_bridge.faults`). Afterwards the
+test hook ``PYTEST_BRIDGE_FAULT=<point>=<action>`` (:mod:`pytest_bridge.core.faults`). Afterwards the
 Deployment must equal what it was and nothing of ours may be left
 (:func:`e2e.conftest.objects_of_ours`: jobs, suspended or not, configmaps, secrets, service
 accounts, roles, role bindings, our pods and agent pods).
@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from pytest_bridge_agent import labels
 from pytest_bridge_agent.guard import IDLE_EXIT_PREFIX
 
 from e2e.cluster.layout import Layout
@@ -43,7 +44,7 @@ from e2e.conftest import (
     objects_of_ours,
     wait_app_settled,
 )
-from pytest_bridge.patch import AGENT_STATUS_PORT, SESSION_ANNOTATION, SESSION_LABEL, strip_server_fields
+from pytest_bridge.core.patch import AGENT_STATUS_PORT, SESSION_ANNOTATION, SESSION_LABEL, strip_server_fields
 
 pytestmark = pytest.mark.e2e
 
@@ -52,7 +53,7 @@ APP = REPO / "fixtures" / "sampleapp" / "app.py"
 FAULTS = f"{NAMESPACE}-faults"
 TTL = 10  # --bridge-restore-ttl of the killed sessions
 BOUND = TTL + 30  # the promise: restored, and nothing left, this long after a SIGKILL
-ROLE_LABEL = "pytest-bridge.io/role"
+ROLE_LABEL = labels.ROLE_LABEL
 NETPOL_COMMENT = "pytest-bridge-e2e-netpol"  # marks our iptables rules, so a later run can remove them
 
 INNER_SUITE = f"""

@@ -35,10 +35,10 @@ from e2e.cluster.images import _docker_socket, containerd_refs, ensure_dockerd, 
 from e2e.cluster.layout import Layout
 from e2e.cluster.registry import Registry, ensure_tools
 from e2e.conftest import NAMESPACE, SERVICES, apply_sample_app, pod_is_ready
-from pytest_bridge import bundle, images
-from pytest_bridge.bundle import Bundle
-from pytest_bridge.patch import SESSION_LABEL, strip_server_fields
-from pytest_bridge.ports import free_port
+from pytest_bridge.cluster import bundle, images
+from pytest_bridge.cluster.bundle import Bundle
+from pytest_bridge.core.patch import SESSION_LABEL, strip_server_fields
+from pytest_bridge.local.ports import free_port
 
 pytestmark = pytest.mark.e2e
 

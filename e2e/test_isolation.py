@@ -23,6 +23,7 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
+from pytest_bridge_agent import labels
 
 from e2e.conftest import NAMESPACE, role_user_kubeconfig
 
@@ -215,14 +216,14 @@ def settled(kube_api_client: client.ApiClient, sample_app: Any) -> Iterator[dict
         switched = [
             n
             for n, svc in state["services"].items()
-            if "pytest-bridge.io/original-selector" in (svc["annotations"] or {})
+            if labels.ORIGINAL_SELECTOR_ANNOTATION in (svc["annotations"] or {})
         ]
         if not ours and not switched:
             break
         # A manager left idle by an earlier run (e.g. the demo, default idle 300 s) with no
         # routes and nothing switched: remove it rather than wait it out.
         routes = client.CoreV1Api(kube_api_client).list_namespaced_pod(
-            NAMESPACE, label_selector="pytest-bridge.io/component=route"
+            NAMESPACE, label_selector=f"{labels.COMPONENT_LABEL}=route"
         )
         if not switched and not routes.items:
             with contextlib.suppress(ApiException):

@@ -26,8 +26,8 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import NAMESPACE, apply_sample_app, ensure_namespace, objects_of_ours, wait_app_settled
 from e2e.test_isolation import namespace_state, wait_for_state
-from pytest_bridge import bundle
-from pytest_bridge.patch import strip_server_fields
+from pytest_bridge.cluster import bundle
+from pytest_bridge.core.patch import strip_server_fields
 
 pytestmark = pytest.mark.e2e
 

@@ -23,11 +23,12 @@ from typing import Any
 
 import pytest
 from kubernetes import client
+from pytest_bridge_agent import labels
 from pytest_bridge_routing import objects as ro
 
 from e2e.conftest import NAMESPACE, apply_sample_app, ensure_namespace, wait_app_settled
-from pytest_bridge.ports import free_port
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.local.ports import free_port
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings, NameMappingMode
 
 pytestmark = pytest.mark.e2e
@@ -39,7 +40,7 @@ ROUTES = 6
 
 
 def _pool_pods(core: client.CoreV1Api, session: str = "") -> list[Any]:
-    selector = ro.LABEL_POOL + (f",pytest-bridge.io/session={session}" if session else "")
+    selector = ro.LABEL_POOL + (f",{labels.SESSION_LABEL}={session}" if session else "")
     pods: Any = core.list_namespaced_pod(POOL_NAMESPACE, label_selector=selector)
     return [p for p in pods.items if p.metadata.deletion_timestamp is None]
 

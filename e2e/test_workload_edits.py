@@ -23,7 +23,7 @@ import pytest
 from kubernetes import client
 
 from e2e.conftest import NAMESPACE, apply_sample_app, ensure_namespace, objects_of_ours, wait_app_settled
-from pytest_bridge.patch import SESSION_ANNOTATION, SESSION_LABEL
+from pytest_bridge.core.patch import SESSION_ANNOTATION, SESSION_LABEL
 
 pytestmark = pytest.mark.e2e
 

@@ -27,7 +27,7 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
 from e2e.conftest import NAMESPACE, SAMPLE_CODE_CONFIGMAP, SAMPLE_COMMAND, SAMPLE_IMAGE, pod_is_ready, sample_app_code
-from pytest_bridge.patch import SESSION_LABEL, strip_server_fields
+from pytest_bridge.core.patch import SESSION_LABEL, strip_server_fields
 
 pytestmark = pytest.mark.e2e
 

@@ -6,7 +6,7 @@ of dead sessions and deletes route pods of dead sessions — what a new session 
 before it connects; ``--force`` also restores workloads of live sessions and deletes every
 route pod (the routing manager then restores the Services and removes itself when idle).
 ``images build|push|load`` builds the prebuilt images of ``--bridge-code=image`` (see
-:mod:`pytest_bridge.images`); ``rbac`` prints the least-privilege Role a user needs.
+:mod:`pytest_bridge.cluster.images`); ``rbac`` prints the least-privilege Role a user needs.
 """
 
 from __future__ import annotations
@@ -21,11 +21,12 @@ from typing import Any
 from pytest_bridge_agent.runtime import DEFAULT_NGINX_IMAGE, DEFAULT_PYTHON_IMAGE
 from pytest_bridge_routing import objects as ro
 
-from . import bundle, images, kube, rbac, restore
-from .errors import BridgeError, NotFoundError
-from .patch import SESSION_LABEL
-from .records import RecordError
-from .session import _session_alive, session_liveness
+from pytest_bridge.cluster import bundle, images, kube, restore
+from pytest_bridge.core import rbac
+from pytest_bridge.core.errors import BridgeError, NotFoundError
+from pytest_bridge.core.patch import SESSION_LABEL
+from pytest_bridge.core.records import RecordError
+from pytest_bridge.orchestration.session import _session_alive, session_liveness
 
 __all__ = ["main", "rbac_role"]
 
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _doctor_parser(sub: Any) -> None:
-    from .settings import NameMappingMode  # noqa: PLC0415
+    from pytest_bridge.settings import NameMappingMode  # noqa: PLC0415
 
     parser = sub.add_parser(
         "doctor",
@@ -79,8 +80,8 @@ def _doctor_parser(sub: Any) -> None:
 def doctor_command(args: argparse.Namespace) -> int:
     from pathlib import Path  # noqa: PLC0415
 
-    from . import doctor  # noqa: PLC0415
-    from .settings import BridgeSettings, ContainerChoice, NameMappingMode  # noqa: PLC0415
+    from pytest_bridge import doctor  # noqa: PLC0415
+    from pytest_bridge.settings import BridgeSettings, ContainerChoice, NameMappingMode  # noqa: PLC0415
 
     settings = BridgeSettings(
         services=(args.service,), namespace=args.namespace, context=args.context,

@@ -24,12 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import bundle, hosts, isolation, kube, restore, workloads
-from .errors import BridgeError, ForbiddenError
-from .kubectl_forward import kubectl_or_none
-from .patch import AgentSpec, agent_pod, bridged_session, token_sha256
-from .session import BridgeSession, _allowed, _Connection, required_permissions, session_liveness
-from .settings import BridgeSettings, NameMappingMode
+from pytest_bridge.cluster import bundle, kube, restore, workloads
+from pytest_bridge.cluster.permissions import allowed, required_permissions
+from pytest_bridge.core.errors import BridgeError, ForbiddenError
+from pytest_bridge.core.patch import AgentSpec, agent_pod, bridged_session, token_sha256
+from pytest_bridge.local import hosts
+from pytest_bridge.orchestration import isolation
+from pytest_bridge.orchestration.connection import Connection
+from pytest_bridge.orchestration.session import BridgeSession, session_liveness
+from pytest_bridge.settings import BridgeSettings, NameMappingMode
+from pytest_bridge.transport.kubectl_forward import kubectl_or_none
 
 __all__ = ["Finding", "diagnose", "render"]
 
@@ -44,7 +48,7 @@ class Finding:
 
 
 def _missing(k: kube.Kube, needed: list[Any]) -> list[str]:
-    return [f"{p[0]} {(p[1] + '/') if p[1] else ''}{p[2]}" for p in needed if not _allowed(k, *p)]
+    return [f"{p[0]} {(p[1] + '/') if p[1] else ''}{p[2]}" for p in needed if not allowed(k, *p)]
 
 
 def _images(k: kube.Kube, wanted: dict[str, str]) -> list[Finding]:
@@ -103,7 +107,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         found.append(Finding("context", OK, f"context {client.context!r}, namespace {client.namespace!r}"))
 
         def namespace() -> str:
-            session._check_namespace(client)
+            session.check_namespace(client)
             return f"{client.namespace!r} exists"
 
         if not check("namespace", namespace):
@@ -111,7 +115,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         plan_holder: list[Any] = []
 
         def plan() -> str:
-            plan_holder.append(session._plan(client, service))
+            plan_holder.append(session.plan_service(client, service))
             p = plan_holder[0]
             ports = ", ".join(f"{b.target_port}" for b in p.port_bindings)
             return f"{p.workload.kind} {p.workload.name}, container {p.container!r}, target ports {ports}"
@@ -119,7 +123,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
         if not check("service", plan):
             return found
         the_plan = plan_holder[0]
-        workload = session._workload(client, the_plan)
+        workload = session.read_workload(client, the_plan)
         other = bridged_session(workload)
         if other:
             found.append(_in_use(client, the_plan, other))
@@ -179,10 +183,10 @@ def _policy(
     session: BridgeSession, k: kube.Kube, plan: Any, workload: dict[str, Any], settings: BridgeSettings
 ) -> list[Finding]:
     """The admission checks connect makes before any change, as dry runs."""
-    if not _allowed(k, "create", "", "pods"):
+    if not allowed(k, "create", "", "pods"):
         return [Finding("policy", UNKNOWN, "may not create pods, so the admission dry run cannot be made")]
     findings = []
-    conn = _Connection(plan.service, plan, key=session.session_id)
+    conn = Connection(plan.service, plan, key=session.session_id)
     code = bundle.build()
     pod_code = bundle.code_for(settings.code, code, restore.code_configmap_name(conn.key, code))
     agent = AgentSpec(
@@ -191,7 +195,7 @@ def _policy(
     )  # fmt: skip
     replacement = agent_pod(workload, plan, agent) if plan.workload.kind == "Pod" else None
     try:
-        session._check_policy(k, conn, workload, replacement, agent=agent, pod_code=pod_code)
+        session.check_policy(k, conn, workload, replacement, agent=agent, pod_code=pod_code)
         findings.append(Finding("policy", OK, "the agent's and the guard's pods are admitted (dry run)"))
     except BridgeError as exc:
         findings.append(Finding("policy", FAIL, str(exc)))

@@ -20,13 +20,14 @@ from typing import Any
 
 import pytest
 
-from . import artifacts, handoff, propagation
-from . import settings as settings_mod
-from .errors import BridgeError
-from .isolation import ROUTE_HEADER, Route
-from .localproc import LocalProcess, start_local_process
-from .propagation import PropagationResult
-from .session import BridgedService, BridgeSession
+from pytest_bridge import settings as settings_mod
+from pytest_bridge.core.errors import BridgeError
+from pytest_bridge.local.localproc import LocalProcess, start_local_process
+from pytest_bridge.orchestration import artifacts, handoff, propagation
+from pytest_bridge.orchestration.connection import BridgedService
+from pytest_bridge.orchestration.isolation import ROUTE_HEADER, Route
+from pytest_bridge.orchestration.propagation import PropagationResult
+from pytest_bridge.orchestration.session import BridgeSession
 
 __all__ = ["BridgeFactory", "IsolatedRoute", "LocalService"]
 
@@ -419,7 +420,7 @@ class IsolatedRoute(LocalService):
         """Send one request with this route's header into service ``entry`` and say which hop dropped it.
 
         Every HTTP service of the namespace (or ``services``) is observed through a router while
-        this route lives; see :mod:`pytest_bridge.propagation`.
+        this route lives; see :mod:`pytest_bridge.orchestration.propagation`.
         """
         result = propagation.check(self._bridge, self.route, entry, path=path, port=port, services=services)
         self._results.append(result)

@@ -7,7 +7,7 @@ scripts/install-deps.sh
 export PATH="$PWD/.venv/bin:$PATH"
 
 echo "== lint" >&2
-ruff check . && ruff format --check . && mypy
+ruff check . && ruff format --check . && mypy && lint-imports --no-cache
 
 echo "== unit + integration" >&2
 pytest tests -p no:cacheprovider "$@"

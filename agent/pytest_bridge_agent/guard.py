@@ -1,6 +1,6 @@
 """``python3 -m pytest_bridge_agent.guard``: the in-cluster restore guard of one bridge session.
 
-Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.restore`` creates (it may
+Runs as the Job ``pytest-bridge-guard-<session>`` that ``pytest_bridge.cluster.restore`` creates (it may
 start before the plugin has written the record: it waits for it). Every second it reads the
 session's restore record (a ConfigMap) and asks the session's agent pods for ``/status``; once no client has been connected for the TTL it undoes the bridge (the record's
 reverse JSON Patch, or deleting the agent pod and re-creating a bare Pod from the record), then
@@ -24,34 +24,27 @@ import json
 import logging
 import os
 import signal
-import ssl
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any, Protocol
+from typing import Any
 
-from . import merge
+from . import labels, merge
+from .kubeapi import ApiClient, Request, Response, endpoint_from_env, json_request, quote
 
 __all__ = [
     "IDLE_EXIT_PREFIX",
     "AgentPod",
     "AgentStatus",
-    "ApiClient",
-    "ApiEndpoint",
-    "ApiTarget",
     "Guard",
     "GuardConfig",
     "Record",
-    "Request",
-    "Response",
     "Watchdog",
     "agent_pods",
-    "agent_targets",
     "config_from_env",
-    "endpoint_from_env",
     "main",
     "parse_record",
     "parse_status",
@@ -59,13 +52,11 @@ __all__ = [
 
 log = logging.getLogger("pytest_bridge_guard")
 
-SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
-# Must match pytest_bridge.restore.ROLE_LABEL: the guard's own pod carries the session label too
-# (with role=guard) and is not an agent.
-ROLE_LABEL = "pytest-bridge.io/role"
+# The guard's own pod carries the session label too (with role=guard) and is not an agent.
+ROLE_LABEL = labels.ROLE_LABEL
 JSON_PATCH = "application/json-patch+json"
 KINDS = {"Deployment": "deployments", "StatefulSet": "statefulsets", "Pod": "pods"}
-# Objects other than the workload that a bridge may change (pytest_bridge.workloads): undone first.
+# Objects other than the workload that a bridge may change (pytest_bridge.cluster.workloads): undone first.
 RELATED_KINDS = {
     "HorizontalPodAutoscaler": "/apis/autoscaling/v2/namespaces/{namespace}/horizontalpodautoscalers/{name}"
 }
@@ -138,7 +129,7 @@ def config_from_env(env: Mapping[str, str]) -> GuardConfig:
 
 @dataclass(frozen=True)
 class Record:
-    """``pytest_bridge.restore.RestoreRecord`` as the guard reads it."""
+    """``pytest_bridge.cluster.restore.RestoreRecord`` as the guard reads it."""
 
     session: str
     namespace: str
@@ -197,53 +188,28 @@ def parse_record(record_map: Any, config: GuardConfig) -> Record:
     return record
 
 
-# --- HTTP ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str  # including the query string
-    body: bytes | None = None
-    content_type: str | None = None
-
-
-@dataclass(frozen=True)
-class Response:
-    status: int
-    body: Any = None  # parsed JSON, or None
-
-    def message(self) -> str:
-        if isinstance(self.body, dict) and self.body.get("message"):
-            return f"HTTP {self.status}: {self.body['message']}"
-        return f"HTTP {self.status}"
-
-
-def _q(segment: str) -> str:
-    return urllib.parse.quote(segment, safe="")
-
-
-def _json_request(method: str, path: str, body: Any, content_type: str = "application/json") -> Request:
-    return Request(method, path, json.dumps(body).encode(), content_type)
+# --- requests --------------------------------------------------------------------------------
 
 
 def record_request(config: GuardConfig) -> Request:
-    return Request("GET", f"/api/v1/namespaces/{_q(config.namespace)}/configmaps/{_q(config.record_configmap)}")
+    return Request("GET", f"/api/v1/namespaces/{quote(config.namespace)}/configmaps/{quote(config.record_configmap)}")
 
 
 def pods_request(config: GuardConfig) -> Request:
     selector = f"{config.session_label}={config.session}"
     query = urllib.parse.urlencode({"labelSelector": selector})
-    return Request("GET", f"/api/v1/namespaces/{_q(config.namespace)}/pods?{query}")
+    return Request("GET", f"/api/v1/namespaces/{quote(config.namespace)}/pods?{query}")
 
 
 def object_path(kind: str, namespace: str, name: str) -> str:
     group = "/api/v1" if kind == "Pod" else "/apis/apps/v1"
-    return f"{group}/namespaces/{_q(namespace)}/{KINDS[kind]}/{_q(name)}"
+    return f"{group}/namespaces/{quote(namespace)}/{KINDS[kind]}/{quote(name)}"
 
 
 def related_path(record: Record, related: Mapping[str, Any]) -> str:
-    return RELATED_KINDS[str(related["kind"])].format(namespace=_q(record.namespace), name=_q(str(related["name"])))
+    return RELATED_KINDS[str(related["kind"])].format(
+        namespace=quote(record.namespace), name=quote(str(related["name"]))
+    )
 
 
 def get_request(record: Record) -> Request:
@@ -251,7 +217,7 @@ def get_request(record: Record) -> Request:
 
 
 def reverse_patch_request(record: Record) -> Request:
-    return _json_request(
+    return json_request(
         "PATCH", object_path(record.kind, record.namespace, record.name), record.reverse_patch, JSON_PATCH
     )
 
@@ -260,138 +226,20 @@ def delete_pod_request(record: Record, uid: str | None) -> Request:
     options: dict[str, Any] = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
     if uid:  # delete exactly the agent pod that was checked, not a pod re-created meanwhile
         options["preconditions"] = {"uid": uid}
-    return _json_request("DELETE", object_path("Pod", record.namespace, record.name), options)
+    return json_request("DELETE", object_path("Pod", record.namespace, record.name), options)
 
 
 def create_pod_request(record: Record) -> Request:
-    return _json_request("POST", f"/api/v1/namespaces/{_q(record.namespace)}/pods", record.original)
+    return json_request("POST", f"/api/v1/namespaces/{quote(record.namespace)}/pods", record.original)
 
 
 def job_request(config: GuardConfig) -> Request:
-    return Request("GET", f"/apis/batch/v1/namespaces/{_q(config.namespace)}/jobs/{_q(config.job)}")
+    return Request("GET", f"/apis/batch/v1/namespaces/{quote(config.namespace)}/jobs/{quote(config.job)}")
 
 
 def delete_job_request(config: GuardConfig) -> Request:
-    path = f"/apis/batch/v1/namespaces/{_q(config.namespace)}/jobs/{_q(config.job)}"
+    path = f"/apis/batch/v1/namespaces/{quote(config.namespace)}/jobs/{quote(config.job)}"
     return Request("DELETE", f"{path}?propagationPolicy=Background")
-
-
-class ApiTarget(Protocol):
-    """Where and how to reach the API server (GuardConfig is one; :class:`ApiEndpoint` another)."""
-
-    @property
-    def api_url(self) -> str: ...
-    @property
-    def token_file(self) -> str: ...
-    @property
-    def ca_file(self) -> str: ...  # "" = plain http (tests only)
-    @property
-    def api_timeout(self) -> float: ...
-
-
-@dataclass(frozen=True)
-class ApiEndpoint:
-    api_url: str
-    token_file: str = f"{SA_DIR}/token"
-    ca_file: str = f"{SA_DIR}/ca.crt"
-    api_timeout: float = 10.0
-
-
-def endpoint_from_env(env: Mapping[str, str], prefix: str) -> ApiEndpoint:
-    """The API server from ``<prefix>API_URL``/``TOKEN_FILE``/``CA_FILE``, else the in-cluster defaults."""
-    ca_file = env.get(f"{prefix}CA_FILE")
-    if ca_file is None:
-        ca_file = f"{SA_DIR}/ca.crt"
-    api_url = env.get(f"{prefix}API_URL", "")
-    if not api_url:
-        host, api_port = env.get("KUBERNETES_SERVICE_HOST", ""), env.get("KUBERNETES_SERVICE_PORT", "443")
-        if not host:
-            raise ValueError(f"no API server: neither {prefix}API_URL nor KUBERNETES_SERVICE_HOST is set")
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        api_url = f"{'https' if ca_file else 'http'}://{host}:{api_port}"
-    return ApiEndpoint(api_url.rstrip("/"), env.get(f"{prefix}TOKEN_FILE") or f"{SA_DIR}/token", ca_file)
-
-
-class ApiClient:
-    """Minimal Kubernetes API client: bearer token re-read per request (projected tokens rotate)."""
-
-    def __init__(self, config: ApiTarget) -> None:
-        url = urllib.parse.urlsplit(config.api_url)
-        if url.scheme not in ("http", "https") or not url.hostname:
-            raise ValueError(f"bad API URL {config.api_url!r}")
-        self._https = url.scheme == "https"
-        self._host = url.hostname
-        self._port = url.port or (443 if self._https else 80)
-        self._prefix = url.path.rstrip("/")
-        self._config = config
-        self._ssl: tuple[float, ssl.SSLContext] | None = None
-
-    def _context(self) -> ssl.SSLContext:
-        ca = self._config.ca_file
-        mtime = os.stat(ca).st_mtime if ca else 0.0
-        if self._ssl is None or self._ssl[0] != mtime:
-            self._ssl = (mtime, ssl.create_default_context(cafile=ca or None))
-        return self._ssl[1]
-
-    def _token(self) -> str | None:
-        try:
-            with open(self._config.token_file, encoding="utf-8") as f:
-                return f.read().strip() or None
-        except OSError:
-            return None
-
-    def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        if self._https:
-            return http.client.HTTPSConnection(self._host, self._port, timeout=timeout, context=self._context())
-        return http.client.HTTPConnection(self._host, self._port, timeout=timeout)
-
-    def _headers(self) -> dict[str, str]:
-        headers = {"Accept": "application/json", "User-Agent": "pytest-bridge-guard"}
-        token = self._token()
-        if token:
-            headers["Authorization"] = f"Bearer {token}"
-        return headers
-
-    def send(self, request: Request, timeout: float | None = None) -> Response:
-        """One request; OSError (including ssl and http.client errors) if there is no HTTP answer."""
-        conn = self._connect(self._config.api_timeout if timeout is None else timeout)
-        headers = self._headers()
-        if request.content_type:
-            headers["Content-Type"] = request.content_type
-        try:
-            conn.request(request.method, self._prefix + request.path, body=request.body, headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-        except http.client.HTTPException as e:
-            raise OSError(f"bad HTTP answer: {e!r}") from e
-        finally:
-            conn.close()
-        try:
-            body = json.loads(data) if data else None
-        except ValueError:
-            body = None
-        return Response(response.status, body)
-
-    def watch(self, path: str, timeout: float) -> Iterator[Any]:
-        """The events of a ``?watch=1`` request as parsed JSON objects, until the server ends it.
-
-        ``timeout`` bounds each read; OSError when the connection fails.
-        """
-        conn = self._connect(timeout)
-        headers = self._headers()
-        try:
-            conn.request("GET", self._prefix + path, headers=headers)
-            response = conn.getresponse()
-            if response.status != 200:
-                raise OSError(f"watch {path}: HTTP {response.status}")
-            while line := response.readline():
-                if line.strip():
-                    yield json.loads(line)
-        except (http.client.HTTPException, ValueError) as e:
-            raise OSError(f"watch {path}: {e!r}") from e
-        finally:
-            conn.close()
 
 
 def fetch_status(ip: str, port: int, timeout: float) -> Any:
@@ -490,11 +338,6 @@ def agent_pods(pod_list: Any, config: GuardConfig) -> list[AgentPod]:
             )
         )
     return pods
-
-
-def agent_targets(pod_list: Any, config: GuardConfig) -> list[tuple[str, str]]:
-    """(pod name, pod IP) of the Running pods to ask for ``/status``: not the guard's own pod."""
-    return [(pod.name, pod.ip) for pod in agent_pods(pod_list, config)]
 
 
 @dataclass
@@ -780,7 +623,7 @@ class Guard:
             merged = merge.merge_restore(record.original, current.body, record.forward)
         except ValueError as e:
             raise Abandon(f"{what} was changed while bridged and the record's patch does not fit it: {e}") from e
-        answer = self.send(_json_request("PATCH", object_path(record.kind, record.namespace, record.name),
+        answer = self.send(json_request("PATCH", object_path(record.kind, record.namespace, record.name),
                                          merged.patch, JSON_PATCH))  # fmt: skip
         if answer.status in (200, 201):
             log.warning(
@@ -888,7 +731,7 @@ class Guard:
             return None  # waits for a person: `pytest-bridge cleanup` deletes the Job and the record
         if record is None and not self._record_seen:
             # The plugin starts the guard first and writes the record after; if it dies before
-            # arming the guard, the Job's setup deadline ends it (pytest_bridge.restore).
+            # arming the guard, the Job's setup deadline ends it (pytest_bridge.cluster.restore).
             return None
         if record is None:
             log.info(

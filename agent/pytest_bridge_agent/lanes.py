@@ -167,11 +167,14 @@ async def relay(
     *,
     stats: MuxStats | None = None,
     idle_timeout: float | None = None,
+    chunk: int = RELAY_CHUNK,
+    first_chunk: int = RELAY_FIRST_CHUNK,
 ) -> RelayResult:
     """Copy both ways between two sockets until both directions ended; both are closed on return.
 
     ``a`` is the near side (the app or in-cluster peer), ``b`` the lane: a -> b counts as sent,
     b -> a as received in ``stats``. Half-close is forwarded; any error aborts both with RST.
+    Reads start at ``first_chunk`` bytes and grow to ``chunk`` while they fill the buffer.
     """
     loop = asyncio.get_running_loop()
     result = RelayResult()
@@ -179,13 +182,13 @@ async def relay(
 
     async def copy(src: socket.socket, dst: socket.socket, forward: bool) -> None:
         # Idle or chatty connections keep 16 KiB per direction; bulk ones grow to 256 KiB.
-        buffer = bytearray(RELAY_FIRST_CHUNK)
+        buffer = bytearray(first_chunk)
         view = memoryview(buffer)
         while n := await loop.sock_recv_into(src, buffer):
             last[0] = loop.time()
             await loop.sock_sendall(dst, view[:n])
-            if n == len(buffer) < RELAY_CHUNK:
-                buffer = bytearray(min(4 * n, RELAY_CHUNK))
+            if n == len(buffer) < chunk:
+                buffer = bytearray(min(4 * n, chunk))
                 view = memoryview(buffer)
             if forward:
                 result.bytes_ab += n

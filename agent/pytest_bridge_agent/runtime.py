@@ -2,7 +2,7 @@
 
 Nothing of ours needs an image of its own. The agent, the restore guard, the routing manager
 and the router's control process are one zipapp (``pytest-bridge.pyz``, built by the plugin:
-``pytest_bridge.bundle``) that runs on a stock Python image as
+``pytest_bridge.cluster.bundle``) that runs on a stock Python image as
 ``python3 -I /opt/pytest-bridge/pytest-bridge.pyz <role>``; the router's data plane is a stock
 nginx image. The zipapp reaches the pod in one of two ways (:class:`Code`):
 
@@ -81,7 +81,7 @@ class Code:
     """Where the zipapp comes from: ``configmap`` names a ConfigMap holding it, None = the image has it."""
 
     configmap: str | None = None
-    digest: str = ""  # of the code the plugin expects (pytest_bridge.bundle); "" when unknown
+    digest: str = ""  # of the code the plugin expects (pytest_bridge.cluster.bundle); "" when unknown
 
     def volumes(self) -> list[dict[str, Any]]:
         if self.configmap is None:

@@ -22,7 +22,6 @@ import asyncio
 import enum
 import json
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,6 @@ __all__ = [
     "MAX_WINDOW",
     "PROTOCOL_VERSION",
     "Frame",
-    "FrameDecoder",
     "FrameType",
     "ProtocolError",
     "RecvWindow",
@@ -159,30 +157,6 @@ async def read_frame(reader: asyncio.StreamReader, max_payload: int = MAX_FRAME_
     ftype, stream_id, length = parse_header(await reader.readexactly(HEADER_SIZE), max_payload)
     payload = await reader.readexactly(length) if length else b""
     return Frame(ftype, stream_id, payload)
-
-
-class FrameDecoder:
-    """Incremental decoder for callers that get bytes in arbitrary pieces (e.g. websocket messages)."""
-
-    def __init__(self, max_payload: int = MAX_FRAME_PAYLOAD) -> None:
-        self._buffer = bytearray()
-        self._max_payload = max_payload
-
-    def feed(self, data: bytes) -> Iterator[Frame]:
-        self._buffer += data
-        while len(self._buffer) >= HEADER_SIZE:
-            ftype, stream_id, length = parse_header(bytes(self._buffer[:HEADER_SIZE]), self._max_payload)
-            end = HEADER_SIZE + length
-            if len(self._buffer) < end:
-                return
-            payload = bytes(self._buffer[HEADER_SIZE:end])
-            del self._buffer[:end]
-            yield Frame(ftype, stream_id, payload)
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame held back."""
-        return len(self._buffer)
 
 
 class SendCredit:

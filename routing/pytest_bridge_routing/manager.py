@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
-from pytest_bridge_agent.guard import ApiClient, ApiTarget, Request, Response, endpoint_from_env
+from pytest_bridge_agent.kubeapi import ApiClient, ApiTarget, Request, Response, endpoint_from_env
 
 from . import nginxconf
 from . import objects as o

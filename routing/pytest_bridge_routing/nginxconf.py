@@ -43,7 +43,6 @@ __all__ = [
     "is_route_name",
     "protocol_for",
     "render",
-    "route_from_host",
     "validate_spec",
 ]
 
@@ -242,21 +241,6 @@ def _host_regex(hosts: Sequence[str]) -> str:
     # Hosts are [a-z0-9.-] only: '.' is the one character to escape.
     alternatives = "|".join(h.replace(".", "\\.") for h in sorted({_host(h) for h in hosts}))
     return f"^({_DNS_LABEL_PATTERN})\\.(?:{alternatives})$"
-
-
-def route_from_host(host: str, hosts: Sequence[str]) -> str | None:
-    """The route that the router's host rule takes from a Host header value, if any.
-
-    Mirrors nginx: ``$host`` is the Host header lowercased, without a port or a trailing dot.
-    """
-    if not hosts:
-        return None
-    name = host.strip().lower()
-    if name.startswith("["):  # an IPv6 literal is no ingress host
-        return None
-    name = name.partition(":")[0].removesuffix(".")
-    match = re.fullmatch(_host_regex(hosts), name)
-    return match.group(1) if match else None
 
 
 # --- rendering -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from pytest_bridge_agent import labels as bridge_labels
 from pytest_bridge_agent.runtime import (
     DEFAULT_NGINX_IMAGE,
     DEFAULT_PYTHON_IMAGE,
@@ -64,20 +65,20 @@ __all__ = [
 ]
 
 ROUTE_HEADER = "kubernetes-route-as"
-MANAGED_BY = ("app.kubernetes.io/managed-by", "pytest-bridge")
-COMPONENT = "pytest-bridge.io/component"
-LABEL_ROUTE = "pytest-bridge.io/route"
-LABEL_ROUTE_SERVICE = "pytest-bridge.io/route-service"
+MANAGED_BY = (bridge_labels.MANAGED_BY_LABEL, bridge_labels.MANAGED_BY_VALUE)
+COMPONENT = bridge_labels.COMPONENT_LABEL
+LABEL_ROUTE = bridge_labels.ROUTE_LABEL
+LABEL_ROUTE_SERVICE = bridge_labels.ROUTE_SERVICE_LABEL
 # On a warm route pod nobody has claimed yet (value: its service). It has no LABEL_ROUTE, so no
 # router sends it anything; claiming it swaps this label for LABEL_ROUTE in one JSON Patch.
-LABEL_POOL = "pytest-bridge.io/pool"
-LABEL_ROUTER = "pytest-bridge.io/router"
-ANN_ORIGINAL_SELECTOR = "pytest-bridge.io/original-selector"
-ANN_ROUTE_ON_HEADER = "pytest-bridge.io/route-on-header"
-ANN_OBSERVE = "pytest-bridge.io/observe"
-ANN_GENERATION = "pytest-bridge.io/generation"
-ANN_SOURCE = "pytest-bridge.io/source"
-ANN_RUNTIME = "pytest-bridge.io/runtime"  # on the manager: which code and images it runs (RoutingRuntime.key)
+LABEL_POOL = bridge_labels.POOL_LABEL
+LABEL_ROUTER = bridge_labels.ROUTER_LABEL
+ANN_ORIGINAL_SELECTOR = bridge_labels.ORIGINAL_SELECTOR_ANNOTATION
+ANN_ROUTE_ON_HEADER = bridge_labels.ROUTE_ON_HEADER_ANNOTATION
+ANN_OBSERVE = bridge_labels.OBSERVE_ANNOTATION
+ANN_GENERATION = bridge_labels.GENERATION_ANNOTATION
+ANN_SOURCE = bridge_labels.SOURCE_ANNOTATION
+ANN_RUNTIME = bridge_labels.RUNTIME_ANNOTATION
 
 MANAGER_NAME = "pytest-bridge-routing-manager"
 STATUS_CONFIGMAP = "pytest-bridge-routing-status"  # what the manager cannot route, for the plugin's errors

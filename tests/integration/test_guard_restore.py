@@ -25,13 +25,13 @@ from typing import Any
 
 import pytest
 
-from pytest_bridge.errors import PatchConflictError
-from pytest_bridge.jsonpatch import apply_patch
-from pytest_bridge.patch import SESSION_LABEL
-from pytest_bridge.ports import free_port
-from pytest_bridge.restore import RestoreRecord, guard_name, record_configmap_name
-from pytest_bridge.tunnel import tcp_connector
-from pytest_bridge.tunnel_thread import BackgroundTunnel
+from pytest_bridge.cluster.restore import RestoreRecord, guard_name, record_configmap_name
+from pytest_bridge.core.errors import PatchConflictError
+from pytest_bridge.core.jsonpatch import apply_patch
+from pytest_bridge.core.patch import SESSION_LABEL
+from pytest_bridge.local.ports import free_port
+from pytest_bridge.transport.tunnel import tcp_connector
+from pytest_bridge.transport.tunnel_thread import BackgroundTunnel
 
 LOOPBACK = "127.0.0.1"
 TOKEN = "agent-token-0123456789"

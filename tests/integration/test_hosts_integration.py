@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from pytest_bridge import hosts
-from pytest_bridge._resolver_site import pytest_bridge_resolver as resolver_module
-from pytest_bridge.hosts import (
+from pytest_bridge.core.names import Endpoint, EndpointPort, NameMapping, map_endpoints
+from pytest_bridge.local import hosts
+from pytest_bridge.local._resolver_site import pytest_bridge_resolver as resolver_module
+from pytest_bridge.local.hosts import (
     SITE_DIR,
     can_isolate_hosts,
     loopback_bindable,
@@ -34,7 +35,6 @@ from pytest_bridge.hosts import (
     wrap_argv,
     write_session_hosts_file,
 )
-from pytest_bridge.names import Endpoint, EndpointPort, NameMapping, map_endpoints
 
 IP = "127.1.1.7"
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.1.1.x needs lo0 aliases off Linux")
@@ -235,7 +235,7 @@ def test_unprivileged_user_keeps_its_uid(mapping: NameMapping) -> None:
         Path(directory).chmod(0o755)
         hosts_file = write_session_hosts_file(mapping, Path(directory), "s1")
         code = (
-            "import subprocess, sys; from pathlib import Path; from pytest_bridge import hosts;"
+            "import subprocess, sys; from pathlib import Path; from pytest_bridge.local import hosts;"
             "style = hosts._isolation_style(); print(style);"
             f"argv = hosts.wrap_argv(['sh', '-c', 'id -u; getent hosts orders'], Path({str(hosts_file)!r})) if style else None;"
             "style and sys.stdout.write(subprocess.run(argv, capture_output=True, text=True).stdout)"

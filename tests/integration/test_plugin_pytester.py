@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bridge.ports import free_port
+from pytest_bridge.local.ports import free_port
 
 pytest_plugins = ["pytester"]
 
@@ -25,10 +25,11 @@ QUIET = ("-p", "no:asyncio", "-p", "no:cacheprovider", "-p", "no:benchmark")
 FAKE_CONFTEST = '''
 import os
 
-from pytest_bridge import names
-from pytest_bridge.errors import ConnectError
-from pytest_bridge.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef
-from pytest_bridge.session import BridgedService, BridgeSession
+from pytest_bridge.core import names
+from pytest_bridge.core.errors import ConnectError
+from pytest_bridge.core.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef
+from pytest_bridge.orchestration.connection import BridgedService
+from pytest_bridge.orchestration.session import BridgeSession
 
 
 class FakeKube:
@@ -373,10 +374,11 @@ def test_xdist_workers_get_the_controllers_bridge(
 
 def test_the_handoff_survives_the_trip_to_a_worker(tmp_path: Path) -> None:
     """What goes into ``workerinput`` comes back equal (execnet carries only a string)."""
-    from pytest_bridge import handoff, names  # noqa: PLC0415
-    from pytest_bridge.hosts import Mechanisms  # noqa: PLC0415
-    from pytest_bridge.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef  # noqa: PLC0415
-    from pytest_bridge.session import BridgedService  # noqa: PLC0415
+    from pytest_bridge.core import names  # noqa: PLC0415
+    from pytest_bridge.core.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef  # noqa: PLC0415
+    from pytest_bridge.local.hosts import Mechanisms  # noqa: PLC0415
+    from pytest_bridge.orchestration import handoff  # noqa: PLC0415
+    from pytest_bridge.orchestration.connection import BridgedService  # noqa: PLC0415
 
     mapping = names.map_endpoints([names.Endpoint("inventory", "shop", (names.EndpointPort(80),))], "shop")
     plan = BridgePlan(

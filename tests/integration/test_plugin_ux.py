@@ -15,8 +15,8 @@ import pytest
 from test_plugin_pytester import FAKE_CONFTEST, QUIET
 
 from pytest_bridge import plugin
-from pytest_bridge.errors import ConnectError
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core.errors import ConnectError
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
 
 pytest_plugins = ["pytester"]

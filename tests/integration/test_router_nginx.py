@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_bridge_agent.guard import Response
-from pytest_bridge_routing import nginxconf
+from pytest_bridge_agent.kubeapi import Response
+from pytest_bridge_routing import accesslog, nginxconf, nginxproc
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import RouterPort, RouterSpec, render, sidecar_command
 
-from pytest_bridge.isolation import is_router_answer, router_probe_request
+from pytest_bridge.orchestration.isolation import is_router_answer, router_probe_request
 
 NGINX = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
 pytestmark = [
@@ -282,11 +282,11 @@ def runtime_dir() -> str:
 
 
 @contextlib.contextmanager
-def running_nginx(text: Callable[[str], str]) -> Iterator[r.Nginx]:
+def running_nginx(text: Callable[[str], str]) -> Iterator[nginxproc.Nginx]:
     """nginx (started and supervised by the router's :class:`Nginx`) on ``text(runtime_dir)``."""
     assert NGINX is not None
     run = runtime_dir()
-    nginx = r.Nginx(NGINX, run)
+    nginx = nginxproc.Nginx(NGINX, run)
     try:
         conf = text(run)
         nginx.test(conf)
@@ -319,7 +319,7 @@ class Lab:
     tcp_port: int
     backends: dict[str, Backend]  # a, b, default (HTTP)
     tcp: TcpEcho
-    router: r.Nginx
+    router: nginxproc.Nginx
     spec: RouterSpec
 
     def conn(self, port: int | None = None, source: str | None = None) -> http.client.HTTPConnection:
@@ -410,7 +410,7 @@ def lab() -> Iterator[Lab]:
 def test_nginx_accepts_rendered_configs(spec: RouterSpec) -> None:
     assert NGINX is not None
     run = runtime_dir()
-    nginx = r.Nginx(NGINX, run)
+    nginx = nginxproc.Nginx(NGINX, run)
     try:
         nginx.test(render(spec, runtime_dir=run))
     finally:
@@ -649,9 +649,9 @@ def test_access_log_records_header_route_and_upstream(lab: Lab) -> None:
         get(conn, "/logged/host", {"Host": "b.shop.example"})
         get(conn, "/logged/none")
 
-    def records() -> list[r.AccessRecord]:
+    def records() -> list[accesslog.AccessRecord]:
         with open(log, "rb") as f:
-            parsed = [r.parse_access_line(line) for line in f]
+            parsed = [accesslog.parse_access_line(line) for line in f]
         return [p for p in parsed if p is not None and p.proto == "http"]
 
     wait_until(lambda: sum(rec.status == 200 for rec in records()) >= 3, 10, "three access-log lines")
@@ -692,7 +692,7 @@ def test_a_reload_is_live_when_done_and_a_failed_one_keeps_the_old_config() -> N
                 broken = conf({}, (RouterPort("db", taken, "tcp", f"{DEFAULT_IP}:1"),))(nginx.runtime_dir)
                 nginx.test(broken)
                 nginx.install(broken)
-                with pytest.raises(r.NginxError, match="bind"):
+                with pytest.raises(nginxproc.NginxError, match="bind"):
                     nginx.reload(timeout=10)
             assert route_b() == "b"
     finally:
@@ -950,7 +950,7 @@ def test_router_process_end_to_end(api: FakeApi, start_router: Callable[[], Rout
 
         # SIGTERM: nginx goes with the router
         master = router.healthz()["nginx_pid"]
-        workers = set(r.nginx_workers(master))
+        workers = set(nginxproc.nginx_workers(master))
         assert workers
         router.proc.send_signal(signal.SIGTERM)
         assert router.proc.wait(20) == 0
@@ -972,7 +972,7 @@ def test_nginx_dies_with_a_killed_router(api: FakeApi, start_router: Callable[[]
         run = router.wait_for_log(r"runtime=(\S+)").group(1)
         api.publish(router_conf(port, backends["default"].port, {"a": POD_A}, 1)(run), 1)
         master = wait_until(lambda: router.healthz()["nginx_pid"], 10, "nginx to run")
-        workers = set(r.nginx_workers(master))
+        workers = set(nginxproc.nginx_workers(master))
         router.proc.kill()
         router.proc.wait(10)
         for pid in {master, *workers}:
@@ -990,7 +990,7 @@ def test_router_restarts_a_killed_nginx(api: FakeApi, start_router: Callable[[],
         run = router.wait_for_log(r"runtime=(\S+)").group(1)
         api.publish(router_conf(port, backends["default"].port, {"a": POD_A}, 1)(run), 1)
         master = wait_until(lambda: router.healthz()["nginx_pid"], 10, "nginx to run")
-        workers = set(r.nginx_workers(master))
+        workers = set(nginxproc.nginx_workers(master))
         os.kill(master, signal.SIGKILL)  # its workers live on, holding the port
         body = wait_until(
             lambda: (h := router.healthz())["nginx_pid"] not in (None, master) and h, 20, "a new nginx master"

@@ -31,8 +31,8 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.asyncio.server import ServerConnection
 from websockets.asyncio.server import serve as ws_serve
 
-from pytest_bridge.ports import free_port
-from pytest_bridge.tunnel import (
+from pytest_bridge.local.ports import free_port
+from pytest_bridge.transport.tunnel import (
     AuthenticationError,
     OpenFailed,
     Tunnel,
@@ -40,7 +40,7 @@ from pytest_bridge.tunnel import (
     tcp_connector,
     tcp_socket_connector,
 )
-from pytest_bridge.tunnel_thread import BackgroundTunnel
+from pytest_bridge.transport.tunnel_thread import BackgroundTunnel
 
 TOKEN = "test-token-0123456789"
 LOOPBACK = "127.0.0.1"
@@ -862,7 +862,7 @@ async def test_lane_with_wrong_token_or_unknown_session_is_refused(start_agent: 
 async def test_lanes_in_use_are_capped_and_replaced_when_they_finish(
     start_agent: StartAgent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("pytest_bridge.tunnel.MAX_ACTIVE_LANES", 1)
+    monkeypatch.setattr("pytest_bridge.transport.tunnel.MAX_ACTIVE_LANES", 1)
     listen = free_port()
     agent = start_agent([listen])
     async with serve(echo_handler) as local, agent.tunnel({listen: local}, lanes=1) as tunnel:

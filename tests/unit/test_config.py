@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from pytest_bridge.config import (
+from pytest_bridge.core.config import (
     ExternalEndpointToken,
     LocalProcessConfig,
     RequiredEndpoints,
@@ -16,7 +16,7 @@ from pytest_bridge.config import (
     parse_config,
     parse_value,
 )
-from pytest_bridge.errors import BridgeError, ConfigError
+from pytest_bridge.core.errors import BridgeError, ConfigError
 
 SAMPLE = textwrap.dedent(
     """\

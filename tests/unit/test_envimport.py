@@ -6,8 +6,8 @@ from typing import Any
 import pytest
 from k8s_samples import app_container, orders_pod
 
-from pytest_bridge.config import parse_config
-from pytest_bridge.envimport import (
+from pytest_bridge.core.config import parse_config
+from pytest_bridge.core.envimport import (
     SERVICE_ACCOUNT_MOUNT_PATH,
     SkippedVolume,
     VolumeDownload,
@@ -17,8 +17,8 @@ from pytest_bridge.envimport import (
     plan_mounted_volumes,
     volume_kind,
 )
-from pytest_bridge.errors import ConfigError
-from pytest_bridge.names import AddressMode, Endpoint, EndpointPort, map_endpoints
+from pytest_bridge.core.errors import ConfigError
+from pytest_bridge.core.names import AddressMode, Endpoint, EndpointPort, map_endpoints
 
 SESSION = PurePosixPath("/tmp/bridge-s1")
 

@@ -13,10 +13,10 @@ from types import FrameType
 import pytest
 import urllib3
 
-from pytest_bridge import faults
-from pytest_bridge.errors import ApiUnreachableError, BridgeError
+from pytest_bridge.core import faults
+from pytest_bridge.core.errors import ApiUnreachableError, BridgeError
 
-PACKAGE = Path(faults.__file__).parent
+PACKAGE = Path(faults.__file__).parent.parent  # pytest_bridge
 
 
 @pytest.fixture(autouse=True)
@@ -87,7 +87,7 @@ def test_sigterm_signals_this_process(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_sigkill_kills_on_the_spot() -> None:
-    code = "from pytest_bridge import faults; faults.checkpoint('guard-armed'); print('survived')"
+    code = "from pytest_bridge.core import faults; faults.checkpoint('guard-armed'); print('survived')"
     run = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False,
         env={"PYTEST_BRIDGE_FAULT": "guard-armed=sigkill", "PATH": "/usr/bin:/bin"},
@@ -99,7 +99,7 @@ def test_every_point_is_passed_once_and_no_other() -> None:
     """The chaos run and the e2e tests draw from POINTS: each must be a real place in connect or close."""
     called = [
         match.group(1)
-        for path in sorted(PACKAGE.glob("*.py"))
+        for path in sorted(PACKAGE.rglob("*.py"))
         for match in re.finditer(r"faults\.checkpoint\(\"([^\"]+)\"\)", path.read_text())
     ]
     assert sorted(called) == sorted(faults.POINTS)

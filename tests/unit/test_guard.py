@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 from pytest_bridge_agent import guard as g
+from pytest_bridge_agent import kubeapi
 
-from pytest_bridge.patch import SESSION_LABEL
-from pytest_bridge.restore import ROLE_LABEL, RestoreRecord, guard_job
+from pytest_bridge.cluster.restore import ROLE_LABEL, RestoreRecord, guard_job
+from pytest_bridge.core.patch import SESSION_LABEL
 
 SESSION = "s-1a2b3c"
 NS = "shop"
@@ -151,10 +152,10 @@ def parsed(rec: RestoreRecord) -> g.Record:
 
 def test_read_requests() -> None:
     cfg = config()
-    assert g.record_request(cfg) == g.Request(
+    assert g.record_request(cfg) == kubeapi.Request(
         "GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"
     )
-    assert g.pods_request(cfg) == g.Request(
+    assert g.pods_request(cfg) == kubeapi.Request(
         "GET", f"/api/v1/namespaces/shop/pods?labelSelector=pytest-bridge.io%2Fsession%3D{SESSION}"
     )
     assert g.job_request(cfg).path == f"/apis/batch/v1/namespaces/shop/jobs/pytest-bridge-guard-{SESSION}"
@@ -195,7 +196,7 @@ def test_bare_pod_requests() -> None:
 
 def test_delete_job_request() -> None:
     request = g.delete_job_request(config())
-    assert request == g.Request(
+    assert request == kubeapi.Request(
         "DELETE", f"/apis/batch/v1/namespaces/shop/jobs/pytest-bridge-guard-{SESSION}?propagationPolicy=Background"
     )
 
@@ -220,7 +221,7 @@ def pod(name: str, phase: str = "Running", ip: str | None = "10.0.0.5", **labels
     return {"metadata": {"name": name, "labels": {SESSION_LABEL: SESSION, **labels}}, "status": status}
 
 
-def test_agent_targets_skip_the_guard_and_pods_not_running() -> None:
+def test_agent_pods_skip_the_guard_and_pods_not_running() -> None:
     cfg = config(HOSTNAME="guard-pod-0")
     items = [
         pod("agent", ip="10.0.0.5"),
@@ -231,10 +232,13 @@ def test_agent_targets_skip_the_guard_and_pods_not_running() -> None:
         pod("guard-by-job", **{"job-name": cfg.job}),
         pod("guard-pod-0"),
     ]
-    assert g.agent_targets({"items": items}, cfg) == [("agent", "10.0.0.5"), ("agent-v6", "fd00::5")]
-    assert g.agent_targets({"items": None}, cfg) == []
-    assert g.agent_targets({"items": ["garbage", None]}, cfg) == []
-    assert g.agent_targets("garbage", cfg) == []
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": items}, cfg)] == [
+        ("agent", "10.0.0.5"),
+        ("agent-v6", "fd00::5"),
+    ]
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": None}, cfg)] == []
+    assert [(p.name, p.ip) for p in g.agent_pods({"items": ["garbage", None]}, cfg)] == []
+    assert [(p.name, p.ip) for p in g.agent_pods("garbage", cfg)] == []
 
 
 # ---------------------------------------------------------------- the decision
@@ -301,15 +305,15 @@ def test_zero_ttl_restores_as_soon_as_nobody_is_connected() -> None:
 class Cluster:
     """Scripted API answers: handlers by (method, path without query) return a Response or raise."""
 
-    routes: dict[tuple[str, str], Callable[[g.Request], g.Response]] = field(default_factory=dict)
-    log: list[g.Request] = field(default_factory=list)
+    routes: dict[tuple[str, str], Callable[[kubeapi.Request], kubeapi.Response]] = field(default_factory=dict)
+    log: list[kubeapi.Request] = field(default_factory=list)
     now: float = 1000.0
 
-    def send(self, request: g.Request) -> g.Response:
+    def send(self, request: kubeapi.Request) -> kubeapi.Response:
         self.log.append(request)
         handler = self.routes.get((request.method, request.path.split("?")[0]))
         if handler is None:
-            return g.Response(404, {"message": "no route"})
+            return kubeapi.Response(404, {"message": "no route"})
         return handler(request)
 
     def sleep(self, seconds: float) -> None:
@@ -322,8 +326,8 @@ class Cluster:
         return [f"{r.method} {r.path}" for r in self.log]
 
 
-def answer(status: int, body: Any = None) -> Callable[[g.Request], g.Response]:
-    return lambda request: g.Response(status, body)
+def answer(status: int, body: Any = None) -> Callable[[kubeapi.Request], kubeapi.Response]:
+    return lambda request: kubeapi.Response(status, body)
 
 
 def make_guard(cluster: Cluster, statuses: Callable[[], Any] | None = None, **env: str) -> g.Guard:
@@ -375,7 +379,8 @@ def test_loop_waits_for_the_record_then_exits_when_it_is_gone(caplog: pytest.Log
     cluster = Cluster()
     reads = iter([404, 404, 404, 200, 200, 404])
     cluster.routes["GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"] = lambda request: (
-        g.Response(code, record_map(record()) if code == 200 else {"message": "not found"}) for code in [next(reads)]
+        kubeapi.Response(code, record_map(record()) if code == 200 else {"message": "not found"})
+        for code in [next(reads)]
     ).__next__()
     caplog.set_level("INFO", "pytest_bridge_guard")
     assert make_guard(cluster, lambda: {"connected_clients": 1, "idle_seconds": 0, "sessions_total": 1}).run() == 0
@@ -414,11 +419,11 @@ def test_an_agent_that_left_for_want_of_a_client_is_proof_even_out_of_reach() ->
     pods_path = g.pods_request(config()).path.split("?")[0]
     states = iter([ready_pod(restarts=1, idle_exit=f"{g.IDLE_EXIT_PREFIX} 9s (session old)")] * 3)
 
-    def pods(request: g.Request) -> g.Response:
+    def pods(request: kubeapi.Request) -> kubeapi.Response:
         current = next(states, None)
         if current is None:  # the agent left idle since: one more restart, its message
             current = ready_pod(restarts=2, idle_exit=f"{g.IDLE_EXIT_PREFIX} 5s (session {SESSION})")
-        return g.Response(200, {"items": [current]})
+        return kubeapi.Response(200, {"items": [current]})
 
     cluster.routes["GET", pods_path] = pods
     assert make_guard(cluster).run() == 0
@@ -438,16 +443,16 @@ def test_unknown_liveness_keeps_it_alive_and_proof_of_idleness_expires_it() -> N
 def test_loop_retries_api_errors_with_backoff(caplog: pytest.LogCaptureFixture) -> None:
     cluster = Cluster()
     path = f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"
-    script: list[g.Response | OSError] = [
+    script: list[kubeapi.Response | OSError] = [
         OSError("connection refused"),
-        g.Response(403, {"message": "forbidden"}),
-        g.Response(500),
+        kubeapi.Response(403, {"message": "forbidden"}),
+        kubeapi.Response(500),
     ]
-    answers = iter([*script * 3, g.Response(200, record_map(record()))])  # then gone: the plugin restored
+    answers = iter([*script * 3, kubeapi.Response(200, record_map(record()))])  # then gone: the plugin restored
     sleeps: list[float] = []
 
-    def flaky(request: g.Request) -> g.Response:
-        item = next(answers, g.Response(404))
+    def flaky(request: kubeapi.Request) -> kubeapi.Response:
+        item = next(answers, kubeapi.Response(404))
         if isinstance(item, OSError):
             raise item
         return item
@@ -474,8 +479,8 @@ def test_conflict_while_still_bridged_without_a_forward_patch_is_abandoned(caplo
     bridged = {"spec": {"template": {"metadata": {"annotations": {SESSION_LABEL: SESSION}}}}}
     cluster.routes["GET", DEPLOY] = answer(200, bridged)
     guard = make_guard(cluster)
-    reads = iter([g.Response(200, record_map(record()))] * 12)
-    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, g.Response(404))
+    reads = iter([kubeapi.Response(200, record_map(record()))] * 12)
+    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, kubeapi.Response(404))
     assert guard.run() == 0  # exits when someone deletes the record (pytest-bridge cleanup)
     assert "RESTORE ABANDONED, no more retries" in caplog.text
     assert [r.method for r in cluster.log].count("PATCH") == 1, "never retried"
@@ -526,9 +531,9 @@ def test_conflict_while_still_bridged_restores_keeping_their_change(caplog: pyte
     cluster = Cluster()
     patches: list[Any] = []
 
-    def patch(request: g.Request) -> g.Response:
+    def patch(request: kubeapi.Request) -> kubeapi.Response:
         patches.append(json.loads(request.body or b"null"))
-        return g.Response(422, {"message": "test failed"}) if len(patches) == 1 else g.Response(200, {})
+        return kubeapi.Response(422, {"message": "test failed"}) if len(patches) == 1 else kubeapi.Response(200, {})
 
     cluster.routes["PATCH", DEPLOY] = patch
     cluster.routes["GET", DEPLOY] = answer(200, _set_image_during_the_session())
@@ -551,15 +556,15 @@ def test_a_merged_restore_the_server_finds_invalid_is_abandoned(caplog: pytest.L
     cluster = Cluster()
     answers = iter(
         [
-            g.Response(422, {"message": "test failed"}),
-            g.Response(422, {"code": 422, "message": "invalid", "details": {"causes": [{"field": "x"}]}}),
+            kubeapi.Response(422, {"message": "test failed"}),
+            kubeapi.Response(422, {"code": 422, "message": "invalid", "details": {"causes": [{"field": "x"}]}}),
         ]
     )
     cluster.routes["PATCH", DEPLOY] = lambda request: next(answers)
     cluster.routes["GET", DEPLOY] = answer(200, _set_image_during_the_session())
     guard = make_guard(cluster)
-    reads = iter([g.Response(200, record_map(record(original=ORIGINAL, forward=FORWARD)))] * 8)
-    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, g.Response(404))
+    reads = iter([kubeapi.Response(200, record_map(record(original=ORIGINAL, forward=FORWARD)))] * 8)
+    cluster.routes["GET", g.record_request(guard.config).path] = lambda request: next(reads, kubeapi.Response(404))
     assert guard.run() == 0
     assert "RESTORE ABANDONED" in caplog.text and "invalid" in caplog.text
     assert [r.method for r in cluster.log].count("PATCH") == 2
@@ -592,14 +597,14 @@ def test_job_delete_failure_still_exits_zero() -> None:
 @pytest.mark.parametrize(
     ("job", "code"),
     [
-        (g.Response(404), 0),
-        (g.Response(200, {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}), 0),
-        (g.Response(200, {"metadata": {}}), 143),
+        (kubeapi.Response(404), 0),
+        (kubeapi.Response(200, {"metadata": {"deletionTimestamp": "2026-01-01T00:00:00Z"}}), 0),
+        (kubeapi.Response(200, {"metadata": {}}), 143),
         (OSError("unreachable"), 143),
     ],
 )
-def test_exit_code_on_terminate(job: g.Response | OSError, code: int) -> None:
-    def send(request: g.Request) -> g.Response:
+def test_exit_code_on_terminate(job: kubeapi.Response | OSError, code: int) -> None:
+    def send(request: kubeapi.Request) -> kubeapi.Response:
         assert request == g.job_request(config())
         if isinstance(job, OSError):
             raise job
@@ -624,11 +629,11 @@ def test_unexpected_errors_do_not_crash_the_guard(caplog: pytest.LogCaptureFixtu
     calls = {"n": 0}
     rec = record_map(record())
 
-    def buggy(request: g.Request) -> g.Response:
+    def buggy(request: kubeapi.Request) -> kubeapi.Response:
         calls["n"] += 1
         if calls["n"] == 1:
             raise RuntimeError("boom")
-        return g.Response(200, rec)
+        return kubeapi.Response(200, rec)
 
     cluster.routes["GET", f"/api/v1/namespaces/shop/configmaps/pytest-bridge-restore-{SESSION}"] = buggy
     assert make_guard(cluster).run() == 0
@@ -640,9 +645,9 @@ def test_signal_during_a_failed_restore_terminates_after_it() -> None:
     cluster = Cluster()
     guard = make_guard(cluster)
 
-    def patch(request: g.Request) -> g.Response:
+    def patch(request: kubeapi.Request) -> kubeapi.Response:
         guard.on_signal(signal.SIGTERM, None)  # arrives mid-restore: deferred
-        return g.Response(500, {"message": "etcd is sad"})
+        return kubeapi.Response(500, {"message": "etcd is sad"})
 
     cluster.routes["PATCH", DEPLOY] = patch
     with pytest.raises(g.Terminated):
@@ -654,13 +659,13 @@ def test_signal_during_a_successful_restore_still_cleans_up() -> None:
     cluster = Cluster()
     guard = make_guard(cluster)
 
-    def patch(request: g.Request) -> g.Response:
+    def patch(request: kubeapi.Request) -> kubeapi.Response:
         guard.on_signal(signal.SIGTERM, None)
-        return g.Response(200, {})
+        return kubeapi.Response(200, {})
 
-    def delete_job(request: g.Request) -> g.Response:
+    def delete_job(request: kubeapi.Request) -> kubeapi.Response:
         guard.on_signal(signal.SIGTERM, None)  # a second one: still not raised
-        return g.Response(200, {})
+        return kubeapi.Response(200, {})
 
     cluster.routes["PATCH", DEPLOY] = patch
     cluster.routes["DELETE", JOB] = delete_job

@@ -12,26 +12,8 @@ from typing import Any
 
 import pytest
 
-from pytest_bridge import hosts
-from pytest_bridge._resolver_site import pytest_bridge_resolver as resolver
-from pytest_bridge.errors import NameMappingError
-from pytest_bridge.hosts import (
-    SITE_DIR,
-    HostsSession,
-    HostsTable,
-    Mechanisms,
-    SystemHostsBlock,
-    block_id,
-    choose_mechanisms,
-    describe,
-    hosts_table,
-    remove_stale_blocks,
-    resolving,
-    split_block_id,
-    subprocess_env,
-    write_session_hosts_file,
-)
-from pytest_bridge.names import (
+from pytest_bridge.core.errors import NameMappingError
+from pytest_bridge.core.names import (
     AddressMode,
     Endpoint,
     EndpointPort,
@@ -39,6 +21,25 @@ from pytest_bridge.names import (
     map_endpoints,
     parse_hosts_blocks,
     update_hosts_text,
+)
+from pytest_bridge.local import hosts
+from pytest_bridge.local._resolver_site import pytest_bridge_resolver as resolver
+from pytest_bridge.local.hosts import (
+    SITE_DIR,
+    HostsTable,
+    Mechanisms,
+    SystemHostsBlock,
+    block_id,
+    choose_mechanisms,
+    describe,
+    hosts_table,
+    install_resolver,
+    remove_stale_blocks,
+    resolving,
+    split_block_id,
+    subprocess_env,
+    uninstall_resolver,
+    write_session_hosts_file,
 )
 from pytest_bridge.settings import NameMappingMode
 
@@ -429,11 +430,12 @@ def test_remove_stale_blocks_keeps_blocks_applied_by_this_process(tmp_path: Path
         assert [b.session_id for b in parse_hosts_blocks(path.read_text())] == [outer.block_id]
 
 
-def test_hosts_session_sweeps_dead_sessions_first(tmp_path: Path) -> None:
+def test_dead_sessions_are_swept_before_our_block_is_applied(tmp_path: Path) -> None:
+    # as BridgeSession does with the system hosts file: sweep, then apply, remove at close
     path = tmp_path / "hosts"
     path.write_text(update_hosts_text(SYSTEM, mapping(), "crashed.pid999999999"))
-    with HostsSession(mapping(), "s1", tmp_path / "session", Mechanisms(system_hosts_file=path)) as session:
-        assert session.swept == ["crashed.pid999999999"]
+    assert remove_stale_blocks(path) == ["crashed.pid999999999"]
+    with SystemHostsBlock(mapping(), "s1", path):
         assert [b.session_id for b in parse_hosts_blocks(path.read_text())] == [block_id("s1")]
     assert path.read_text() == SYSTEM
 
@@ -495,24 +497,26 @@ def test_describe() -> None:
     assert describe(NameMappingMode.OFF) == describe(Mechanisms())
 
 
-def test_hosts_session_in_process(tmp_path: Path, fake_dns: FakeDns) -> None:
+def test_in_process_resolver_and_python_subprocesses(tmp_path: Path, fake_dns: FakeDns) -> None:
+    # as BridgeSession does with the in-process mechanisms: install, hand env to subprocesses, uninstall
     before = current()
-    session = HostsSession(mapping(), "s1", tmp_path, Mechanisms(True, True, False), system_hosts=tmp_path / "none")
-    with session:
+    token = install_resolver(mapping())
+    try:
         assert socket.gethostbyname("orders") == "127.1.1.7"
-        assert session.hosts_file == tmp_path / "hosts"
-        assert session.env({})["PYTEST_BRIDGE_HOSTS_FILE"] == str(tmp_path / "hosts")
-        assert session.wrap(["true"]) == ["true"]
-        assert session.describe().startswith("in-process resolver")
+        env = subprocess_env(mapping(), tmp_path, base={}, session_id="s1", system_hosts=tmp_path / "none")
+        assert env["PYTEST_BRIDGE_HOSTS_FILE"] == str(tmp_path / "hosts")
+        assert env["PYTHONPATH"].split(os.pathsep)[0] == str(SITE_DIR)
+        assert describe(Mechanisms(True, True, False)).startswith("in-process resolver")
+    finally:
+        uninstall_resolver(token)
     assert current() == before
 
 
-def test_hosts_session_system_file(tmp_path: Path, fake_dns: FakeDns) -> None:
+def test_system_hosts_block_resolves_through_the_file(tmp_path: Path, fake_dns: FakeDns) -> None:
     path = tmp_path / "hosts"
     path.write_text(SYSTEM)
     before = current()
-    with HostsSession(mapping(), "s1", tmp_path / "session", Mechanisms(system_hosts_file=path)) as session:
+    with SystemHostsBlock(mapping(), "s1", path):
         assert "orders.bridge-demo" in path.read_text()
-        assert current() == before  # the system file does the resolving
-        assert session.env({"A": "1"}) == {"A": "1"}
+        assert current() == before  # the system file does the resolving, not our resolver
     assert path.read_text() == SYSTEM

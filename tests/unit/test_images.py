@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from pytest_bridge_agent.runtime import BUNDLE_FILE, CODE_PATH, DEFAULT_NGINX_IMAGE, DEFAULT_PYTHON_IMAGE
 
-from pytest_bridge import bundle, images
-from pytest_bridge.bundle import Bundle
 from pytest_bridge.cli import main
+from pytest_bridge.cluster import bundle, images
+from pytest_bridge.cluster.bundle import Bundle
 from pytest_bridge.settings import add_options, resolve
 
 CODE = Bundle(b"PK-not-really-a-zip", "ab" * 32, "1.2.3")

@@ -1,4 +1,4 @@
-"""Route names, the route pod and the canary request (pure parts of pytest_bridge.isolation)."""
+"""Route names, the route pod and the canary request (pure parts of pytest_bridge.orchestration.isolation)."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import pytest
 from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders_service
 from pytest_bridge_routing import objects as o
 
-from pytest_bridge import isolation
-from pytest_bridge.errors import JsonPatchError
-from pytest_bridge.jsonpatch import apply_patch
-from pytest_bridge.patch import SESSION_LABEL, AgentSpec
-from pytest_bridge.plan import BridgePlan, make_plan
+from pytest_bridge.core.errors import JsonPatchError
+from pytest_bridge.core.jsonpatch import apply_patch
+from pytest_bridge.core.patch import SESSION_LABEL, AgentSpec
+from pytest_bridge.core.plan import BridgePlan, make_plan
+from pytest_bridge.orchestration import isolation
 
 AGENT = AgentSpec(image="agent:1", session="s-1a2b", token_sha256="ef" * 32)
 LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from pytest_bridge import kube
-from pytest_bridge.errors import ApiUnreachableError
+from pytest_bridge.cluster import kube
+from pytest_bridge.core.errors import ApiUnreachableError
 
 
 def _seen_timeout(**kwargs: Any) -> Any:

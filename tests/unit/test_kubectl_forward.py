@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from pytest_bridge_agent.lanes import LANE_POOL
 
-from pytest_bridge.errors import ConnectError
-from pytest_bridge.kubectl_forward import find_kubectl, lane_pool, parse_forwarding_port
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.core.errors import ConnectError
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
+from pytest_bridge.transport.kubectl_forward import find_kubectl, lane_pool, parse_forwarding_port
 
 
 def test_the_local_port_is_read_from_kubectls_first_line() -> None:

@@ -9,9 +9,9 @@ from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders
 from pytest_bridge_agent.merge import merge_restore, refused_as_invalid
 from pytest_bridge_agent.runtime import Code
 
-from pytest_bridge.jsonpatch import apply_patch
-from pytest_bridge.patch import AgentSpec, strip_server_fields, workload_patches
-from pytest_bridge.plan import make_plan
+from pytest_bridge.core.jsonpatch import apply_patch
+from pytest_bridge.core.patch import AgentSpec, strip_server_fields, workload_patches
+from pytest_bridge.core.plan import make_plan
 
 AGENT = AgentSpec(image="python:3.11-slim", session="s-1a2b", token_sha256="01" * 32, code=Code("cm-1", "d" * 64))
 

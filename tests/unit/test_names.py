@@ -5,8 +5,8 @@ import itertools
 import pytest
 from k8s_samples import echo_service, ledger_service, orders_service
 
-from pytest_bridge.errors import NameMappingError
-from pytest_bridge.names import (
+from pytest_bridge.core.errors import NameMappingError
+from pytest_bridge.core.names import (
     AddressMode,
     Endpoint,
     EndpointPort,

@@ -6,10 +6,12 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pytest_bridge_routing import accesslog, nginxconf, nginxproc
 from pytest_bridge_routing import router as r
 from pytest_bridge_routing.nginxconf import (
     LOG_FIELDS,
@@ -18,7 +20,6 @@ from pytest_bridge_routing.nginxconf import (
     is_route_name,
     protocol_for,
     render,
-    route_from_host,
     validate_spec,
 )
 
@@ -26,6 +27,21 @@ HTTP = RouterPort("http", 8080, "http", "10.96.0.10:80")
 GRPC = RouterPort("grpc-api", 9090, "grpc", "10.96.0.10:90")
 TCP = RouterPort("", 5432, "tcp", "10.96.0.10:5432")
 ROUTES = {"feature-x": "10.244.0.7", "ci-3f9a": "10.244.0.8"}
+
+
+def route_from_host(host: str, hosts: Sequence[str]) -> str | None:
+    """The route that the router's host rule should take from a Host header value, if any.
+
+    What nginx does: ``$host`` is the Host header lowercased, without a port or a trailing dot.
+    """
+    if not hosts:
+        return None
+    name = host.strip().lower()
+    if name.startswith("["):  # an IPv6 literal is no ingress host
+        return None
+    name = name.partition(":")[0].removesuffix(".")
+    match = re.fullmatch(nginxconf._host_regex(hosts), name)
+    return match.group(1) if match else None
 
 
 def spec(**changes: Any) -> RouterSpec:
@@ -457,8 +473,10 @@ def line(**values: str) -> str:
 
 
 def test_parse_access_line() -> None:
-    record = r.parse_access_line(line(header="feature-x", route="feature-x", upstream="10.244.0.7:8080", proto="http"))
-    assert record == r.AccessRecord(
+    record = accesslog.parse_access_line(
+        line(header="feature-x", route="feature-x", upstream="10.244.0.7:8080", proto="http")
+    )
+    assert record == accesslog.AccessRecord(
         time=1700000000.123, remote_addr="10.244.0.9", header="feature-x", route="feature-x", host="",
         upstream="10.244.0.7:8080", status=200, request_time=0.002, port="", proto="http",
     )  # fmt: skip
@@ -467,7 +485,7 @@ def test_parse_access_line() -> None:
 def test_parse_access_line_tolerates_odd_values() -> None:
     # nginx escape=json: quotes and control characters escaped, other bytes as they came
     raw = b'{"time":"1.5","remote_addr":"10.0.0.1","header":"a\\"b\\u0009\xff","route":"x","status":"-"}'
-    record = r.parse_access_line(raw)
+    record = accesslog.parse_access_line(raw)
     assert record is not None
     assert record.header == 'a"b\t\ufffd'
     assert (record.status, record.request_time, record.host) == (0, 0.0, "")
@@ -475,11 +493,11 @@ def test_parse_access_line_tolerates_odd_values() -> None:
 
 @pytest.mark.parametrize("raw", ["", "not json", "[]", '{"remote_addr": "x"}', '{"time": "soon"}'])
 def test_parse_access_line_refuses(raw: str) -> None:
-    assert r.parse_access_line(raw) is None
+    assert accesslog.parse_access_line(raw) is None
 
 
 def test_stats_count_per_route_header_and_remote() -> None:
-    stats = r.Stats()
+    stats = accesslog.Stats()
     for t, (header, route, remote, status) in enumerate(
         [
             ("a", "a", "10.0.0.1", "200"),
@@ -510,7 +528,7 @@ def test_stats_count_per_route_header_and_remote() -> None:
 
 
 def test_stats_since() -> None:
-    stats = r.Stats(window=3)
+    stats = accesslog.Stats(window=3)
     for t in range(5):
         stats.add_line(line(time=str(100 + t), route="a", header="a"))
     recent = stats.snapshot(since=102.5)
@@ -534,7 +552,7 @@ class Clock:
 
 def test_tailer_returns_complete_lines_only(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
-    tailer = r.LogTailer(str(path))
+    tailer = accesslog.LogTailer(str(path))
     assert tailer.poll() == []  # no file yet
     with path.open("ab", buffering=0) as f:
         f.write(b"one\ntw")
@@ -548,7 +566,7 @@ def test_tailer_returns_complete_lines_only(tmp_path: Path) -> None:
 def test_tailer_follows_a_rotation_without_losing_lines(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     clock = Clock()
-    tailer = r.LogTailer(str(path), grace=2.0, clock=clock)
+    tailer = accesslog.LogTailer(str(path), grace=2.0, clock=clock)
     with path.open("ab", buffering=0) as old:
         old.write(b"1\n2")
         assert tailer.poll() == [b"1"]
@@ -571,7 +589,7 @@ def test_tailer_follows_a_rotation_without_losing_lines(tmp_path: Path) -> None:
 def test_tailer_restarts_a_truncated_file(tmp_path: Path) -> None:
     path = tmp_path / "access.log"
     path.write_bytes(b"a\nb\n")
-    tailer = r.LogTailer(str(path))
+    tailer = accesslog.LogTailer(str(path))
     assert tailer.poll() == [b"a", b"b"]
     path.write_bytes(b"c\n")  # truncated and rewritten in place
     assert tailer.poll() == [b"c"]
@@ -581,7 +599,7 @@ def test_tailer_restarts_a_truncated_file(tmp_path: Path) -> None:
 def test_tailer_from_end_skips_what_was_there(tmp_path: Path) -> None:
     path = tmp_path / "error.log"
     path.write_bytes(b"old\n")
-    tailer = r.LogTailer(str(path), from_end=True)
+    tailer = accesslog.LogTailer(str(path), from_end=True)
     assert tailer.poll() == []
     with path.open("ab") as f:
         f.write(b"new\n")
@@ -593,8 +611,8 @@ def test_tailer_from_end_skips_what_was_there(tmp_path: Path) -> None:
 
 
 def test_parse_stat_with_odd_command_names() -> None:
-    assert r._parse_stat("42 (nginx) S 7 42 42 0 -1") == (7, "S")
-    assert r._parse_stat("42 (a) b (c) Z 1 42 42 0 -1") == (1, "Z")
+    assert nginxproc._parse_stat("42 (nginx) S 7 42 42 0 -1") == (7, "S")
+    assert nginxproc._parse_stat("42 (a) b (c) Z 1 42 42 0 -1") == (1, "Z")
 
 
 def fake_proc(root: Path, pid: int, ppid: int, title: str, state: str = "S") -> None:
@@ -611,11 +629,11 @@ def test_nginx_workers_from_proc(tmp_path: Path) -> None:
     fake_proc(tmp_path, 14, 99, "nginx: worker process")
     fake_proc(tmp_path, 15, 10, "nginx: cache manager process")
     (tmp_path / "self").mkdir()
-    assert r.nginx_workers(10, str(tmp_path)) == {
+    assert nginxproc.nginx_workers(10, str(tmp_path)) == {
         11: "nginx: worker process",
         12: "nginx: worker process is shutting down",
     }
-    assert r.nginx_workers(10, str(tmp_path / "missing")) == {}
+    assert nginxproc.nginx_workers(10, str(tmp_path / "missing")) == {}
 
 
 def test_orphaned_workers_are_told_from_live_ones(tmp_path: Path) -> None:
@@ -623,22 +641,22 @@ def test_orphaned_workers_are_told_from_live_ones(tmp_path: Path) -> None:
     fake_proc(tmp_path, 11, 10, "nginx: worker process")
     fake_proc(tmp_path, 12, 1, "nginx: worker process")  # its master was killed
     fake_proc(tmp_path, 13, 1, "python3 -m something")
-    assert not r._is_orphaned_worker(11, str(tmp_path))
-    assert r._is_orphaned_worker(12, str(tmp_path))
-    assert not r._is_orphaned_worker(13, str(tmp_path))
-    assert not r._is_orphaned_worker(99, str(tmp_path))
+    assert not nginxproc._is_orphaned_worker(11, str(tmp_path))
+    assert nginxproc._is_orphaned_worker(12, str(tmp_path))
+    assert not nginxproc._is_orphaned_worker(13, str(tmp_path))
+    assert not nginxproc._is_orphaned_worker(99, str(tmp_path))
 
 
 def test_workers_running_and_reload_done() -> None:
     up, down = "nginx: worker process", "nginx: worker process is shutting down"
-    assert not r.workers_running({})
-    assert not r.workers_running({5: down})
-    assert r.workers_running({5: down, 6: up})
-    assert not r.reload_done({5}, {5: up})  # SIGHUP not acted on yet
-    assert not r.reload_done({5}, {5: up, 6: up})  # new workers, but the old one still accepts
-    assert r.reload_done({5}, {5: down, 6: up})
-    assert r.reload_done({5}, {6: up})
-    assert not r.reload_done({5}, {5: down})  # no new worker: the reload failed
+    assert not nginxproc.workers_running({})
+    assert not nginxproc.workers_running({5: down})
+    assert nginxproc.workers_running({5: down, 6: up})
+    assert not nginxproc.reload_done({5}, {5: up})  # SIGHUP not acted on yet
+    assert not nginxproc.reload_done({5}, {5: up, 6: up})  # new workers, but the old one still accepts
+    assert nginxproc.reload_done({5}, {5: down, 6: up})
+    assert nginxproc.reload_done({5}, {6: up})
+    assert not nginxproc.reload_done({5}, {5: down})  # no new worker: the reload failed
 
 
 def test_health_answers() -> None:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import pytest_bridge
-from pytest_bridge import BridgeError, BridgeFactory, IsolatedRoute, LocalService, errors, plugin
+from pytest_bridge import BridgeError, BridgeFactory, IsolatedRoute, LocalService, plugin
+from pytest_bridge.core import errors
 
 REPO = Path(__file__).resolve().parents[2]
 SHIPPED = {

@@ -19,9 +19,9 @@ from k8s_samples import (
 )
 from pytest_bridge_agent.runtime import Code
 
-from pytest_bridge.errors import JsonPatchError, PatchConflictError, PatchError
-from pytest_bridge.jsonpatch import apply_patch, pointer, resolve_pointer
-from pytest_bridge.patch import (
+from pytest_bridge.core.errors import JsonPatchError, PatchConflictError, PatchError
+from pytest_bridge.core.jsonpatch import apply_patch, pointer, resolve_pointer
+from pytest_bridge.core.patch import (
     AGENT_CONTROL_PORT,
     AGENT_STATUS_PORT,
     SESSION_ANNOTATION,
@@ -34,7 +34,7 @@ from pytest_bridge.patch import (
     strip_server_fields,
     workload_patches,
 )
-from pytest_bridge.plan import BridgePlan, make_plan
+from pytest_bridge.core.plan import BridgePlan, make_plan
 
 AGENT = AgentSpec(image="localhost/pytest-bridge/agent:0.1.0", session="s-1a2b", token_sha256="01" * 32)
 

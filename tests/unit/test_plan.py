@@ -13,8 +13,8 @@ from k8s_samples import (
     orders_service,
 )
 
-from pytest_bridge.errors import BridgeError, PlanError
-from pytest_bridge.plan import (
+from pytest_bridge.core.errors import BridgeError, PlanError
+from pytest_bridge.core.plan import (
     BridgePlan,
     LocalPortSpec,
     PortBinding,

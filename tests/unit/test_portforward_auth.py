@@ -6,8 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from pytest_bridge import kube
-from pytest_bridge.portforward import ApiEndpoint
+from pytest_bridge.cluster import kube
+from pytest_bridge.transport.portforward import ApiEndpoint
 
 
 def test_a_kubeconfig_token_becomes_the_authorization_header(tmp_path: Path) -> None:

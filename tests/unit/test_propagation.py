@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pytest_bridge.propagation import analyse, counts, delta, pod_owners
+from pytest_bridge.orchestration.propagation import analyse, counts, delta, pod_owners
 
 R = "alice-1a2b3c"
 OWNERS = {"10.0.0.1": "frontend", "10.0.0.2": "inventory-nopropagate", "10.0.0.9": "orders (local)"}

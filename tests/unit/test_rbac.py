@@ -10,9 +10,12 @@ import pytest
 import yaml
 from pytest_bridge_routing import objects as ro
 
-from pytest_bridge import cli, isolation, rbac, restore, session
-from pytest_bridge.errors import ForbiddenError
-from pytest_bridge.workloads import HPA_KIND
+from pytest_bridge import cli
+from pytest_bridge.cluster import permissions, restore
+from pytest_bridge.cluster.workloads import HPA_KIND
+from pytest_bridge.core import rbac
+from pytest_bridge.core.errors import ForbiddenError
+from pytest_bridge.orchestration import isolation
 
 USER = rbac.role_rules(rbac.USER_FILE)["pytest-bridge-user"]
 MANAGER = rbac.role_rules(rbac.MANAGER_FILE)
@@ -59,7 +62,7 @@ def test_the_user_role_reads_no_secret_and_holds_none_of_the_managers_verbs() ->
 
 @pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "Pod"])
 def test_the_user_role_covers_a_bridge_and_whatever_the_guard_gets(kind: str) -> None:
-    for permission in session.required_permissions(kind, "configmap", "orders"):
+    for permission in permissions.required_permissions(kind, "configmap", "orders"):
         assert rbac.grants(USER, permission), permission
     record = restore.RestoreRecord(
         session="s-1", namespace="shop", kind=kind, name="orders", reverse_patch=[], original={}, owner="me",
@@ -130,16 +133,16 @@ def test_the_missing_permission_is_named_with_the_file_that_grants_it() -> None:
         return SimpleNamespace(status=SimpleNamespace(allowed=key in allowed))
 
     k: Any = SimpleNamespace(namespace="shop", authz=SimpleNamespace(create_self_subject_access_review=review))
-    needed = session.required_permissions("Deployment", "configmap", "orders")
+    needed = permissions.required_permissions("Deployment", "configmap", "orders")
     allowed.update(tuple(p) for p in needed if p[0] != "patch" or p[2] != "deployments")
     with pytest.raises(ForbiddenError) as caught:
-        session.required_permissions_check(k, needed, what="bridge 'orders'")
+        permissions.required_permissions_check(k, needed, what="bridge 'orders'")
     message = str(caught.value)
     assert "'patch' on 'deployments' named 'orders'" in message
     assert "nothing was changed" in message
     assert "the user Role pytest-bridge-user (`pytest-bridge rbac`, deploy/rbac/bridge-user.yaml)" in message
     allowed.add(("patch", "apps", "deployments", "orders"))
-    session.required_permissions_check(k, needed, what="bridge 'orders'")
+    permissions.required_permissions_check(k, needed, what="bridge 'orders'")
     assert "routing-manager.yaml" in (rbac.source_of(("create", "", "services")) or "")
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from k8s_samples import echo_pod, echo_service, orders_deployment, orders_pod, orders_replicaset, orders_service
 
-from pytest_bridge.patch import AgentSpec, agent_pod, pod_for_recreate, strip_server_fields, workload_patches
-from pytest_bridge.plan import make_plan
-from pytest_bridge.records import RecordError, check_owner, check_pod_matches, check_record
-from pytest_bridge.restore import RestoreRecord, _record_from_configmap, guard_name, owned_configmap
+from pytest_bridge.cluster.restore import RestoreRecord, _record_from_configmap, guard_name, owned_configmap
+from pytest_bridge.core.patch import AgentSpec, agent_pod, pod_for_recreate, strip_server_fields, workload_patches
+from pytest_bridge.core.plan import make_plan
+from pytest_bridge.core.records import RecordError, check_owner, check_pod_matches, check_record
 
 AGENT = AgentSpec(image="python:3", session="s-1a2b", token_sha256="00" * 32)
 WHERE = "record"
@@ -109,7 +109,7 @@ def test_a_bare_pod_is_recreated_only_in_place_of_its_agent_pod() -> None:
 
 
 def _with_extras(**changes: Any) -> RestoreRecord:
-    from pytest_bridge.workloads import pin_patch  # noqa: PLC0415
+    from pytest_bridge.cluster.workloads import pin_patch  # noqa: PLC0415
 
     hpa = {"metadata": {"name": "orders", "uid": "u"}, "spec": {"minReplicas": 2, "maxReplicas": 5}}
     pin = pin_patch(hpa, "s-1a2b")

@@ -11,7 +11,7 @@ import pytest
 from pytest_bridge_routing import objects as o
 from pytest_bridge_routing.manager import ApiError, Manager
 
-from pytest_bridge.jsonpatch import apply_patch
+from pytest_bridge.core.jsonpatch import apply_patch
 
 NS = "shop"
 

@@ -15,12 +15,12 @@ from pytest_bridge_agent import runtime
 from pytest_bridge_routing import nginxconf
 from pytest_bridge_routing import objects as o
 
-from pytest_bridge import bundle, policy
-from pytest_bridge.errors import ForbiddenError, PolicyError
-from pytest_bridge.patch import AgentSpec, agent_container
-from pytest_bridge.plan import make_plan
-from pytest_bridge.restore import guard_job
-from pytest_bridge.session import agent_code_mismatch
+from pytest_bridge.cluster import bundle, policy
+from pytest_bridge.cluster.restore import guard_job
+from pytest_bridge.core.errors import ForbiddenError, PolicyError
+from pytest_bridge.core.patch import AgentSpec, agent_container
+from pytest_bridge.core.plan import make_plan
+from pytest_bridge.orchestration.session import agent_code_mismatch
 from pytest_bridge.settings import BridgeSettings
 
 RESTRICTED_CONTAINER = {

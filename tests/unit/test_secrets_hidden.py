@@ -7,10 +7,10 @@ from pathlib import Path
 
 from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders_service
 
-from pytest_bridge.names import AddressMode, NameMapping
-from pytest_bridge.plan import make_plan
+from pytest_bridge.core.names import AddressMode, NameMapping
+from pytest_bridge.core.plan import make_plan
+from pytest_bridge.orchestration.connection import BridgedService
 from pytest_bridge.plugin import LocalService
-from pytest_bridge.session import BridgedService
 
 SECRET = "s3cr3t-db-password"
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bridge import ports
-from pytest_bridge.errors import PlanError
-from pytest_bridge.localproc import PortInUseError
-from pytest_bridge.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef
-from pytest_bridge.session import _check_local_ports, _same_or_free_port
+from pytest_bridge.core.errors import PlanError
+from pytest_bridge.core.plan import BridgePlan, PortBinding, ServicePort, WorkloadRef
+from pytest_bridge.local import ports
+from pytest_bridge.local.localproc import PortInUseError
+from pytest_bridge.orchestration.session import _check_local_ports, _same_or_free_port
 
 
 def _plan(service: str, *bindings: tuple[int, int]) -> BridgePlan:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bridge import sessiondir
-from pytest_bridge.session import BridgeSession
+from pytest_bridge.local import sessiondir
+from pytest_bridge.orchestration.session import BridgeSession
 from pytest_bridge.settings import BridgeSettings
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX permissions and pids")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_bridge.plan import LocalPortSpec
+from pytest_bridge.core.plan import LocalPortSpec
 from pytest_bridge.settings import (
     CONFIG_FILE_NAME,
     DEFAULT_AGENT_IMAGE,

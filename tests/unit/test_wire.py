@@ -13,7 +13,6 @@ from pytest_bridge_agent.wire import (
     MAX_FRAME_PAYLOAD,
     MAX_WINDOW,
     Frame,
-    FrameDecoder,
     FrameType,
     ProtocolError,
     RecvWindow,
@@ -29,6 +28,21 @@ from pytest_bridge_agent.wire import (
 )
 
 
+def decode_all(data: bytes) -> list[Frame]:
+    """Every frame in ``data``, read as the agent and the tunnel read them (:func:`read_frame`)."""
+
+    async def read() -> list[Frame]:
+        reader = asyncio.StreamReader(limit=len(data) + 1)
+        reader.feed_data(data)
+        reader.feed_eof()
+        frames = []
+        while not reader.at_eof():
+            frames.append(await read_frame(reader))
+        return frames
+
+    return asyncio.run(read())
+
+
 @pytest.mark.parametrize(
     ("ftype", "stream_id", "payload"),
     [
@@ -42,7 +56,7 @@ from pytest_bridge_agent.wire import (
 def test_encode_decode_round_trip(ftype: FrameType, stream_id: int, payload: bytes) -> None:
     data = encode_frame(ftype, stream_id, payload)
     assert len(data) == HEADER_SIZE + len(payload)
-    assert list(FrameDecoder().feed(data)) == [Frame(ftype, stream_id, payload)]
+    assert decode_all(data) == [Frame(ftype, stream_id, payload)]
 
 
 def test_header_layout_is_type_stream_length() -> None:
@@ -50,28 +64,9 @@ def test_header_layout_is_type_stream_length() -> None:
 
 
 def test_json_frames() -> None:
-    (frame,) = FrameDecoder().feed(encode_json_frame(FrameType.OPEN, 3, {"kind": "tcp", "port": 80}))
+    (frame,) = decode_all(encode_json_frame(FrameType.OPEN, 3, {"kind": "tcp", "port": 80}))
     assert frame.type is FrameType.OPEN
     assert decode_json(frame.payload) == {"kind": "tcp", "port": 80}
-
-
-def test_decoder_handles_partial_reads_byte_by_byte() -> None:
-    frames = [Frame(FrameType.DATA, i, os.urandom(i * 100)) for i in range(1, 6)]
-    stream = b"".join(encode_frame(f.type, f.stream_id, f.payload) for f in frames)
-    decoder = FrameDecoder()
-    out: list[Frame] = []
-    for i in range(len(stream)):
-        out.extend(decoder.feed(stream[i : i + 1]))
-    assert out == frames
-    assert decoder.pending == 0
-
-
-def test_decoder_keeps_incomplete_tail() -> None:
-    decoder = FrameDecoder()
-    data = encode_frame(FrameType.DATA, 1, b"abcdef")
-    assert list(decoder.feed(data[:-2])) == []
-    assert decoder.pending == len(data) - 2
-    assert list(decoder.feed(data[-2:])) == [Frame(FrameType.DATA, 1, b"abcdef")]
 
 
 @pytest.mark.asyncio

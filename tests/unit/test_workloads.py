@@ -21,13 +21,10 @@ from k8s_samples import (
     orders_service,
 )
 from pytest_bridge_agent import guard as g
+from pytest_bridge_agent import kubeapi
 
-from pytest_bridge.errors import PatchConflictError, PlanError
-from pytest_bridge.jsonpatch import apply_patch
-from pytest_bridge.patch import SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, WorkloadPatches, workload_patches
-from pytest_bridge.plan import make_plan
-from pytest_bridge.restore import RestoreRecord, guard_rbac
-from pytest_bridge.workloads import (
+from pytest_bridge.cluster.restore import RestoreRecord, guard_rbac
+from pytest_bridge.cluster.workloads import (
     HPA_KIND,
     WorkloadExtras,
     autoscalers_of,
@@ -36,6 +33,10 @@ from pytest_bridge.workloads import (
     refusal,
     roll_pods,
 )
+from pytest_bridge.core.errors import PatchConflictError, PlanError
+from pytest_bridge.core.jsonpatch import apply_patch
+from pytest_bridge.core.patch import SESSION_ANNOTATION, SESSION_LABEL, AgentSpec, WorkloadPatches, workload_patches
+from pytest_bridge.core.plan import make_plan
 
 SESSION = "s-1a2b3c"
 
@@ -229,29 +230,29 @@ class Api:
         self.objects = copy.deepcopy(objects)
         self.log: list[str] = []
 
-    def send(self, request: g.Request) -> g.Response:
+    def send(self, request: kubeapi.Request) -> kubeapi.Response:
         path = request.path.split("?")[0]
         self.log.append(f"{request.method} {path}")
         obj = self.objects.get(path)
         if obj is None:
-            return g.Response(404, {"message": "not found"})
+            return kubeapi.Response(404, {"message": "not found"})
         if request.method == "GET":
-            return g.Response(200, copy.deepcopy(obj))
+            return kubeapi.Response(200, copy.deepcopy(obj))
         if request.method == "PATCH":
             try:
                 patched = apply_patch(obj, json.loads(request.body or b"[]"))
             except PatchConflictError as e:
-                return g.Response(422, {"message": f"the test failed: {e}"})
+                return kubeapi.Response(422, {"message": f"the test failed: {e}"})
             if patched.get("spec") != obj.get("spec") and "generation" in obj["metadata"]:
                 patched["metadata"]["generation"] = obj["metadata"]["generation"] + 1
             self.objects[path] = patched
-            return g.Response(200, patched)
+            return kubeapi.Response(200, patched)
         if request.method == "DELETE":
             uid = (json.loads(request.body or b"{}").get("preconditions") or {}).get("uid")
             if uid and uid != obj["metadata"].get("uid"):
-                return g.Response(409, {"message": "uid precondition"})
+                return kubeapi.Response(409, {"message": "uid precondition"})
             del self.objects[path]
-            return g.Response(200, {})
+            return kubeapi.Response(200, {})
         raise AssertionError(request.method)
 
 
