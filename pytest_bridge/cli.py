@@ -160,8 +160,10 @@ def status(k: kube.Kube, out: Any = sys.stdout) -> int:
     pods: Any = kube.call("list route pods", k.core.list_namespaced_pod, ns, label_selector=f"{ro.COMPONENT}=route")
     for pod in pods.items:
         labels = pod.metadata.labels or {}
+        # A warm pod of a session's pool has no route until a test claims it.
+        what = f"route: {labels[ro.LABEL_ROUTE]}" if ro.LABEL_ROUTE in labels else "warm route pod (pool)"
         print(
-            f"  route: {labels.get(ro.LABEL_ROUTE)} of {labels.get(ro.LABEL_ROUTE_SERVICE)} "
+            f"  {what} of {labels.get(ro.LABEL_ROUTE_SERVICE)} "
             f"(pod {pod.metadata.name}, {pod.status.phase}, session {labels.get(SESSION_LABEL)})",
             file=out,
         )

@@ -680,13 +680,18 @@ def prove_live(
         before = t.reverse_total
         streams: list[Any] = []
         answers: list[asyncio.Future[bytes]] = []
+
+        async def send_one() -> None:
+            _, stream = await t.open_stream(host, port)
+            streams.append(stream)
+            stream.write(canary_request(f"{plan.service}:{port}", route))
+            answers.append(asyncio.ensure_future(stream.read(1)))
+
         try:
             async with asyncio.timeout(2.0):
-                for _ in range(ROUTE_CANARY_CONNECTIONS):
-                    _, stream = await t.open_stream(host, port)
-                    streams.append(stream)
-                    stream.write(canary_request(f"{plan.service}:{port}", route))
-                    answers.append(asyncio.ensure_future(stream.read(1)))
+                async with asyncio.TaskGroup() as group:  # side by side; one failure cancels the others
+                    for _ in range(ROUTE_CANARY_CONNECTIONS):
+                        group.create_task(send_one())
                 while t.reverse_total - before < ROUTE_CANARY_CONNECTIONS:
                     if all(a.done() for a in answers):  # each came back here first, or was answered by another
                         return t.reverse_total - before >= ROUTE_CANARY_CONNECTIONS
