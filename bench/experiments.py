@@ -486,11 +486,11 @@ def _set_lever(tunnel: Tunnel, name: str) -> None:
 def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out: Path | None = None) -> None:
     """Each lever beside raw ``kubectl port-forward``, slot by slot, both directions."""
     c = live.cluster
-    conn = next(x for x in live.session._connections if x.service == "orders")
-    assert conn.tunnel is not None
+    tunnel = live.session.tunnel_of("orders")
+    assert tunnel is not None
     outbound = live.session.services["orders"].mapping.service(kc.BENCH_SERVER)
     bridge_out = (outbound.ip, outbound.local_port(kc.BENCH_PORT))
-    pod_ip_out = conn.tunnel.serve_outbound("127.0.0.1", 0, live.bench_pod.ip, kc.BENCH_PORT)
+    pod_ip_out = tunnel.serve_outbound("127.0.0.1", 0, live.bench_pod.ip, kc.BENCH_PORT)
     forwards = {name: kc.kubectl_port_forward(c, target, kc.BENCH_PORT)
                 for name, target in (("pf svc", f"svc/{kc.BENCH_SERVER}"), ("pf pod", f"pod/{live.bench_pod.name}"))}  # fmt: skip
     # (path, baseline): bridge out against kubectl pf svc (the Service, as the app names it),
@@ -522,7 +522,7 @@ def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out
         for i in range(rounds):
             order = names[i % len(names) :] + names[: i % len(names)]  # each lever leads once in a while
             for lever in order:
-                _set_lever(conn.tunnel.tunnel, lever)
+                _set_lever(tunnel.tunnel, lever)
                 for path, base in pairs:
                     bridge_path = "podip" if lever == "podip" else path
                     if lever == "podip" and path == "in":
@@ -541,7 +541,7 @@ def levers(live: Live, rounds: int, names: list[str], size: int = 256 * MIB, out
             loads.append(load)
             say(f"round {i + 1} done, load average (1 min) {load:.2f}")
     finally:
-        conn.tunnel.tunnel.lane_relay = _ORIGINAL_RELAY
+        tunnel.tunnel.lane_relay = _ORIGINAL_RELAY
         for forward in forwards.values():
             forward.close()
     say(f"\nlane relays run per lever in this process: {dict(_relays_seen)}")

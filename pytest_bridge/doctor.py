@@ -99,7 +99,7 @@ def diagnose(settings: BridgeSettings, service: str, *, k: kube.Kube | None = No
 
     with BridgeSession(settings) as session:
         if k is not None:
-            session._kube = k
+            session.use_client(k)
         try:
             client = session.client
         except BridgeError as exc:

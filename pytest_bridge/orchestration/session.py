@@ -178,6 +178,14 @@ class BridgeSession:
                 )
         return None
 
+    def use_client(self, k: kube.Kube) -> None:
+        """Talk to the cluster through ``k`` instead of loading the kubeconfig (``pytest-bridge doctor``)."""
+        self._kube = k
+
+    def tunnel_of(self, service: str) -> BackgroundTunnel | None:
+        """The tunnel carrying ``service`` (None before it is connected); the benchmarks drive it directly."""
+        return next((c.tunnel for c in self._connections if c.service == service and c.tunnel is not None), None)
+
     def tunnel_token(self, service: str) -> str | None:
         """The secret a client presents to ``service``'s agent (a second client, e.g. the benchmarks')."""
         return next((conn.token for conn in self._connections if conn.service == service), None)
