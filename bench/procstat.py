@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "CpuByKind",
     "CpuMeter",
     "RssSampler",
     "find_pids",
@@ -165,6 +166,55 @@ class CpuMeter:
         used["machine busy"] = round(busy - busy0, 3)
         used["machine capacity"] = round(total - total0, 3)
         return used
+
+
+class CpuByKind:
+    """CPU seconds of every process on the machine, summed by kind, sampled once a second in a thread.
+
+    ``kind(comm, argv)`` names what a process is (e.g. "kubelet", "route agent"). A process first
+    seen in a sample counts from its start; what a process used in its last second before it
+    exited is lost (short-lived ones go under "kernel and exited processes", the machine's busy
+    time that no sampled process accounts for).
+    """
+
+    def __init__(self, kind: Callable[[str, list[str]], str], interval: float = 1.0) -> None:
+        self.kind, self.interval = kind, interval
+        self._seen: dict[int, tuple[str, float]] = {}  # pid -> (kind, last CPU seconds)
+        self._used: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-by-kind", daemon=True)
+        self._system_before = (0.0, 0.0)
+
+    def start(self) -> CpuByKind:
+        self._system_before = system_cpu()
+        for pid, seconds in _all_cpu().items():  # what ran before the start is not counted
+            self._seen[pid] = (self.kind(_comm(pid), _cmdline(pid)), seconds)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        for pid, seconds in _all_cpu().items():
+            known = self._seen.get(pid)
+            kind, before = known if known is not None else (self.kind(_comm(pid), _cmdline(pid)), 0.0)
+            self._used[kind] = self._used.get(kind, 0.0) + max(0.0, seconds - before)
+            self._seen[pid] = (kind, seconds)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        """Kind -> CPU seconds, largest first, with the machine's busy time and capacity."""
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        busy, total = system_cpu()
+        busy0, total0 = self._system_before
+        result = {k: round(v, 1) for k, v in sorted(self._used.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+        result["kernel and exited processes"] = round(max(0.0, busy - busy0 - sum(self._used.values())), 1)
+        result["machine busy"] = round(busy - busy0, 1)
+        result["machine capacity"] = round(total - total0, 1)
+        return result
 
 
 class RssSampler:

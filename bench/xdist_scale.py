@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import cluster as kc
+from .procstat import CpuByKind
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "fixtures" / "sampleapp" / "app.py"
@@ -101,6 +102,34 @@ def test_route(isolated_route, n):
 """
 
 
+_KNOWN = (
+    "kube-apiserver", "kubelet", "containerd", "etcd", "kubectl", "kube-proxy", "kube-controller", "kube-scheduler",
+    "nginx", "coredns", "runc",
+)  # fmt: skip
+
+
+def process_kind(comm: str, argv: list[str]) -> str:
+    """What a process on this machine is, for the CPU table (``comm`` is at most 15 characters)."""
+    line = " ".join(argv)
+    if "pytest-bridge.pyz" in line:
+        after = line.split("pytest-bridge.pyz", 1)[1].split()
+        return f"in-cluster {after[0] if after else 'code'}"
+    if "exec(eval(sys.stdin.readline()))" in line:
+        return "pytest xdist workers"
+    if "-m pytest" in line:
+        return "pytest controllers"
+    if line.endswith(str(APP)) or str(APP) in line:
+        return "local orders (sample app)"
+    if "/app/app.py" in line:
+        return "cluster sample app"
+    if comm.startswith("containerd-shim"):
+        return "containerd-shim"
+    for known in _KNOWN:
+        if comm.startswith(known[:15]):
+            return known
+    return "other"
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.xdist_scale", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=4, help="pytest runs at once (default 4)")
@@ -147,6 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "SCALE_BARRIER": str(args.barrier), "SCALE_CHECKS": str(args.checks), "SCALE_TESTS": str(args.tests),
     }  # fmt: skip
     load = [list(os.getloadavg())]
+    cpu = CpuByKind(process_kind).start()
     started = time.monotonic()
     runs = []
     for i in range(args.runs):
@@ -183,6 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         codes.append(process.wait(timeout=1800))
         log.close()
     took = time.monotonic() - started
+    cpu_used = cpu.stop()
     load.append(list(os.getloadavg()))
     results = [json.loads(p.read_text()) for p in sorted(shared.glob("*.json"))]
     warm = [r["live_s"] for r in results if r["warm"]]
@@ -199,7 +230,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "warm_over_1s": sum(1 for x in warm if x > 1.0), "all_over_1s": sum(1 for r in results if r["live_s"] > 1.0),
         "requests": sum(2 * r["checks"] for r in results), "misrouted": misrouted,
         "wall_s": round(took, 1), "load_1m_5m_15m": load,
-        "clean_after_s": round(clean_s, 1), "left": left, "samples": results, "outputs": outputs,
+        "clean_after_s": round(clean_s, 1), "left": left, "cpu_seconds_by_kind": cpu_used,
+        "samples": results, "outputs": outputs,
     }  # fmt: skip
     shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -221,6 +253,10 @@ def markdown(s: dict[str, Any]) -> str:
     ]  # fmt: skip
     lines = [f"`{s['command']}`", "", "| measure | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
+    cpu = s.get("cpu_seconds_by_kind") or {}
+    if cpu:
+        lines += ["", "| CPU seconds during the runs, by process | s |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in cpu.items()]
     return "\n".join(lines) + "\n"
 
 
