@@ -4,8 +4,11 @@ A session opens a per-test route of ``orders`` (cold: its pod starts), which fil
 pool; while they wait, the warm pods are in no Service's endpoints and no router's config, and not
 one untagged request reaches them. Then per-test routes, each closed before the next (so no other
 route keeps the router), claim a warm pod each and are live well under the cold time, proven by
-the canary and by a request with the header answered by a local server. Closing the session
-deletes the warm pods at once, and the manager restores ``orders`` and removes itself.
+the canary and by a request with the header answered by a local server. A closed route's pod goes
+back to the pool: the six routes run on the two warm pods, none started or deleted, and the
+previous route's header reaches the cluster's orders, never the next test's local server on
+the same pod. Closing the session deletes the warm pods at once, and the manager restores
+``orders`` and removes itself.
 """
 
 from __future__ import annotations
@@ -100,6 +103,8 @@ def test_per_test_routes_claim_warm_pods_that_get_no_untagged_traffic(kube_api_c
         session.close_route(first)
 
         times: list[float] = []
+        used: list[str] = []
+        previous: Any = None
         for _ in range(ROUTES):
             _wait(lambda: len(pool) >= 1, 120, "a warm pod ready")
             time.sleep(0.5)  # the next test: the manager takes the last route out of the router
@@ -108,6 +113,7 @@ def test_per_test_routes_claim_warm_pods_that_get_no_untagged_traffic(kube_api_c
                 assert route.timings["warm"] == 1.0, route.timings
                 assert route.pod.startswith("orders-pool-")
                 times.append(route.timings["live"])
+                used.append(route.pod)
                 local = subprocess.Popen(
                     [sys.executable, str(APP)],
                     env={**os.environ, "SERVICE_NAME": "orders", "LISTEN_PORT": str(route.local_port),
@@ -118,12 +124,16 @@ def test_per_test_routes_claim_warm_pods_that_get_no_untagged_traffic(kube_api_c
                     reply = _get(orders_ip, route.header)
                     assert reply["pod"] == f"local-{route.name}"
                     assert _get(orders_ip, {})["pod"].startswith("orders-"), "untagged traffic stays in the cluster"
+                    if previous is not None:  # its pod may be this one now: its header must not follow it
+                        assert _get(orders_ip, previous.header)["pod"].startswith("orders-"), previous.name
                 finally:
                     local.terminate()
                     local.wait(10)
             finally:
                 session.close_route(route)
+                previous = route
         assert statistics.median(times) < 1.0, times
+        assert set(used) <= {p.metadata.name for p in warm_pods}, f"a pod was started for a route: {used}"
     finally:
         session.close()
     assert not _pool_pods(core, session.session_id), "closing the session deletes its warm pods"

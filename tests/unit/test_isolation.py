@@ -160,3 +160,44 @@ def test_a_route_waits_for_a_warm_pod_that_is_starting_rather_than_starting_its_
         assert time.monotonic() - started < 2.0
     finally:
         pool.close()
+
+
+def test_the_unclaim_patch_gives_a_claimed_pod_back_to_the_pool_as_it_was() -> None:
+    pod = isolation.pool_pod(orders_deployment(), orders_plan(), AGENT, "orders-pool-abc123", exit_when_idle=45)
+    claimed = apply_patch(pod, isolation.claim_patch("orders", "alice-1a2b3c"))
+    back = apply_patch(claimed, isolation.unclaim_patch("orders", "alice-1a2b3c"))
+    assert back == pod, "labelled and annotated as a warm pod again"
+    assert o.live_routes([back]) == {} and o.pool_services([back]) == {"orders"}
+    assert apply_patch(back, isolation.claim_patch("orders", "bob-000000"))["metadata"]["labels"][o.LABEL_ROUTE] == (
+        "bob-000000"
+    ), "claimable again"
+    with pytest.raises(JsonPatchError):  # only the pod that still serves that route
+        apply_patch(claimed, isolation.unclaim_patch("orders", "bob-000000"))
+    with pytest.raises(JsonPatchError):
+        apply_patch(back, isolation.unclaim_patch("orders", "alice-1a2b3c"))
+
+
+def test_a_pod_on_loan_is_not_replaced_and_one_that_cannot_come_back_is() -> None:
+    bs: Any = SimpleNamespace(settings=SimpleNamespace(connect_timeout=5.0))
+    pool = isolation.RoutePool(bs, "orders", 2, 120.0, lambda line: None)
+    made: list[int] = []
+
+    def missing() -> int:  # what the pool's loop would start now
+        with pool._lock:
+            return pool.size - len(pool._ready) - pool._starting - pool._loaned - pool._returning
+
+    try:
+        first: Any = SimpleNamespace(pod="orders-pool-1")
+        second: Any = SimpleNamespace(pod="orders-pool-2")
+        with pool._lock:
+            pool._ready += [first, second]
+        assert pool.take() is first
+        assert missing() == 0, "the claimed pod is on loan: not replaced while its route runs"
+        pool.loan_ended()  # its route closed without giving it back (deleted)
+        assert missing() == 1, "a pod that will not come back is replaced"
+        made.append(1)
+        stopped: Any = SimpleNamespace(pod="orders-pool-2", conn=SimpleNamespace(plan=None, tunnel=None))
+        assert pool.take() is second
+        assert not pool.give_back(stopped, "alice-1a2b3c"), "no tunnel: cannot come back"
+    finally:
+        pool.close()
