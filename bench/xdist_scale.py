@@ -158,6 +158,13 @@ def _summary(values: list[float]) -> dict[str, float | int]:
     }
 
 
+def _output_excerpt(text: str) -> str:
+    """A run's output for the report: its failures (the start of pytest's FAILURES section), then its tail."""
+    failures = text.find("= FAILURES =")
+    head = text[failures : failures + 8000] + "\n[...]\n" if failures >= 0 else ""
+    return head + text[-3000:]
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     kubeconfig = os.environ.get("KUBECONFIG")
     if not kubeconfig:
@@ -220,7 +227,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cold = [r["live_s"] for r in results if not r["warm"]]
     misrouted = sum(len(r["tagged_misrouted"]) + len(r["untagged_misrouted"]) for r in results)
     clean_s, left = kc.wait_routing_clean(cluster, timeout=180.0, manager=False)
-    outputs = {f"run{i}": (work / f"run{i}.log").read_text()[-3000:] for i in range(args.runs)}
+    outputs = {f"run{i}": _output_excerpt((work / f"run{i}.log").read_text()) for i in range(args.runs)}
     summary = {
         "command": "python -m bench.xdist_scale " + " ".join(sys.argv[1:]),
         "runs": args.runs, "workers_per_run": args.workers, "tests_per_run": args.tests, "pool": args.pool,

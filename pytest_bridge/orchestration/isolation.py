@@ -28,9 +28,10 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pytest_bridge_agent.runtime import Code
 from pytest_bridge_routing import nginxconf
@@ -57,6 +58,8 @@ from pytest_bridge.transport.tunnel_thread import BackgroundTunnel
 
 if TYPE_CHECKING:
     from pytest_bridge.core.bridgesettings import BridgeSettings
+
+T = TypeVar("T")
 
 __all__ = [
     "ROUTE_HEADER",
@@ -550,17 +553,25 @@ def _ensure_manager_code(
     if name is None:
         return
     owner = _manager_owner(deployment)
+    key = (namespace, name, str(owner["uid"]))
+    if key in _CODE_ENSURED:  # for this very Deployment, which owns it: the next route need not read ~100 KB
+        return
     try:
         existing: Any = kube.call("read the routing code", k.core.read_namespaced_config_map, name, namespace)
     except NotFoundError:
         manifest = bundle.configmap(code, name, namespace, labels=ro.labels("code"), owner=owner)
         bundle.ship(k, manifest, code, exist_ok=True)
+        _CODE_ENSURED.add(key)
         return
     if not any(ref.uid == owner["uid"] for ref in existing.metadata.owner_references or []):
         kube.call(
             "adopt the routing code", k.core.patch_namespaced_config_map, name, namespace,
             {"metadata": {"ownerReferences": [owner]}},
         )  # fmt: skip
+    _CODE_ENSURED.add(key)
+
+
+_CODE_ENSURED: set[tuple[str, str, str]] = set()  # (namespace, code ConfigMap, manager Deployment uid) seen right
 
 
 def _retire_other_manager(
@@ -664,6 +675,47 @@ def _open_tunnel(
 
 
 @timing.timed("canary through the router")
+async def _canary_burst(
+    t: Any, plan: BridgePlan, port: int, route: str, count: int, *, until_arrived: bool
+) -> tuple[list[bytes], int] | None:
+    """``count`` canaries tagged with ``route``, dialled in-cluster to the Service's ``port`` side by side.
+
+    Returns (the first bytes each got back, b"" for none; how many reached this tunnel), or None
+    when the burst failed or took over 2 s. Waits until every canary was answered, or, with
+    ``until_arrived``, until all ``count`` reached this tunnel (a canary that reaches us is
+    answered only when the local side is, if ever).
+    """
+    host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
+    before = t.reverse_total
+    streams: list[Any] = []
+    answers: list[asyncio.Future[bytes]] = []
+
+    async def send_one() -> None:
+        _, stream = await t.open_stream(host, port)
+        streams.append(stream)
+        stream.write(canary_request(f"{plan.service}:{port}", route))
+        answers.append(asyncio.ensure_future(stream.read(1)))
+
+    try:
+        async with asyncio.timeout(2.0):
+            async with asyncio.TaskGroup() as group:  # side by side; one failure cancels the others
+                for _ in range(count):
+                    group.create_task(send_one())
+            while not all(a.done() for a in answers):
+                if until_arrived and t.reverse_total - before >= count:
+                    break
+                await asyncio.sleep(0.005)
+        got = [a.result() if a.done() and not a.cancelled() and a.exception() is None else b"" for a in answers]
+        return got, t.reverse_total - before
+    except Exception:
+        return None
+    finally:
+        for answer in answers:
+            answer.cancel()
+        for stream in streams:
+            stream.close()
+
+
 def prove_live(
     tunnel: BackgroundTunnel,
     plan: BridgePlan,
@@ -673,7 +725,14 @@ def prove_live(
     *,
     notes: Callable[[], list[str]] = lambda: [],
 ) -> None:
-    """A request tagged with ``route``, dialled in-cluster to the Service, must come back to us.
+    """Requests tagged with ``route``, dialled in-cluster to the Service, must come back to us.
+
+    One canary at a time until one comes back (cheap to repeat while the router reloads), then
+    a burst of :data:`ROUTE_CANARY_CONNECTIONS` side by side that must all come back: while
+    kube-proxy still lists the original pods beside the router (the EndpointSlice controller
+    swaps slices in more than one write), it picks per connection, so one canary can pass while
+    the next request goes to the original pod. (A clean-clone CI run failed that way: the first
+    tagged request after "live".)
 
     ``diagnose`` is asked about once a second why not yet (:func:`routing_problem`): a problem
     that will not go away by waiting (an image that cannot be pulled, pods refused by policy,
@@ -688,52 +747,27 @@ def prove_live(
             "so it cannot be routed on the kubernetes-route-as header"
         )
     host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
-    t = tunnel.tunnel
 
-    async def probe() -> bool:
-        # A burst, as the bridge's canary: while kube-proxy still lists the original pods beside the
-        # router (the EndpointSlice controller swaps slices in more than one write), it picks per
-        # connection, so one canary can pass while the next request goes to the original pod.
-        # A clean-clone CI run failed that way (the first tagged request after "live").
-        before = t.reverse_total
-        streams: list[Any] = []
-        answers: list[asyncio.Future[bytes]] = []
-
-        async def send_one() -> None:
-            _, stream = await t.open_stream(host, port)
-            streams.append(stream)
-            stream.write(canary_request(f"{plan.service}:{port}", route))
-            answers.append(asyncio.ensure_future(stream.read(1)))
-
-        try:
-            async with asyncio.timeout(2.0):
-                async with asyncio.TaskGroup() as group:  # side by side; one failure cancels the others
-                    for _ in range(ROUTE_CANARY_CONNECTIONS):
-                        group.create_task(send_one())
-                while t.reverse_total - before < ROUTE_CANARY_CONNECTIONS:
-                    if all(a.done() for a in answers):  # each came back here first, or was answered by another
-                        return t.reverse_total - before >= ROUTE_CANARY_CONNECTIONS
-                    await asyncio.sleep(0.005)
-            return True
-        except Exception:
-            return False
-        finally:
-            for answer in answers:
-                answer.cancel()
-            for stream in streams:
-                stream.close()
+    async def probe(count: int) -> bool:
+        burst = await _canary_burst(tunnel.tunnel, plan, port, route, count, until_arrived=True)
+        return burst is not None and burst[1] >= count
 
     deadline = time.monotonic() + timeout
     next_diagnosis = time.monotonic() + 1.0
+    scouted = False  # one canary came back: the burst is next
     while time.monotonic() < deadline:
-        if tunnel._call(probe(), 6):
-            return
+        if tunnel._call(probe(ROUTE_CANARY_CONNECTIONS if scouted else 1), 6):
+            if scouted:
+                return
+            scouted = True
+            continue
+        scouted = False
         if time.monotonic() > next_diagnosis:
             next_diagnosis = time.monotonic() + 1.0
             problem = diagnose()
             if problem:
                 raise ConnectError(f"route {route!r} cannot go live: {problem}")
-        time.sleep(0.05)
+        time.sleep(0.02)
     found = notes()
     raise ConnectError(
         f"route {route!r}: a canary to {host}:{port} with {ROUTE_HEADER}: {route} never reached the route pod "
@@ -751,8 +785,8 @@ def prove_unrouted(
 ) -> bool:
     """Whether requests tagged with ``route`` no longer reach this tunnel's pod, within ``timeout``.
 
-    The inverse of :func:`prove_live`, for a route pod given back to the pool: a burst of canaries
-    with the old route's header, dialled in-cluster to the Service, must all be answered by someone
+    The inverse of :func:`prove_live`, for a route pod given back to the pool: one canary, then a
+    burst of them, with the old route's header, dialled in-cluster to the Service, must all be answered by someone
     else (the original pods) while not one reaches this tunnel. Until then the router still has the
     old route, and the pod must not serve a new one: a late request of the old test would reach the
     next test's local process.
@@ -760,40 +794,21 @@ def prove_unrouted(
     port = http_port(plan)
     if port is None:
         return False
-    host = f"{plan.service}.{plan.namespace}.svc.cluster.local"
-    t = tunnel.tunnel
 
-    async def probe() -> bool:
-        before = t.reverse_total
-        streams: list[Any] = []
-        answers: list[asyncio.Future[bytes]] = []
-
-        async def send_one() -> None:
-            _, stream = await t.open_stream(host, port)
-            streams.append(stream)
-            stream.write(canary_request(f"{plan.service}:{port}", route))
-            answers.append(asyncio.ensure_future(stream.read(1)))
-
-        try:
-            async with asyncio.timeout(2.0):
-                async with asyncio.TaskGroup() as group:
-                    for _ in range(ROUTE_CANARY_CONNECTIONS):
-                        group.create_task(send_one())
-                done = await asyncio.gather(*answers)
-            return all(done) and t.reverse_total == before  # every one answered with bytes, none came here
-        except Exception:
-            return False
-        finally:
-            for answer in answers:
-                answer.cancel()
-            for stream in streams:
-                stream.close()
+    async def probe(count: int) -> bool:
+        burst = await _canary_burst(tunnel.tunnel, plan, port, route, count, until_arrived=False)
+        return burst is not None and all(burst[0]) and burst[1] == 0  # every one answered elsewhere, none here
 
     deadline = time.monotonic() + timeout
+    scouted = False  # as prove_live: one canary first, then the burst
     while time.monotonic() < deadline and not cancelled():
-        if tunnel._call(probe(), 6):
-            return True
-        time.sleep(0.1)
+        if tunnel._call(probe(ROUTE_CANARY_CONNECTIONS if scouted else 1), 6):
+            if scouted:
+                return True
+            scouted = True
+            continue
+        scouted = False
+        time.sleep(0.05)
     return False
 
 
@@ -867,7 +882,13 @@ def endpoints_are_router(k: kube.Kube, service: str) -> bool:
     return bool(addresses) and addresses <= router_ips
 
 
-def wait_host_routers(k: kube.Kube, tunnel: BackgroundTunnel, services: Iterable[str], deadline: float) -> list[str]:
+def wait_host_routers(
+    k: kube.Kube,
+    tunnel: BackgroundTunnel,
+    services: Iterable[str],
+    deadline: float,
+    proven: dict[str, str] | None = None,
+) -> list[str]:
     """Until every Service behind an Ingress answers through its router (header injected for ``<route>.`` hosts).
 
     The route's own Service is proven by the canary; the others (a frontend behind the Ingress)
@@ -879,11 +900,20 @@ def wait_host_routers(k: kube.Kube, tunnel: BackgroundTunnel, services: Iterable
     a ``<route>.<host>`` request reach the frontend's pod right after the slices had switched.
     Only Services the manager can route are waited for. Returns those still not served by their
     router at the deadline.
+
+    ``proven`` (service -> its resourceVersion when last proven here; updated) skips a Service
+    proven before and not changed since: its selector still names its router, so the next route
+    of a session does not prove it again.
     """
     existing: Any = kube.call("list services", k.core.list_namespaced_service, k.namespace)
     # What the manager routes: no ExternalName, none without a selector or with a damaged record.
     selecting = {s.metadata.name: k.to_dict(s) for s in existing.items if ro.service_problem(k.to_dict(s)) is None}
-    pending = sorted(set(services) & set(selecting))
+    versions = {name: str((obj.get("metadata") or {}).get("resourceVersion") or "") for name, obj in selecting.items()}
+    known = proven if proven is not None else {}
+    pending = sorted(
+        name for name in set(services) & set(selecting) if not versions[name] or known.get(name) != versions[name]
+    )
+    proving = list(pending)
     while pending:
         pending = [
             name
@@ -893,6 +923,8 @@ def wait_host_routers(k: kube.Kube, tunnel: BackgroundTunnel, services: Iterable
         if not pending or time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    if proven is not None:
+        proven.update({name: versions[name] for name in proving if name not in pending and versions[name]})
     return pending
 
 
@@ -1009,6 +1041,7 @@ class RoutePool:
         self._starting = 0  # pods being made
         self._loaned = 0  # pods claimed by a route that may still come back
         self._returning = 0  # pods given back, not proven free of their old route yet
+        self.proven_hosts: dict[str, str] = {}  # Ingress backends served by their routers: wait_host_routers
         self._thread = threading.Thread(target=self._run, name=f"pytest-bridge-pool-{service}", daemon=True)
         self._thread.start()
 
@@ -1282,8 +1315,10 @@ def open_route(
     runtime = routing_runtime(settings, code)
     ensure_manager(k, ns, runtime=runtime, code=code, idle_seconds=settings.routing_idle, report=report)
     pool = _pool(bs, service, report) if free_ports and not observe else None
+    prepared_at = time.monotonic()
     warm = _claim(bs, pool, route)
     created: list[tuple[str, str]] = []
+    importing: Future[BridgedService] | None = None
     if warm is not None:
         conn, plan, workload, pod_name = warm.conn, warm.conn.plan, warm.workload, warm.pod
         assert plan is not None
@@ -1315,28 +1350,41 @@ def open_route(
                     raise
                 raise refused from exc
             created.append(("pod", pod_name))
+            if pool is not None:  # the pool's pods start beside this one, not after it is live
+                pool.feed(_Recipe(plan=plan, workload=workload, code=runtime.code))
             _wait_for_pod(k, ns, pod_name, settings.agent_image, settings.connect_timeout)
             ready_at = time.monotonic()
             conn.tunnel = _open_tunnel(bs, k, pod_name, plan, token=conn.token, timeout=settings.connect_timeout)
         else:
             ready_at = time.monotonic()  # claimed: the pod was serving and its tunnel open already
         assert conn.tunnel is not None
+        # The environment comes from the pod through its tunnel, not through the router: imported
+        # while the route is being proven, not after (about 0.3 s per route under load).
+        original_container = dict(workload_template_container(workload, plan))
+        importing = _in_thread(
+            lambda: bs.import_environment(k, conn, pod_name, original_container, dir_name=f"{service}-{route}"),
+            name=f"pytest-bridge-import-{route}",
+        )
         prove_live(
             conn.tunnel, plan, route, settings.connect_timeout,
             diagnose=lambda: routing_problem(k, service, settings, route),
             notes=lambda: manager_findings(k, service, route)[1],
         )  # fmt: skip
         routed_at = time.monotonic()
-        late = wait_host_routers(k, conn.tunnel, host_backends, time.monotonic() + settings.connect_timeout)
+        late = wait_host_routers(
+            k, conn.tunnel, host_backends, time.monotonic() + settings.connect_timeout,
+            proven=pool.proven_hosts if pool is not None else None,
+        )  # fmt: skip
         if late:  # header routing works; only <route>.<host> requests may still miss the route
             report(
                 f"{service}: route {route}: {', '.join(late)} behind an Ingress not served by its router yet; "
                 f"`kubectl -n {ns} logs deploy/{ro.MANAGER_NAME}` says why"
             )
         live_at = time.monotonic()
-        original_container = dict(workload_template_container(workload, plan))
-        bridged = bs.import_environment(k, conn, pod_name, original_container, dir_name=f"{service}-{route}")
+        bridged = importing.result()
     except BaseException:
+        if importing is not None and importing.exception() is None:  # waited for: it writes files, uses the tunnel
+            shutil.rmtree(importing.result().session_dir, ignore_errors=True)
         if conn.tunnel is not None:
             conn.tunnel.stop(grace=0.05)
         _delete(k, ns, created)
@@ -1351,6 +1399,7 @@ def open_route(
     )  # fmt: skip
     result.timings.update(
         {
+            "prepared": prepared_at - started,  # checks, manager ensured: the claim (or pod start) begins
             "pod_ready": ready_at - started,
             "routed": routed_at - ready_at,  # pod serving (or claimed) -> the router sends it the route
             "live": live_at - started,
@@ -1361,6 +1410,20 @@ def open_route(
     how = "a warm pod claimed" if warm is not None else f"pod ready after {result.timings['pod_ready']:.1f}s"
     report(f"{service}: route {route} live in {result.timings['live']:.1f}s ({pod_name}: {how})")
     return result
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> Future[T]:
+    """``fn()`` in a daemon thread; its result or exception in the returned future."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(fn())
+        except BaseException as exc:  # handed to whoever waits for the future
+            future.set_exception(exc)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 def _delete(k: kube.Kube, namespace: str, created: list[tuple[str, str]]) -> None:

@@ -12,7 +12,8 @@ On ``ROUTER_STATS_PORT`` (threaded ``http.server``):
 
 - ``GET /healthz``: 200 ``{"generation", "ok", "error", ...}`` once nginx runs a config, else 503;
 - ``POST /wake``: read the ConfigMap now, not at the next poll (the manager sends it right after it
-  changed the ConfigMap: a route is served about one reload after its claim, not up to a poll later);
+  changed the ConfigMap: a route is served about one reload after its claim, not up to a poll later;
+  once wakes arrive the ConfigMap is read on a wake and every ``ROUTER_FETCH_SECONDS`` only);
 - ``GET /stats[?since=<epoch seconds>]``: request counts per (effective route, header received or
   not, remote address), read from nginx's access log (a JSON object per line, see
   :data:`pytest_bridge_routing.nginxconf.LOG_FIELDS`) when asked, so they include every request
@@ -25,7 +26,9 @@ process dies (``PR_SET_PDEATHSIG``). SIGTERM/SIGINT stop nginx (QUIT, then TERM)
 
 Configuration (env): ROUTER_CONFIGMAP, ROUTER_NAMESPACE (or POD_NAMESPACE, or the service
 account's namespace), ROUTER_STATS_PORT (47180; 0 picks one), ROUTER_STATS_HOST (all
-interfaces), ROUTER_POLL_SECONDS (0.2), ROUTER_RUNTIME_DIR (/tmp/pytest-bridge-router; render
+interfaces), ROUTER_POLL_SECONDS (0.2: nginx and its logs are looked at this often, and the
+ConfigMap read until the first ``POST /wake``), ROUTER_FETCH_SECONDS (2: after a wake, the
+ConfigMap is read on each wake and at least this often), ROUTER_RUNTIME_DIR (/tmp/pytest-bridge-router; render
 with the same ``runtime_dir``), NGINX (``nginx``), ROUTER_STOP_GRACE (2 s of QUIT before TERM), ROUTER_NGINX_MODE (``child``: nginx is this process's
 child; ``sidecar``: it runs in the pod's other container, see :class:`SidecarNginx`),
 ROUTER_RELOAD_TIMEOUT (10 s); for tests ROUTER_API_URL, ROUTER_TOKEN_FILE, ROUTER_CA_FILE (as
@@ -107,6 +110,7 @@ class RouterConfig:
     stats_port: int = nginxconf.DEFAULT_STATS_PORT
     stats_host: str = ""  # "" = every interface (IPv6 and IPv4 where possible)
     poll_interval: float = 0.2
+    fetch_interval: float = 2.0  # once wakes arrive: the ConfigMap is read on a wake and at least this often
     runtime_dir: str = nginxconf.DEFAULT_RUNTIME_DIR
     nginx: str = "nginx"
     stop_grace: float = 2.0
@@ -134,14 +138,15 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
     try:
         port = int(env.get("ROUTER_STATS_PORT") or nginxconf.DEFAULT_STATS_PORT)
         poll = float(env.get("ROUTER_POLL_SECONDS") or 0.2)
+        fetch = float(env.get("ROUTER_FETCH_SECONDS") or 2.0)
         grace = float(env.get("ROUTER_STOP_GRACE") or 2.0)
         reload_timeout = float(env.get("ROUTER_RELOAD_TIMEOUT") or 10.0)
     except ValueError as e:
         raise ValueError(f"a numeric ROUTER_* variable is malformed: {e}") from e
-    if not (0 <= port < 65536 and poll > 0 and grace >= 0 and reload_timeout > 0):
+    if not (0 <= port < 65536 and poll > 0 and fetch > 0 and grace >= 0 and reload_timeout > 0):
         raise ValueError(
-            "ROUTER_STATS_PORT must be a port (0 = any), ROUTER_POLL_SECONDS and ROUTER_RELOAD_TIMEOUT > 0, "
-            "ROUTER_STOP_GRACE >= 0"
+            "ROUTER_STATS_PORT must be a port (0 = any), ROUTER_POLL_SECONDS, ROUTER_FETCH_SECONDS and "
+            "ROUTER_RELOAD_TIMEOUT > 0, ROUTER_STOP_GRACE >= 0"
         )
     mode = env.get("ROUTER_NGINX_MODE") or "child"
     if mode not in ("child", "sidecar"):
@@ -159,6 +164,7 @@ def config_from_env(env: Mapping[str, str]) -> RouterConfig:
         stats_port=port,
         stats_host=env.get("ROUTER_STATS_HOST", ""),
         poll_interval=poll,
+        fetch_interval=fetch,
         runtime_dir=runtime_dir.rstrip("/") or "/",
         nginx=env.get("NGINX") or "nginx",
         nginx_mode=mode,
@@ -282,6 +288,11 @@ class Router:
         # the ConfigMap at once instead of at the next poll. A wake carries no config, so anyone
         # who can reach the port can only make us read what the API server holds.
         self.wake = threading.Event()
+        # Once a wake has come, the manager's wakes reach us: the ConfigMap is then read on a wake
+        # and every ``fetch_interval``, not every poll (5 GETs a second per router otherwise). Until
+        # then (a NetworkPolicy may keep the manager out) every poll reads it, as before.
+        self.wakes_arrive = False
+        self._fetched_at = float("-inf")
 
     @staticmethod
     def _forward_errors(lines: list[bytes]) -> None:
@@ -439,8 +450,10 @@ class Router:
         return body
 
     # ---- the loop ----
-    def round(self) -> None:
-        desired = self.fetch()
+    def round(self, fetch: bool = True) -> None:
+        desired = self.fetch() if fetch else None
+        if fetch:
+            self._fetched_at = time.monotonic()
         if desired is not None:
             self.apply(desired)
         self.supervise()
@@ -451,16 +464,22 @@ class Router:
             reap_orphans(self.nginx.pid)
 
     def run(self, stop: threading.Event) -> None:
+        woken = True  # the first round reads the ConfigMap
         while not stop.is_set():
             try:
-                self.round()
+                self.round(fetch=self.fetch_due(woken, time.monotonic()))
             except Exception:
                 log.exception("unexpected error in the router loop")
-            self.wake.wait(self.config.poll_interval)
+            woken = self.wake.wait(self.config.poll_interval)
             self.wake.clear()
+
+    def fetch_due(self, woken: bool, now: float) -> bool:
+        """Whether a round reads the ConfigMap: on a wake; every round until wakes arrive; else every fetch_interval."""
+        return woken or not self.wakes_arrive or now - self._fetched_at >= self.config.fetch_interval
 
     def request_wake(self) -> None:
         """Read the ConfigMap now (``POST /wake``); ``run`` ends its wait at once."""
+        self.wakes_arrive = True
         self.wake.set()
 
     def shutdown(self) -> None:

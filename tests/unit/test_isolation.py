@@ -201,3 +201,39 @@ def test_a_pod_on_loan_is_not_replaced_and_one_that_cannot_come_back_is() -> Non
         assert not pool.give_back(stopped, "alice-1a2b3c"), "no tunnel: cannot come back"
     finally:
         pool.close()
+
+
+def test_host_routers_proven_once_are_not_proven_again_until_the_service_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """wait_host_routers with ``proven``: a Service proven at this resourceVersion is skipped."""
+    versions = {"frontend": "100", "orders": "7"}
+    proved: list[str] = []
+
+    def service(name: str) -> dict[str, Any]:
+        obj = orders_service()
+        obj["metadata"] = {**obj["metadata"], "name": name, "resourceVersion": versions[name]}
+        return obj
+
+    k: Any = SimpleNamespace(
+        namespace="shop",
+        core=SimpleNamespace(
+            list_namespaced_service=lambda ns, **_: SimpleNamespace(
+                items=[SimpleNamespace(metadata=SimpleNamespace(name=n), api=service(n)) for n in sorted(versions)]
+            )
+        ),
+        to_dict=lambda obj: obj.api,
+    )
+    monkeypatch.setattr(isolation, "endpoints_are_router", lambda k, name: True)
+    monkeypatch.setattr(isolation, "router_answers", lambda tunnel, name, ns, obj: proved.append(name) or True)
+    proven: dict[str, str] = {}
+    deadline = time.monotonic() + 5
+    assert isolation.wait_host_routers(k, None, ["frontend"], deadline, proven) == []
+    assert (proved, proven) == (["frontend"], {"frontend": "100"})
+    assert isolation.wait_host_routers(k, None, ["frontend"], deadline, proven) == []
+    assert proved == ["frontend"]  # not again: the Service is as it was
+    versions["frontend"] = "101"  # switched back and again by the manager in between
+    assert isolation.wait_host_routers(k, None, ["frontend"], deadline, proven) == []
+    assert (proved, proven) == (["frontend", "frontend"], {"frontend": "101"})
+    assert isolation.wait_host_routers(k, None, ["frontend"], deadline) == []  # no cache: proven every time
+    assert len(proved) == 3

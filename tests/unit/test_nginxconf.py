@@ -433,6 +433,19 @@ def test_config_from_env_defaults() -> None:
     assert config.token_file.endswith("/token")
 
 
+def test_router_reads_its_configmap_every_poll_until_woken_then_on_wakes_and_every_fetch_interval() -> None:
+    config = r.config_from_env({**BASE_ENV, "ROUTER_FETCH_SECONDS": "3"})
+    assert (config.poll_interval, config.fetch_interval) == (0.2, 3.0)
+    router = r.Router(config, lambda request: r.Response(500, {}), nginx=nginxproc.Nginx("nginx", "/nonexistent"))
+    router.round = lambda fetch=True: setattr(router, "_fetched_at", 100.0) if fetch else None  # type: ignore[method-assign]
+    assert router.fetch_due(woken=False, now=100.1)  # no wake has come: a NetworkPolicy may keep the manager out
+    router.request_wake()
+    router.round(fetch=True)
+    assert router.fetch_due(woken=True, now=100.1)
+    assert not router.fetch_due(woken=False, now=102.9)
+    assert router.fetch_due(woken=False, now=103.0)  # a lost wake costs at most fetch_interval
+
+
 def test_config_from_env_for_tests() -> None:
     env = {
         "ROUTER_CONFIGMAP": "cm", "POD_NAMESPACE": "ns", "ROUTER_STATS_PORT": "0", "ROUTER_POLL_SECONDS": "0.05",
@@ -454,6 +467,7 @@ def test_config_from_env_for_tests() -> None:
         ({"ROUTER_CONFIGMAP": "cm", "ROUTER_NAMESPACE": "ns"}, "no API server"),
         ({**BASE_ENV, "ROUTER_STATS_PORT": "http"}, "malformed"),
         ({**BASE_ENV, "ROUTER_POLL_SECONDS": "0"}, "ROUTER_POLL_SECONDS"),
+        ({**BASE_ENV, "ROUTER_FETCH_SECONDS": "0"}, "ROUTER_FETCH_SECONDS"),
         ({**BASE_ENV, "ROUTER_RUNTIME_DIR": "run"}, "absolute"),
     ],
 )
