@@ -674,7 +674,6 @@ def _open_tunnel(
             time.sleep(0.05)
 
 
-@timing.timed("canary through the router")
 async def _canary_burst(
     t: Any, plan: BridgePlan, port: int, route: str, count: int, *, until_arrived: bool
 ) -> tuple[list[bytes], int] | None:
@@ -716,6 +715,7 @@ async def _canary_burst(
             stream.close()
 
 
+@timing.timed("canary through the router")
 def prove_live(
     tunnel: BackgroundTunnel,
     plan: BridgePlan,
@@ -786,8 +786,8 @@ def prove_unrouted(
     """Whether requests tagged with ``route`` no longer reach this tunnel's pod, within ``timeout``.
 
     The inverse of :func:`prove_live`, for a route pod given back to the pool: one canary, then a
-    burst of them, with the old route's header, dialled in-cluster to the Service, must all be answered by someone
-    else (the original pods) while not one reaches this tunnel. Until then the router still has the
+    burst of them, with the old route's header, dialled in-cluster to the Service, must all be
+    answered by someone else (the original pods) while not one reaches this tunnel. Until then the router still has the
     old route, and the pod must not serve a new one: a late request of the old test would reach the
     next test's local process.
     """
@@ -1383,10 +1383,12 @@ def open_route(
         live_at = time.monotonic()
         bridged = importing.result()
     except BaseException:
-        if importing is not None and importing.exception() is None:  # waited for: it writes files, uses the tunnel
-            shutil.rmtree(importing.result().session_dir, ignore_errors=True)
         if conn.tunnel is not None:
-            conn.tunnel.stop(grace=0.05)
+            conn.tunnel.stop(grace=0.05)  # first: an import still running through it then ends at once
+        if importing is not None:
+            with contextlib.suppress(BaseException):  # waited for: it writes into the session directory
+                if importing.exception(timeout=settings.connect_timeout) is None:
+                    shutil.rmtree(importing.result().session_dir, ignore_errors=True)
         _delete(k, ns, created)
         if warm is not None and pool is not None:
             pool.loan_ended()
