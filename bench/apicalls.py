@@ -5,7 +5,7 @@ The guard, the routing manager and the routers talk to the API server through
 second and the manager makes about eight calls a reconcile pass, so the cost of one call is
 what they cost the cluster. This sends ``--calls`` GETs per block through that client, with a
 ServiceAccount token (``kubectl create token``) and the cluster's CA, alternating blocks that
-open a new TLS connection for every call (the client before ``KEEP_IDLE``) with blocks that
+open a new TLS connection for every call (``keep_idle=0``: the client before it kept one) with blocks that
 keep one; it reports wall time, the client's CPU and, when the API server runs on this machine
 (the embedded cluster), the API server's CPU per call, as medians over ``--rounds``.
 
@@ -69,7 +69,7 @@ def _endpoint(kubeconfig: str, namespace: str, kubectl: str, work: Path) -> kube
 
 
 def _block(api: kubeapi.ApiClient, calls: int, keep: bool) -> dict[str, float | None]:
-    kubeapi.KEEP_IDLE = 15.0 if keep else 0.0  # 0: every call finds its kept connection too old
+    api.keep_idle = kubeapi.KEEP_IDLE if keep else 0.0  # 0: every call finds its kept connection too old
     request = kubeapi.Request("GET", "/version")
     server0, cpu0, wall0 = _apiserver_cpu(), time.process_time(), time.perf_counter()
     for _ in range(calls):

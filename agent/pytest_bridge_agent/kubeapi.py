@@ -113,7 +113,8 @@ def endpoint_from_env(env: Mapping[str, str], prefix: str) -> ApiEndpoint:
 class ApiClient:
     """Minimal Kubernetes API client: bearer token re-read per request (projected tokens rotate)."""
 
-    def __init__(self, config: ApiTarget) -> None:
+    def __init__(self, config: ApiTarget, *, keep_idle: float = KEEP_IDLE) -> None:
+        """``keep_idle``: seconds a kept connection may sit idle and still be used (0: a new one per call)."""
         url = urllib.parse.urlsplit(config.api_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"bad API URL {config.api_url!r}")
@@ -123,6 +124,7 @@ class ApiClient:
         self._prefix = url.path.rstrip("/")
         self._config = config
         self._ssl: tuple[float, ssl.SSLContext] | None = None
+        self.keep_idle = keep_idle
         self._kept = threading.local()  # .conn, .context, .used: this thread's open connection
         self._open: set[http.client.HTTPConnection] = set()  # every thread's, for close()
         self._open_lock = threading.Lock()
@@ -200,7 +202,7 @@ class ApiClient:
         conn: http.client.HTTPConnection | None = getattr(kept, "conn", None)
         context = self._context() if self._https else None
         if conn is not None:
-            if kept.context is context and time.monotonic() - kept.used < KEEP_IDLE and conn.sock is not None:
+            if kept.context is context and time.monotonic() - kept.used < self.keep_idle and conn.sock is not None:
                 conn.timeout = timeout
                 conn.sock.settimeout(timeout)
                 return conn, True

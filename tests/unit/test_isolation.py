@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 import re
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from k8s_samples import orders_deployment, orders_pod, orders_replicaset, orders_service
 from pytest_bridge_routing import objects as o
 
-from pytest_bridge.core.errors import JsonPatchError
+from pytest_bridge.core import timing
+from pytest_bridge.core.errors import ConnectError, JsonPatchError
 from pytest_bridge.core.jsonpatch import apply_patch
 from pytest_bridge.core.patch import SESSION_LABEL, AgentSpec
 from pytest_bridge.core.plan import BridgePlan, make_plan
@@ -237,3 +240,17 @@ def test_host_routers_proven_once_are_not_proven_again_until_the_service_changes
     assert (proved, proven) == (["frontend", "frontend"], {"frontend": "101"})
     assert isolation.wait_host_routers(k, None, ["frontend"], deadline) == []  # no cache: proven every time
     assert len(proved) == 3
+
+
+def test_the_route_proof_is_the_timed_phase_and_the_burst_a_coroutine() -> None:
+    """The connect report's "canary through the router" is prove_live (a refactor once moved it)."""
+    plan = orders_plan()
+    plan = replace(plan, service_ports=tuple(replace(p, name="raw", app_protocol=None) for p in plan.service_ports))
+    seen: list[str] = []
+    with (
+        timing.observe(lambda label, start, end: seen.append(label)),
+        pytest.raises(ConnectError, match="no HTTP port"),
+    ):
+        isolation.prove_live(cast(Any, None), plan, "r-1", 1.0)
+    assert seen == ["canary through the router"]
+    assert inspect.iscoroutinefunction(isolation._canary_burst)

@@ -92,10 +92,10 @@ def test_a_kept_connection_closed_under_it_is_sent_again_once(
     assert [path for path, _, _ in server.requests] == ["/a", "/b"]
 
 
-def test_an_idle_connection_is_not_reused(client: kubeapi.ApiClient, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_idle_connection_is_not_reused(client: kubeapi.ApiClient) -> None:
     api = client
     api.send(kubeapi.Request("GET", "/a"))
-    monkeypatch.setattr(kubeapi, "KEEP_IDLE", 0.0)
+    api.keep_idle = 0.0
     api.send(kubeapi.Request("GET", "/b"))
     assert api.connections == 2
 
