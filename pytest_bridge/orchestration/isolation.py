@@ -1118,13 +1118,16 @@ class RoutePool:
         except Exception:
             keep = False
         with self._lock:
-            self._returning -= 1
             keep = keep and not self._closed and len(self._ready) < self.size
             if keep:
                 self._ready.append(warm)
-            self._changed.notify_all()
+                self._returning -= 1
+                self._changed.notify_all()
         if not keep:
             self.discard(warm)
+            with self._lock:  # only now: close() waits for returning pods to be ready or deleted
+                self._returning -= 1
+                self._changed.notify_all()
         self._wake.set()
 
     def discard(self, warm: _Warm) -> None:
@@ -1194,13 +1197,16 @@ class RoutePool:
             return
         self._failures = 0
         with self._lock:
-            self._starting -= 1
             keep = self._is_open()
             if keep:
                 self._ready.append(warm)
-            self._changed.notify_all()
+                self._starting -= 1
+                self._changed.notify_all()
         if not keep:  # closed while it started
             self.discard(warm)
+            with self._lock:  # only now: close() waits for starting pods to be ready or deleted
+                self._starting -= 1
+                self._changed.notify_all()
         self._wake.set()
 
     def _is_open(self) -> bool:

@@ -206,6 +206,31 @@ def test_a_pod_on_loan_is_not_replaced_and_one_that_cannot_come_back_is() -> Non
         pool.close()
 
 
+def test_closing_the_pool_waits_until_a_returning_pod_is_deleted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() returns only once a pod on its way back is in the pool or deleted (an e2e run saw one left)."""
+    bs: Any = SimpleNamespace(settings=SimpleNamespace(connect_timeout=5.0), client=SimpleNamespace(core=None))
+    pool = isolation.RoutePool(bs, "orders", 2, 120.0, lambda line: None)
+    deleted: list[str] = []
+
+    def slow_discard(warm: Any) -> None:
+        time.sleep(0.3)
+        deleted.append(warm.pod)
+
+    def unclaim_fails(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("the pod is gone")
+
+    monkeypatch.setattr(pool, "discard", slow_discard)
+    monkeypatch.setattr(isolation.kube, "call", unclaim_fails)
+    with pool._lock:
+        pool._returning = 1  # as give_back leaves it
+    returning = threading.Thread(target=pool._recycle, args=(SimpleNamespace(pod="orders-pool-1"), "alice-1a2b3c"))
+    returning.start()
+    time.sleep(0.05)  # it is deleting the pod now
+    pool.close()
+    assert deleted == ["orders-pool-1"], "close() returned before the returning pod was deleted"
+    returning.join()
+
+
 def test_host_routers_proven_once_are_not_proven_again_until_the_service_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
