@@ -27,7 +27,7 @@ import secrets
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -754,14 +754,9 @@ def prove_live(
 
     deadline = time.monotonic() + timeout
     next_diagnosis = time.monotonic() + 1.0
-    scouted = False  # one canary came back: the burst is next
     while time.monotonic() < deadline:
-        if tunnel._call(probe(ROUTE_CANARY_CONNECTIONS if scouted else 1), 6):
-            if scouted:
-                return
-            scouted = True
-            continue
-        scouted = False
+        if _scout_then_burst(tunnel, probe):
+            return
         if time.monotonic() > next_diagnosis:
             next_diagnosis = time.monotonic() + 1.0
             problem = diagnose()
@@ -800,16 +795,16 @@ def prove_unrouted(
         return burst is not None and all(burst[0]) and burst[1] == 0  # every one answered elsewhere, none here
 
     deadline = time.monotonic() + timeout
-    scouted = False  # as prove_live: one canary first, then the burst
     while time.monotonic() < deadline and not cancelled():
-        if tunnel._call(probe(ROUTE_CANARY_CONNECTIONS if scouted else 1), 6):
-            if scouted:
-                return True
-            scouted = True
-            continue
-        scouted = False
+        if _scout_then_burst(tunnel, probe):
+            return True
         time.sleep(0.05)
     return False
+
+
+def _scout_then_burst(tunnel: BackgroundTunnel, probe: Callable[[int], Coroutine[Any, Any, bool]]) -> bool:
+    """``probe`` with one canary (cheap to repeat while the router reloads), then, once that passed, the burst."""
+    return bool(tunnel._call(probe(1), 6)) and bool(tunnel._call(probe(ROUTE_CANARY_CONNECTIONS), 6))
 
 
 def manager_findings(k: kube.Kube, service: str, route: str) -> tuple[list[str], list[str]]:

@@ -451,8 +451,9 @@ class Router:
 
     # ---- the loop ----
     def round(self, fetch: bool = True) -> None:
-        desired = self.fetch() if fetch else None
+        desired = None
         if fetch:
+            desired = self.fetch()
             self._fetched_at = time.monotonic()
         if desired is not None:
             self.apply(desired)
