@@ -16,7 +16,10 @@ route or pool exists):
 Warm pods of a pool are in no router's config until a claim gives them a route label (the pool
 keeps the routers, so a claimed route waits only for a config reload). Right after it changes a
 router's ConfigMap the manager sends the router pods ``POST /wake`` so they read it at once rather
-than at their next poll. When S needs no router any more, its selector is restored first and then the router and the
+than at their next poll. A claim need not wait for a pass at all: the manager's watch on route
+pods re-renders the routers whose routes it changes straight away (``Manager.quick_step``), from
+the last pass's list and the watched changes newer than it; the passes then go on as before, and
+never render a watched claim away. When S needs no router any more, its selector is restored first and then the router and the
 default Service are deleted. Each Ingress gets one copy per route with ``<route>.``-prefixed
 hosts (only its rules whose host can carry a route: no wildcard, no host-less rule).
 
@@ -33,11 +36,13 @@ Deployment; ownerReferences take its ServiceAccounts, Roles and RoleBindings wit
 
 Environment: MANAGER_NAMESPACE; MANAGER_IMAGE, MANAGER_NGINX_IMAGE, MANAGER_CODE_CONFIGMAP and
 MANAGER_CODE_DIGEST (what routers run: ``objects.RoutingRuntime``); MANAGER_IDLE_SECONDS (0 = never),
-MANAGER_POLL_SECONDS; MANAGER_WAKE_ROUTERS (0: no ``POST /wake``); MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
+MANAGER_POLL_SECONDS; MANAGER_WAKE_ROUTERS (0: no ``POST /wake``); MANAGER_QUICK (0: routes follow the
+passes only, not the watch's quick path); MANAGER_API_URL / MANAGER_TOKEN_FILE / MANAGER_CA_FILE for tests.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
 import logging
@@ -103,8 +108,11 @@ class Api:
         request = Request("POST", self._path(group, resource), json.dumps(obj).encode(), "application/json")
         return self._send(request, (200, 201, 409)).status != 409
 
-    def replace(self, group: str, resource: str, name: str, obj: Mapping[str, Any]) -> None:
-        self._send(Request("PUT", self._path(group, resource, name), json.dumps(obj).encode(), "application/json"))
+    def replace(self, group: str, resource: str, name: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """Replace; the object as stored (its new resourceVersion)."""
+        request = Request("PUT", self._path(group, resource, name), json.dumps(obj).encode(), "application/json")
+        body = self._send(request).body
+        return body if isinstance(body, dict) else {}
 
     def patch(self, group: str, resource: str, name: str, ops: list[dict[str, Any]]) -> None:
         self._send(Request("PATCH", self._path(group, resource, name), json.dumps(ops).encode(), JSON_PATCH))
@@ -136,6 +144,47 @@ def _labels(obj: Mapping[str, Any]) -> Mapping[str, str]:
 
 def _selector_string(selector: Mapping[str, str]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(selector.items()))
+
+
+def _version(obj: Mapping[str, Any]) -> int | None:
+    """The object's resourceVersion as a number, None if it is not one.
+
+    The API server's are etcd revisions; an API that hands out others turns the watch's quick
+    updates off (:meth:`Manager.pod_event`), and the passes alone route.
+    """
+    try:
+        return int(_meta_rv(obj))
+    except (TypeError, ValueError):
+        return None
+
+
+def _meta_rv(obj: Mapping[str, Any]) -> Any:
+    return (obj.get("metadata") or {}).get("resourceVersion")
+
+
+def _spec(
+    service: str,
+    namespace: str,
+    *,
+    ports: tuple[nginxconf.RouterPort, ...],
+    routes: Mapping[str, str],
+    hosts: tuple[str, ...],
+    generation: int,
+) -> nginxconf.RouterSpec:
+    return nginxconf.RouterSpec(
+        service=service, namespace=namespace, ports=ports, routes=dict(routes),
+        hosts=hosts, stats_port=o.STATS_PORT, generation=generation,
+    )  # fmt: skip
+
+
+@dataclass
+class Rendered:
+    """What a router's ConfigMap was last rendered from, so a watched claim can re-render it at once."""
+
+    ports: tuple[nginxconf.RouterPort, ...]
+    hosts: tuple[str, ...]
+    config_map: dict[str, Any]  # as stored: its resourceVersion and generation
+    routes: dict[str, str]  # route -> pod IP
 
 
 @dataclass
@@ -192,6 +241,14 @@ class Manager:
     _problems: Problems = field(default_factory=Problems)
     wake: Any = field(default=None)  # (router pod IP) -> None; None: POST /wake in a thread
     _calls: ThreadPoolExecutor | None = field(default=None, repr=False)  # API calls side by side (own connections)
+    # The watch's quick path (pod_event, quick_step) beside the passes, under _lock: the route
+    # pods of the last pass's list, the watched changes newer than it, and each router's last render.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _listed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _watched: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)  # name -> (event type, pod)
+    _rendered: dict[str, Rendered] = field(default_factory=dict)
+    _router_pods: list[dict[str, Any]] = field(default_factory=list)
+    quick: bool = True  # False once a resourceVersion is not a number: passes only
 
     def __post_init__(self) -> None:
         if self.wake is None:
@@ -273,6 +330,7 @@ class Manager:
         self._waiting = False
         problems = self._problems = Problems()
         seen = self.observe()
+        self._listed_now(seen)
         for pod in seen.route_pods:
             if o.is_finished(pod) and not (pod.get("metadata") or {}).get("deletionTimestamp"):
                 log.info("deleting finished route pod %s", _name(pod))
@@ -399,27 +457,19 @@ class Manager:
                     default_upstream=f"{cluster_ip}:{port['port']}",
                 )
             )
-        ready_routes = {route: ip for route, ip in routes.items() if ip}
-        cm = seen.config_maps.get(service)
-        generation = int(((cm or {}).get("metadata") or {}).get("annotations", {}).get(o.ANN_GENERATION, "0") or 0)
-
-        def render(gen: int) -> str:
-            spec = nginxconf.RouterSpec(
-                service=service, namespace=ns, ports=tuple(router_ports), routes=ready_routes,
-                hosts=tuple(hosts), stats_port=o.STATS_PORT, generation=gen,
-            )  # fmt: skip
-            return nginxconf.render(spec)
-
-        if cm is None:
-            log.info("service %s: creating router config (routes %s)", service, sorted(ready_routes))
-            a.create("", "configmaps", o.router_config_map(service, ns, render(1), 1))
-        elif (cm.get("data") or {}).get("nginx.conf") != render(generation):
-            generation += 1
-            log.info("service %s: router config generation %d (routes %s)", service, generation, sorted(ready_routes))
-            updated = o.router_config_map(service, ns, render(generation), generation)
-            updated["metadata"]["resourceVersion"] = cm["metadata"]["resourceVersion"]
-            a.replace("", "configmaps", o.router_name(service), updated)
-            self._wake_routers(seen, service)
+        with self._lock:
+            # The freshest view: a claim the watch saw after this pass's list is already in a
+            # config the quick path wrote, and must not be rendered away by this pass.
+            ready_routes = self._ready_routes(service, routes)
+            cm = self._newest_config_map(service, seen.config_maps.get(service))
+            if cm is None:
+                log.info("service %s: creating router config (routes %s)", service, sorted(ready_routes))
+                spec = _spec(
+                    service, ns, ports=tuple(router_ports), routes=ready_routes, hosts=tuple(hosts), generation=1
+                )
+                a.create("", "configmaps", o.router_config_map(service, ns, nginxconf.render(spec), 1))
+            elif self._write_config(service, Rendered(tuple(router_ports), tuple(hosts), cm, ready_routes)):
+                self._wake_routers(seen.router_pods, service)
         router = seen.routers.get(service)
         if router is None:
             log.info("service %s: creating router", service)
@@ -452,13 +502,113 @@ class Manager:
         log.info("service %s: switching selector %s -> router", service, current)
         a.patch("", "services", service, o.switch_patch(service_obj))
 
-    def _wake_routers(self, seen: Observed, service: str) -> None:
+    def _listed_now(self, seen: Observed) -> None:
+        """A pass's list of route pods: watched changes it already holds are dropped."""
+        with self._lock:
+            self._listed = {_name(pod): pod for pod in seen.route_pods}
+            self._router_pods = seen.router_pods
+            for name, (kind, pod) in list(self._watched.items()):
+                listed = self._listed.get(name)
+                if (listed is None and kind == "DELETED") or not self._newer(pod, listed):
+                    del self._watched[name]
+
+    @staticmethod
+    def _newer(pod: Mapping[str, Any], than: Mapping[str, Any] | None) -> bool:
+        if than is None:
+            return True
+        version, known = _version(pod), _version(than)
+        return version is not None and known is not None and version > known
+
+    def pod_event(self, kind: str, pod: Mapping[str, Any]) -> bool:
+        """A route pod event from the watch; True if it may change a route (``quick_step`` then)."""
+        if kind not in ("ADDED", "MODIFIED", "DELETED") or not _name(pod) or not self.quick:
+            return False
+        if _version(pod) is None:
+            log.info("resourceVersion %r is not a number: routes follow the passes only", _meta_rv(pod))
+            self.quick = False
+            return False
+        with self._lock:
+            name = _name(pod)
+            known = self._watched.get(name, (None, self._listed.get(name)))[1]
+            if not self._newer(pod, known):
+                return False
+            self._watched[name] = (kind, dict(pod))
+            return o.LABEL_ROUTE in _labels(pod) or (known is not None and o.LABEL_ROUTE in _labels(known))
+
+    def _route_pods(self) -> list[dict[str, Any]]:
+        """The last list's route pods with the newer watched changes (under _lock)."""
+        pods = dict(self._listed)
+        for name, (kind, pod) in self._watched.items():
+            if kind == "DELETED":
+                pods.pop(name, None)
+            else:
+                pods[name] = pod
+        return list(pods.values())
+
+    def _ready_routes(self, service: str, listed: Mapping[str, str | None]) -> dict[str, str]:
+        routes = o.live_routes(self._route_pods()).get(service, {}) if self.quick else listed
+        return {route: ip for route, ip in routes.items() if ip}
+
+    def _newest_config_map(self, service: str, listed: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The listed router ConfigMap, or the quick path's write if that is newer (under _lock)."""
+        rendered = self._rendered.get(service)
+        if listed is None:
+            self._rendered.pop(service, None)
+            return None
+        if rendered is not None and self._newer(rendered.config_map, listed):
+            return rendered.config_map
+        return listed
+
+    def _write_config(self, service: str, want: Rendered) -> bool:
+        """Make the router's ConfigMap ``want`` (under _lock); True if it was replaced."""
+        cm = want.config_map
+        generation = int(((cm.get("metadata") or {}).get("annotations") or {}).get(o.ANN_GENERATION, "0") or 0)
+        ns = self.api.namespace
+        spec = _spec(service, ns, ports=want.ports, routes=want.routes, hosts=want.hosts, generation=generation)
+        if (cm.get("data") or {}).get("nginx.conf") == nginxconf.render(spec):
+            self._rendered[service] = want
+            return False
+        generation += 1
+        log.info("service %s: router config generation %d (routes %s)", service, generation, sorted(want.routes))
+        spec = dataclasses.replace(spec, generation=generation)
+        updated = o.router_config_map(service, ns, nginxconf.render(spec), generation)
+        updated["metadata"]["resourceVersion"] = (cm.get("metadata") or {}).get("resourceVersion")
+        stored = self.api.replace("", "configmaps", o.router_name(service), updated)
+        self._rendered[service] = dataclasses.replace(want, config_map=stored or updated)
+        return True
+
+    def quick_step(self) -> int:
+        """Re-render the routers whose routes the watch changed, without waiting for a pass.
+
+        A claimed warm pod is the common case: its router's ConfigMap is written, and the router
+        woken, within one API call of the claim. A failure (a conflicting write, say) is left to
+        the next pass, which lists everything. Returns how many ConfigMaps were written.
+        """
+        written = 0
+        with self._lock:
+            if not self.quick:
+                return 0
+            routes = o.live_routes(self._route_pods())
+            for service, last in list(self._rendered.items()):
+                ready = {route: ip for route, ip in routes.get(service, {}).items() if ip}
+                if ready == last.routes:
+                    continue
+                try:
+                    if self._write_config(service, dataclasses.replace(last, routes=ready)):
+                        written += 1
+                        self._wake_routers(self._router_pods, service)
+                except (ApiError, OSError) as e:
+                    log.info("service %s: quick config update: %s (the next pass retries)", service, e)
+                    self._rendered.pop(service, None)
+        return written
+
+    def _wake_routers(self, router_pods: list[dict[str, Any]], service: str) -> None:
         """Tell ``service``'s router pods their ConfigMap changed (``POST /wake``), so they read it now.
 
         Best effort and off the reconcile thread: a router we cannot reach (a NetworkPolicy) still
         reads the ConfigMap at its next poll.
         """
-        for pod in seen.router_pods:
+        for pod in router_pods:
             ip = (pod.get("status") or {}).get("podIP")
             if (
                 _labels(pod).get(o.LABEL_ROUTER) == service
@@ -485,6 +635,8 @@ class Manager:
             if o.default_service_name(service) in seen.services:
                 a.delete("", "services", o.default_service_name(service))
             self._ports.pop(service, None)
+            with self._lock:
+                self._rendered.pop(service, None)
         except (ApiError, OSError) as e:
             log.warning("service %s: cleanup: %s", service, e)
 
@@ -549,22 +701,47 @@ def _esc(key: str) -> str:
 
 
 class Wakeup:
-    """Wakes the reconcile loop when a route pod changes (a watch), else after the poll interval."""
+    """Wakes the reconcile loop when a route pod changes (a watch), else after the poll interval.
 
-    def __init__(self, api: Api) -> None:
+    With a ``manager``, each watched change is also handed to it (:meth:`Manager.pod_event`), and
+    one that may change a route runs :meth:`Manager.quick_step` in a thread of its own: a claim
+    then reaches its router without waiting for the pass in progress and the next one's lists.
+    """
+
+    def __init__(self, api: Api, manager: Manager | None = None) -> None:
         self.event = threading.Event()
         self.api = api
+        self.manager = manager
         self.stopped = False
+        self._quick = threading.Event()
         threading.Thread(target=self._run, name="route-pod-watch", daemon=True).start()
+        if manager is not None:
+            threading.Thread(target=self._run_quick, args=(manager,), name="quick-routes", daemon=True).start()
 
     def _run(self) -> None:
         while not self.stopped:
             try:
-                for _event in self.api.watch_route_pods(""):
+                for event in self.api.watch_route_pods(""):
+                    pod = event.get("object") if isinstance(event, dict) else None
+                    if (
+                        self.manager is not None
+                        and isinstance(pod, dict)
+                        and self.manager.pod_event(event["type"], pod)
+                    ):
+                        self._quick.set()
                     self.event.set()
             except OSError as e:
                 log.debug("watch: %s", e)
                 time.sleep(1)
+
+    def _run_quick(self, manager: Manager) -> None:
+        while not self.stopped:
+            self._quick.wait()
+            self._quick.clear()
+            try:
+                manager.quick_step()
+            except Exception:  # the passes route on; this only makes them faster
+                log.exception("quick config update")
 
     def wait(self, timeout: float) -> None:
         self.event.wait(timeout)
@@ -590,7 +767,8 @@ def main(environ: Mapping[str, str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    wakeup = Wakeup(api)
+    manager.quick = env.get("MANAGER_QUICK", "1") != "0"
+    wakeup = Wakeup(api, manager if manager.quick else None)
     log.info("routing manager for namespace %s (idle exit after %gs)", api.namespace, manager.idle_seconds)
     last_error = ""
     while not stop.is_set():

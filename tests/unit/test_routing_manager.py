@@ -94,6 +94,9 @@ class FakeApi:
         self.mutations = 0
         self.store: dict[str, dict[str, dict[str, Any]]] = {}
         self.ips = itertools.count(1)
+        self.versions = itertools.count(1000)  # replace() stores a new resourceVersion, as the API server does
+        self.conflicts = False  # True: replace() with a stale resourceVersion fails (409), as the API server does
+        self.replaced: list[str] = []
 
     def put(self, resource: str, obj: dict[str, Any]) -> None:
         self.store.setdefault(resource, {})[obj["metadata"]["name"]] = obj
@@ -112,9 +115,20 @@ class FakeApi:
         self.put(resource, obj)
         return True
 
-    def replace(self, group: str, resource: str, name: str, obj: Any) -> None:
+    def replace(self, group: str, resource: str, name: str, obj: Any) -> dict[str, Any]:
         self.mutations += 1
-        self.put(resource, copy.deepcopy(obj))
+        stored = self.store.get(resource, {}).get(name)
+        if (
+            stored is not None
+            and self.conflicts
+            and obj["metadata"].get("resourceVersion") != stored["metadata"].get("resourceVersion")
+        ):
+            raise ApiError(f"PUT {name}: HTTP 409 Conflict")
+        obj = copy.deepcopy(obj)
+        obj["metadata"]["resourceVersion"] = str(next(self.versions))
+        self.put(resource, obj)
+        self.replaced.append(name)
+        return copy.deepcopy(obj)
 
     def patch(self, group: str, resource: str, name: str, ops: list[dict[str, Any]]) -> None:
         self.mutations += 1
@@ -671,3 +685,126 @@ def test_finished_pool_pods_are_deleted_and_the_manager_is_busy_while_a_pool_liv
     busy, _ = manager.reconcile()
     assert busy
     assert "orders-pool-2" not in api.store["pods"] and "orders-pool-1" in api.store["pods"]
+
+
+# --- the watch's quick path: a claim reaches the router's ConfigMap without waiting for a pass ---
+
+
+def versioned(pod: dict[str, Any], version: int) -> dict[str, Any]:
+    pod = copy.deepcopy(pod)
+    pod["metadata"]["resourceVersion"] = str(version)
+    return pod
+
+
+def claimed(pod: dict[str, Any], route: str, version: int) -> dict[str, Any]:
+    pod = versioned(pod, version)
+    pod["metadata"]["labels"][o.LABEL_ROUTE] = route
+    return pod
+
+
+def warm_pod(name: str, ip: str, version: int) -> dict[str, Any]:
+    pod = route_pod("orders", "x", ip)
+    pod["metadata"]["name"] = name
+    labels = pod["metadata"]["labels"]
+    del labels[o.LABEL_ROUTE], labels[o.LABEL_ROUTE_SERVICE]
+    labels[o.LABEL_POOL] = "orders"
+    return versioned(pod, version)
+
+
+def routed_conf(api: FakeApi) -> str:
+    return str(api.store["configmaps"]["orders-pbr-router"]["data"]["nginx.conf"])
+
+
+def claim_of(pod: dict[str, Any], route: str, version: int) -> dict[str, Any]:
+    pod = claimed(pod, route, version)
+    pod["metadata"]["labels"][o.LABEL_ROUTE_SERVICE] = "orders"
+    return pod
+
+
+@pytest.fixture
+def pooled(api: FakeApi) -> tuple[Manager, list[str]]:
+    """A settled manager for a pool of two warm ``orders`` pods and one route; wakes recorded."""
+    woken: list[str] = []
+    manager = Manager(api, o.RoutingRuntime(), wake=woken.append)  # type: ignore[arg-type]
+    api.put("pods", versioned(route_pod("orders", "r1", "10.244.0.20"), 10))
+    api.put("pods", warm_pod("warm-a", "10.244.0.30", 11))
+    api.put("pods", warm_pod("warm-b", "10.244.0.31", 12))
+    settle(manager, api)
+    assert "10.244.0.20" in routed_conf(api) and "10.244.0.30" not in routed_conf(api)
+    woken.clear()
+    return manager, woken
+
+
+def test_a_watched_claim_is_written_to_the_router_at_once(api: FakeApi, pooled: tuple[Manager, list[str]]) -> None:
+    manager, woken = pooled
+    generation = int(api.store["configmaps"]["orders-pbr-router"]["metadata"]["annotations"][o.ANN_GENERATION])
+    claim = claim_of(api.store["pods"]["warm-a"], "bob-1", 20)
+    assert manager.pod_event("MODIFIED", claim) is True
+    assert manager.quick_step() == 1, "no pass: the watch's event alone"
+    cm = api.store["configmaps"]["orders-pbr-router"]
+    assert "bob-1" in cm["data"]["nginx.conf"] and "10.244.0.30" in cm["data"]["nginx.conf"]
+    assert "10.244.0.20" in cm["data"]["nginx.conf"], "the other route stays"
+    assert int(cm["metadata"]["annotations"][o.ANN_GENERATION]) == generation + 1
+    assert woken == ["10.244.0.99"], "the router is told"
+    assert manager.quick_step() == 0, "nothing new: nothing written"
+
+
+def test_a_pass_listing_before_the_claim_does_not_render_it_away(
+    api: FakeApi, pooled: tuple[Manager, list[str]]
+) -> None:
+    manager, _ = pooled
+    api.conflicts = True
+    manager.pod_event("MODIFIED", claim_of(api.store["pods"]["warm-a"], "bob-1", 20))
+    manager.quick_step()
+    # The API server's list still says warm-a is unclaimed (the list was answered before the claim).
+    for _ in range(3):
+        manager.reconcile()
+    assert "bob-1" in routed_conf(api), "a pass with an older list keeps the watched claim"
+    # Once a list holds it, the watched change is dropped, and the list rules again.
+    api.put("pods", claim_of(api.store["pods"]["warm-a"], "bob-1", 20))
+    manager.reconcile()
+    assert "bob-1" in routed_conf(api)
+    api.store["pods"].pop("warm-a")
+    manager.reconcile()
+    assert "bob-1" not in routed_conf(api)
+
+
+def test_a_watched_event_older_than_the_list_changes_nothing(api: FakeApi, pooled: tuple[Manager, list[str]]) -> None:
+    manager, _ = pooled
+    stale = claim_of(api.store["pods"]["warm-a"], "bob-1", 5)  # older than the listed version 11
+    assert manager.pod_event("MODIFIED", stale) is False
+    assert manager.quick_step() == 0
+    assert "bob-1" not in routed_conf(api)
+
+
+def test_a_watched_deletion_takes_the_route_out(api: FakeApi, pooled: tuple[Manager, list[str]]) -> None:
+    manager, _ = pooled
+    gone = versioned(api.store["pods"]["orders-r1"], 30)
+    assert manager.pod_event("DELETED", gone) is True
+    assert manager.quick_step() == 1
+    assert "10.244.0.20" not in routed_conf(api)
+    assert manager.pod_event("MODIFIED", warm_pod("warm-b", "10.244.0.31", 31)) is False, "a warm pod routes nothing"
+
+
+def test_resource_versions_that_are_not_numbers_leave_routing_to_the_passes(
+    api: FakeApi, pooled: tuple[Manager, list[str]]
+) -> None:
+    manager, _ = pooled
+    claim = claim_of(api.store["pods"]["warm-a"], "bob-1", 20)
+    claim["metadata"]["resourceVersion"] = "opaque-7"
+    assert manager.pod_event("MODIFIED", claim) is False
+    assert manager.quick is False and manager.quick_step() == 0
+    api.put("pods", claim)
+    manager.reconcile()
+    assert "bob-1" in routed_conf(api), "the pass routes it"
+
+
+def test_a_conflicting_quick_write_is_left_to_the_next_pass(api: FakeApi, pooled: tuple[Manager, list[str]]) -> None:
+    manager, _ = pooled
+    api.conflicts = True
+    api.store["configmaps"]["orders-pbr-router"]["metadata"]["resourceVersion"] = "99999"  # written by someone else
+    manager.pod_event("MODIFIED", claim_of(api.store["pods"]["warm-a"], "bob-1", 20))
+    assert manager.quick_step() == 0
+    assert "bob-1" not in routed_conf(api)
+    manager.reconcile()
+    assert "bob-1" in routed_conf(api), "the pass reads the ConfigMap again and writes it"
